@@ -1,0 +1,85 @@
+"""Command line: `python -m engine train|demo|caption|check|inspect`.
+
+Errors a user can fix are printed as one line (no traceback) with exit code 2; Ctrl-C during training
+keeps a checkpoint and prints how to resume (exit code 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import TrainingStopped, UserError
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine train", description="Train a LoRA from a YAML config.")
+    p.add_argument("--config", help="YAML (or TOML) config file; see configs/ for commented examples")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set base_model=/models/v1-5.safetensors (repeatable)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    return p
+
+
+def train_main(argv: list[str]) -> int:
+    from .config import TrainConfig, describe_fields, load_config
+    from .progress import ConsoleProgress
+    from .train import train
+
+    args = _train_parser().parse_args(argv)
+    if args.help_config:
+        print(describe_fields())
+        return 0
+    cfg = load_config(args.config, args.overrides) if args.config else TrainConfig().with_overrides(args.overrides)
+    progress = ConsoleProgress()
+    try:
+        result = train(cfg, callbacks=[progress])
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"\nstopped. {progress.stopped_message or 'No step had finished, so nothing was saved.'}\n"
+              f"Resume with: python -m engine train {' '.join(argv)} --set resume_from_checkpoint=latest")
+        return 130
+    finally:
+        progress.close()
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    print(f"LoRA written to {result.lora_path}\nUse it as <lora:{cfg.output_name}:0.8> after copying it into "
+          f"your models/loras (ComfyUI) or models/Lora (A1111) folder.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    def lazy(module: str, function: str):
+        return lambda a: getattr(importlib.import_module(module, __package__), function)(a)
+
+    commands = {
+        "train": train_main,
+        "demo": lazy(".demo", "demo_main"),
+        "caption": lazy(".caption.cli", "caption_main"),
+        "check": lazy(".check", "check_main"),
+        "inspect": lazy(".inspect_cli", "inspect_main"),
+    }
+    if not argv or argv[0] not in commands:
+        print("usage: python -m engine {train,demo,caption,check,inspect} ...\n"
+              "  train    train a LoRA from a YAML config (--config x.yaml --set key=value)\n"
+              "  demo     train on the built-in demo data and model, in about a minute on a CPU\n"
+              "  caption  write captions for a folder of images (WD14 tagger, BLIP-style model, template)\n"
+              "  check    report problems in a dataset folder before training\n"
+              "  inspect  show what a LoRA file or checkpoint contains")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return commands[argv[0]](argv[1:])
+    except TrainingStopped as exc:
+        print(f"stopped: {exc}" + (f" (checkpoint: {exc.checkpoint})" if exc.checkpoint else ""))
+        return 130
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

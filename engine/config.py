@@ -1,0 +1,395 @@
+"""The one training config: YAML files, ComfyUI node inputs and the A1111 tab all map onto `TrainConfig`.
+
+Defaults are the ones the field has settled on for SD LoRA (rank 16, alpha = rank/2, AdamW at 1e-4
+for the UNet, cosine schedule with 5% warmup, buckets on, latents cached). Keys users already write
+for kohya sd-scripts and lora-scripts are accepted as aliases (`network_dim`, `train_batch_size`,
+`max_train_epochs`, `optimizer_type`, ...), flat or grouped (`model_config:`, `train_config:`, ...).
+Every wrong key or value raises a `ConfigError` that says what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _f(default, help: str, *, choices=None, aliases=(), group="train", path=None, minimum=None):
+    """A config field with its documentation, allowed values and the names other trainers use for it."""
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "group": group, "path": path,
+            "minimum": minimum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+TARGET_PRESETS = ("kohya", "attention", "locon")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "Prodigy")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class TrainConfig:
+    # --- model ------------------------------------------------------------------------------------
+    base_model: str = _f("", "Local path of the checkpoint (.safetensors/.ckpt) or diffusers folder. "
+                         "Not needed inside ComfyUI/A1111, which pass the loaded model.", group="model",
+                         aliases=("pretrained_model_name_or_path", "model_path"), path="any")
+    prediction_type: str = _f("auto", "epsilon or v_prediction; auto detects it (SD2-768 models are v).",
+                              choices=("auto", "epsilon", "v_prediction"), group="model")
+    clip_skip: int = _f(0, "Use the output of the N-th last text-encoder layer (0 = the family's default, "
+                        "2 = penultimate as in anime models).", group="model", minimum=0)
+    device: str = _f("auto", "auto, cpu, cuda, cuda:1, mps.", group="model")
+    attention: str = _f("sdpa", "Attention kernel: sdpa (PyTorch) or xformers (when installed).",
+                        choices=("sdpa", "xformers"), group="model")
+
+    # --- data ---------------------------------------------------------------------------------------
+    train_data_dir: str = _f("", "Folder of training images (kohya `N_name` subfolders allowed).",
+                             group="data", aliases=("image_dir", "data_dir", "dataset_dir"), path="dir")
+    metadata_path: str = _f("", "metadata.csv / metadata.jsonl with captions; default: found in "
+                            "train_data_dir if present.", group="data", path="file")
+    caption_extension: str = _f(".txt", "Sidecar caption extension (.caption is also read).", group="data")
+    reg_data_dir: str = _f("", "Optional regularisation (class) images.", group="data", path="dir")
+    prior_loss_weight: float = _f(1.0, "Loss weight of regularisation images.", group="data", minimum=0)
+    repeats: int = _f(1, "Repeats for images in a flat folder (kohya `N_name` folders set their own).",
+                      group="data", aliases=("num_repeats",), minimum=1)
+    trigger_word: str = _f("", "Put first in every caption (and kept in place when shuffling).",
+                           group="data", aliases=("class_tokens", "trigger"))
+    shuffle_caption: bool = _f(False, "Shuffle comma-separated tags each step.", group="data")
+    keep_tokens: int = _f(0, "Leading tags kept in place when shuffling.", group="data", minimum=0)
+    caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", group="data",
+                                aliases=("caption_dropout_rate",), minimum=0)
+    resolution: str = _f("auto", "Training resolution: 512, '768,512' (W,H) or auto (the family's native).",
+                         group="data")
+    enable_bucket: bool = _f(True, "Aspect-ratio buckets (kohya-compatible resolutions).", group="data")
+    min_bucket_reso: int = _f(256, "Smallest bucket side.", group="data", minimum=64)
+    max_bucket_reso: int = _f(1024, "Largest bucket side (raised to 2048 for SDXL).", group="data", minimum=64)
+    bucket_reso_steps: int = _f(64, "Bucket sides are multiples of this.", group="data", minimum=8)
+    bucket_no_upscale: bool = _f(False, "Never upscale small images into a bucket.", group="data")
+    flip_aug: bool = _f(False, "Random horizontal flips.", group="data")
+    random_crop: bool = _f(False, "Random instead of centre crops (disables latent caching).", group="data")
+    color_jitter: float = _f(0.0, "Strength of random colour jitter, 0-1 (disables latent caching).",
+                             group="data", aliases=("color_aug",), minimum=0)
+    cache_latents: str = _f("auto", "auto (memory when valid), memory, disk, off.",
+                            choices=("auto", "memory", "disk", "off"), group="data")
+    cache_text_encoder_outputs: str = _f("auto", "auto (when the text encoder is frozen and captions "
+                                         "are fixed), on, off.", choices=("auto", "on", "off"), group="data")
+    min_image_size: int = _f(64, "Images with a side below this are skipped with a warning.", group="data",
+                             minimum=1)
+
+    # --- LoRA network ---------------------------------------------------------------------------------
+    lora_rank: int = _f(16, "LoRA rank (dim).", group="network", aliases=("network_dim", "rank"), minimum=1)
+    lora_alpha: float = _f(0.0, "LoRA alpha; 0 means rank/2. Scale = alpha/rank.", group="network",
+                           aliases=("network_alpha", "alpha"), minimum=0)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA down projection.", group="network",
+                             aliases=("network_dropout",), minimum=0)
+    target_modules: Any = _f("kohya", "kohya (attention + feed-forward + proj in transformer blocks), "
+                             "attention, locon (+ ResNet convs), or a list of name suffixes.",
+                             group="network")
+    conv_rank: int = _f(0, "Rank for 3x3 convs with locon; 0 = lora_rank.", group="network",
+                        aliases=("conv_dim",), minimum=0)
+    conv_alpha: float = _f(0.0, "Alpha for 3x3 convs with locon; 0 = conv_rank/2.", group="network", minimum=0)
+    network_weights: str = _f("", "Continue from an existing LoRA file (kohya, diffusers/PEFT or "
+                              "ComfyUI-native).", group="network", aliases=("init_lora",), path="file")
+    train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", group="network")
+    text_encoder_lr: float = _f(5e-5, "Learning rate of the text-encoder LoRA.", group="network", minimum=0)
+
+    # --- optimisation ---------------------------------------------------------------------------------
+    batch_size: int = _f(1, "Images per step.", aliases=("train_batch_size",), minimum=1)
+    gradient_accumulation_steps: int = _f(1, "Steps whose gradients are summed per update.", minimum=1)
+    epochs: int = _f(10, "Passes over the dataset (repeats included).",
+                     aliases=("max_train_epochs", "num_train_epochs", "num_epochs"), minimum=1)
+    max_train_steps: int = _f(0, "Optimizer updates; when > 0 it overrides epochs.", minimum=0)
+    learning_rate: float = _f(1e-4, "UNet LoRA learning rate.", aliases=("unet_lr", "lr"), minimum=0)
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule.", choices=SCHEDULERS)
+    warmup_steps: float = _f(0.05, "Warm-up: a step count, or a ratio of the run when below 1.",
+                             aliases=("lr_warmup_steps", "warmup_ratio"), minimum=0)
+    lr_scheduler_num_cycles: int = _f(1, "Restarts for cosine_with_restarts.", minimum=1)
+    lr_scheduler_power: float = _f(1.0, "Power for the polynomial schedule.", minimum=0)
+    optimizer: str = _f("AdamW", "AdamW, AdamW8bit (bitsandbytes, CUDA), Lion, Adafactor, Prodigy.",
+                        choices=OPTIMIZERS, aliases=("optimizer_type",))
+    optimizer_args: dict = _f({}, "Extra optimizer keyword arguments, e.g. {betas: [0.9, 0.99]}.")
+    weight_decay: float = _f(0.01, "Decoupled weight decay.", minimum=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns it off.", minimum=0)
+    mixed_precision: str = _f("auto", "auto (bf16 where the GPU supports it, else fp16; fp32 on CPU), "
+                              "no, fp16, bf16.", choices=("auto", "no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: about 35% "
+                                      "slower, far less memory. Turn on for SDXL on cards under 16 GB.")
+    seed: int = _f(42, "Random seed (data order, noise, timesteps).", minimum=0)
+    noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", minimum=0)
+    min_snr_gamma: float = _f(5.0, "Min-SNR loss weighting gamma; 0 turns it off.", minimum=0)
+
+    # --- output -------------------------------------------------------------------------------------
+    output_dir: str = _f("output", "Where `<output_name>/` is written.", group="save")
+    output_name: str = _f("my_lora", "File name of the LoRA (without .safetensors).", group="save")
+    save_precision: str = _f("fp16", "Dtype of the saved LoRA.", choices=("fp16", "bf16", "fp32"),
+                             group="save")
+    save_steps: int = _f(0, "Write a checkpoint every N steps (0 = off).", group="save",
+                         aliases=("save_every_n_steps", "checkpointing_steps"), minimum=0)
+    save_every_n_epochs: int = _f(1, "Write a checkpoint every N epochs (0 = off).", group="save", minimum=0)
+    save_last_n_checkpoints: int = _f(3, "Older checkpoints are deleted (0 keeps all).", group="save",
+                                      minimum=0)
+    resume_from_checkpoint: str = _f("", "'latest' or a checkpoint folder to continue from exactly.",
+                                     group="save", aliases=("resume",))
+    log_with: str = _f("", "tensorboard to log scalars and previews.", choices=("", "tensorboard"),
+                       group="save")
+    training_comment: str = _f("", "Stored in the file's metadata (ss_training_comment).", group="save")
+
+    # --- previews -----------------------------------------------------------------------------------
+    sample_prompts: Any = _f([], "Preview prompts: a list, or a .txt file with one prompt per line "
+                             "(kohya's --n/--w/--h/--d/--l/--s options allowed).", group="sample")
+    sample_every_n_steps: int = _f(0, "Preview every N steps (0 = off).", group="sample", minimum=0)
+    sample_every_n_epochs: int = _f(0, "Preview every N epochs (0 = off).", group="sample", minimum=0)
+    sample_steps: int = _f(20, "Sampling steps for previews.", group="sample", minimum=1)
+    sample_cfg: float = _f(7.0, "CFG scale for previews.", group="sample", minimum=0)
+    sample_seed: int = _f(1234, "Seed for previews, the same every time so they compare.", group="sample")
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha > 0 else self.lora_rank / 2
+
+    @property
+    def conv_dim(self) -> int:
+        return self.conv_rank or self.lora_rank
+
+    @property
+    def conv_alpha_value(self) -> float:
+        return self.conv_alpha if self.conv_alpha > 0 else self.conv_dim / 2
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Build from a (possibly grouped, possibly aliased) mapping, validating every key and value."""
+        values = {}
+        for key, value in _flatten(data, source).items():
+            name = _canonical(key, source)
+            values[name] = _coerce(name, value, source)
+        cfg = cls(**values)
+        cfg.validate(source)
+        return cfg
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        data = self.to_dict()
+        data.update(changes)
+        return TrainConfig.from_dict(data)
+
+    def with_overrides(self, assignments: list[str]) -> "TrainConfig":
+        """Apply `--set key=value` overrides (values parsed as YAML: 1e-4, true, [a, b])."""
+        import yaml
+
+        data = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"--set expects key=value, got {item!r} (for example --set lora_rank=32)")
+            key, raw = item.split("=", 1)
+            value = yaml.safe_load(raw) if raw.strip() else ""
+            data[_canonical(key.strip(), "--set")] = value
+        return TrainConfig.from_dict(data, source="--set")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def validate(self, source: str = "config") -> None:
+        """Cross-field checks; per-field types and ranges were checked while coercing."""
+        if self.keep_tokens and not self.shuffle_caption and source != "defaults":
+            pass  # harmless: keep_tokens only matters when shuffling
+        if self.caption_dropout > 1 or self.lora_dropout >= 1:
+            raise ConfigError(f"{source}: caption_dropout and lora_dropout are probabilities (0 to 1).")
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ConfigError(f"{source}: warmup_steps is a step count (e.g. 100) or a ratio below 1 "
+                              f"(e.g. 0.05), not {self.warmup_steps}.")
+        if isinstance(self.target_modules, str) and self.target_modules not in TARGET_PRESETS:
+            raise ConfigError(f"{source}: target_modules must be one of {', '.join(TARGET_PRESETS)} or a "
+                              f"list of module-name suffixes such as [to_q, to_k, to_v, to_out.0]; "
+                              f"got {self.target_modules!r}.")
+        self.resolution_wh()  # raises on a malformed value
+        if any(c in self.output_name for c in '/\\:*?"<>|') or self.output_name in ("", ".", ".."):
+            raise ConfigError(f"{source}: output_name {self.output_name!r} must be a plain file name "
+                              f"(no folders, no / \\ : * ? \" < > |).")
+
+    def resolution_wh(self, native: int = 512) -> tuple[int, int]:
+        """(width, height) of the training resolution; `auto` is the family's native size."""
+        raw = str(self.resolution).strip().lower().replace("x", ",")
+        if raw in ("auto", "", "0"):
+            return native, native
+        try:
+            parts = [int(p) for p in raw.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2 or min(parts) < 64:
+            raise ConfigError(f"resolution must be a size like 512, '768,512' (width,height) or auto; "
+                              f"got {self.resolution!r}.")
+        return parts[0], parts[1]
+
+    def check_paths(self, *, need_base_model: bool) -> None:
+        """Say which key points at a path that does not exist."""
+        checks = [("train_data_dir", True), ("metadata_path", False), ("reg_data_dir", False),
+                  ("network_weights", False), ("base_model", need_base_model)]
+        for key, required in checks:
+            value = getattr(self, key)
+            if not value:
+                if required:
+                    raise ConfigError(f"{key} is not set: it must point to "
+                                      f"{'your images folder' if key == 'train_data_dir' else 'a local checkpoint file or diffusers folder'}.")
+                continue
+            kind = _META[key]["path"]
+            p = Path(value).expanduser()
+            if not p.exists():
+                raise ConfigError(f"{key} points to '{value}', which does not exist. Fix the path in the "
+                                  f"config (or --set {key}=...).")
+            if kind == "dir" and not p.is_dir():
+                raise ConfigError(f"{key} must be a folder, but '{value}' is a file.")
+            if kind == "file" and not p.is_file():
+                raise ConfigError(f"{key} must be a file, but '{value}' is a folder.")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_META = {name: f.metadata for name, f in _FIELDS.items()}
+_ALIASES = {alias: name for name, meta in _META.items() for alias in meta["aliases"]}
+_TYPES = typing.get_type_hints(TrainConfig)
+_GROUP_KEYS = {"model", "data", "dataset", "network", "lora", "train", "training", "optimizer", "save",
+               "output", "sample", "sampling", "general"}
+# Keys kohya/lora-scripts users write whose meaning maps onto ours with a value change.
+_SPECIAL = {
+    "use_fp16": lambda v: {"mixed_precision": "fp16" if v else "no"},
+    "v_parameterization": lambda v: {"prediction_type": "v_prediction" if v else "epsilon"},
+    "xformers": lambda v: {"attention": "xformers" if v else "sdpa"},
+    "enable_xformers": lambda v: {"attention": "xformers" if v else "sdpa"},
+    "cache_latents_to_disk": lambda v: {"cache_latents": "disk"} if v else {},
+    "network_train_unet_only": lambda v: {"train_text_encoder": not v},
+    "sample_every_n_epochs_or_steps": lambda v: {},
+}
+
+
+def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of key: value, got {type(data).__name__}.")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        stem = key[:-len("_config")] if key.endswith("_config") else key
+        if isinstance(value, dict) and stem in _GROUP_KEYS and key not in _FIELDS:
+            flat.update(_flatten(value, f"{source} [{key}]"))
+        elif key in _SPECIAL:
+            flat.update(_SPECIAL[key](value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _canonical(key: str, source: str) -> str:
+    if key in _FIELDS:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key]
+    known = sorted(set(_FIELDS) | set(_ALIASES))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" Did you mean '{_ALIASES.get(close[0], close[0])}'?" if close else ""
+    raise ConfigError(f"{source}: unknown key '{key}'.{hint} (python -m engine train --help-config lists "
+                      f"every key.)")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    meta, kind = _META[name], _TYPES[name]
+    where = f"{source}: {name}"
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no",
+                                                                 "off", "0"):
+            value = value.strip().lower() in ("true", "yes", "on", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}.")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be a whole number, got {value!r}.") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}.")
+        value = int(as_float)
+    elif kind is float:
+        if name == "color_jitter" and isinstance(value, bool):
+            value = 0.1 if value else 0.0
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}.") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}.")
+    elif kind is str:
+        if value is None:
+            value = ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be text, got {value!r}.")
+        value = str(value)
+    elif kind is dict:
+        if value in (None, ""):
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping (key: value), got {value!r}.")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        lowered = {str(c).lower(): c for c in meta["choices"]}
+        if str(value).lower() in lowered:
+            value = lowered[str(value).lower()]
+        else:
+            allowed = ", ".join(repr(c) if c == "" else str(c) for c in meta["choices"])
+            raise ConfigError(f"{where} is {value!r}; allowed: {allowed}.")
+    if meta["minimum"] is not None and isinstance(value, (int, float)) and value < meta["minimum"]:
+        raise ConfigError(f"{where} must be at least {meta['minimum']}, got {value!r}.")
+    if name == "target_modules" and isinstance(value, (list, tuple)):
+        value = [str(v) for v in value]
+    if name == "sample_prompts" and isinstance(value, str):
+        value = [value] if value else []
+    return value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML (or JSON/TOML) config file, apply `--set` overrides, validate."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist.")
+    text = p.read_text(encoding="utf-8-sig")
+    try:
+        if p.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # the parser's own message says where
+        raise ConfigError(f"cannot parse {p.name}: {exc}") from None
+    cfg = TrainConfig.from_dict(data, source=p.name)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """YAML of the resolved config, grouped and commented, as written next to the output."""
+    import yaml
+
+    groups: dict[str, dict[str, Any]] = {}
+    for name, meta in _META.items():
+        groups.setdefault(f"{meta['group']}_config", {})[name] = getattr(cfg, name)
+    return yaml.safe_dump(groups, sort_keys=False, allow_unicode=True)
+
+
+def describe_fields() -> str:
+    """Plain-text reference of every key (for --help-config and the README)."""
+    lines = []
+    for name, f in _FIELDS.items():
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        alias = f" (also: {', '.join(meta['aliases'])})" if meta["aliases"] else ""
+        lines.append(f"{meta['group']:8} {name} = {default!r}{alias}\n          {meta['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""The header metadata kohya writes (`ss_*`, `modelspec.*`), which A1111, Forge and Civitai read.
+
+A1111 files a LoRA under a model version from `ss_base_model_version` (`sdxl_...`) and `ss_v2`, names
+its card from `ss_output_name`, and builds the training-tags list from `ss_tag_frequency`. Every value
+is a string, as in kohya's files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from ..config import TrainConfig
+from ..model import ModelInfo
+
+_ARCHITECTURE = {
+    "sd_v1": "stable-diffusion-v1/lora",
+    "sd_v2": "stable-diffusion-v2-512/lora",
+    "sd_v2_v": "stable-diffusion-v2-768-v/lora",
+    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
+}
+PRODUCT = "inplace-lora-trainer"
+
+
+def _s(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False)
+    if value is None:
+        return "None"
+    return str(value)
+
+
+def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, steps: int, epoch: int,
+                   total_steps: int, batches_per_epoch: int, started_at: float, mixed_precision: str,
+                   session_id: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """Metadata for a LoRA written after `steps` optimizer steps (also for intermediate saves)."""
+    version = info.base_model_version
+    width, height = data_summary.get("resolution", (info.resolution, info.resolution))
+    alpha = cfg.alpha
+    network_args: dict[str, Any] = {}
+    if cfg.target_modules == "locon":
+        network_args = {"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_alpha_value)}
+    elif cfg.target_modules != "kohya":
+        network_args = {"target_modules": cfg.target_modules}
+    md: dict[str, Any] = {
+        "ss_session_id": session_id or uuid.uuid4().hex[:10],
+        "ss_training_started_at": started_at,
+        "ss_training_finished_at": time.time(),
+        "ss_output_name": cfg.output_name,
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_unet_lr": cfg.learning_rate,
+        "ss_text_encoder_lr": cfg.text_encoder_lr if cfg.train_text_encoder else None,
+        "ss_num_train_images": data_summary.get("num_train_images", 0),
+        "ss_num_reg_images": data_summary.get("num_reg_images", 0),
+        "ss_num_batches_per_epoch": batches_per_epoch,
+        "ss_num_epochs": cfg.epochs,
+        "ss_epoch": epoch,
+        "ss_steps": steps,
+        "ss_max_train_steps": total_steps,
+        "ss_batch_size_per_device": cfg.batch_size,
+        "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_lr_warmup_steps": cfg.warmup_steps,
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": cfg.lora_rank,
+        "ss_network_alpha": alpha,
+        "ss_network_dropout": cfg.lora_dropout,
+        "ss_network_args": network_args or None,
+        "ss_mixed_precision": mixed_precision,
+        "ss_full_fp16": False,
+        "ss_v2": info.family == "sd2",
+        "ss_base_model_version": version,
+        "ss_clip_skip": cfg.clip_skip or None,
+        "ss_max_token_length": None,
+        "ss_cache_latents": cfg.cache_latents != "off",
+        "ss_seed": cfg.seed,
+        "ss_noise_offset": cfg.noise_offset or None,
+        "ss_min_snr_gamma": cfg.min_snr_gamma or None,
+        "ss_optimizer": f"{cfg.optimizer}({_optimizer_args(cfg)})",
+        "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
+        "ss_caption_dropout_rate": cfg.caption_dropout,
+        "ss_shuffle_caption": cfg.shuffle_caption,
+        "ss_keep_tokens": cfg.keep_tokens,
+        "ss_flip_aug": cfg.flip_aug,
+        "ss_color_aug": bool(cfg.color_jitter),
+        "ss_random_crop": cfg.random_crop,
+        "ss_enable_bucket": cfg.enable_bucket,
+        "ss_min_bucket_reso": cfg.min_bucket_reso,
+        "ss_max_bucket_reso": cfg.max_bucket_reso,
+        "ss_bucket_no_upscale": cfg.bucket_no_upscale,
+        "ss_resolution": f"({width}, {height})",
+        "ss_bucket_info": data_summary.get("bucket_info"),
+        "ss_dataset_dirs": data_summary.get("dataset_dirs", {}),
+        "ss_reg_dataset_dirs": data_summary.get("reg_dataset_dirs", {}),
+        "ss_tag_frequency": data_summary.get("tag_frequency", {}),
+        "ss_sd_model_name": info.name,
+        "ss_new_sd_model_hash": info.sha256,
+        "ss_training_comment": cfg.training_comment or None,
+        "ss_loss_type": "l2",
+        # modelspec (SAI model spec 1.0.0), as kohya writes it
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": _ARCHITECTURE[version],
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if info.family == "sdxl"
+                                     else "diffusers"),
+        "modelspec.title": cfg.output_name,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+        "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.timestep_range": "0,1000",
+    }
+    if cfg.clip_skip:
+        md["modelspec.encoder_layer"] = cfg.clip_skip
+    if cfg.trigger_word:
+        md["modelspec.trigger_phrase"] = cfg.trigger_word
+    if extra:
+        md.update(extra)
+    return {k: _s(v) for k, v in md.items() if v is not None}
+
+
+def _optimizer_args(cfg: TrainConfig) -> str:
+    args = {"weight_decay": cfg.weight_decay, **cfg.optimizer_args}
+    return ",".join(f"{k}={v}" for k, v in args.items())

@@ -1,0 +1,178 @@
+"""LoRA modules attached to a host's layers with forward hooks.
+
+A hook adds `up(down(x)) * multiplier * alpha/rank` to a Linear/Conv2d output. Hooks leave the host's
+module tree, state-dict keys, weights and `forward` methods untouched (the hosts patch `forward`
+themselves: ComfyUI's weight functions, A1111's Lora extension), compose with gradient
+checkpointing, and are removed without a trace by `detach()`.
+
+The network's own state dict already has kohya's layout:
+`lora_unet_<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRAModule(nn.Module):
+    """The low-rank delta of one base layer, initialised as kohya does (kaiming down, zero up)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError("grouped convolutions cannot carry LoRA")
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                       base.dilation, bias=False)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+            self.is_conv = True
+        elif isinstance(base, nn.Linear):
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+            self.is_conv = False
+        else:
+            raise TypeError(f"LoRA needs a Linear or Conv2d layer, got {type(base).__name__}")
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.rank = rank
+        self.dropout = dropout
+        self.multiplier = 1.0
+        self._scale = float(alpha) / rank  # kept host-side: reading the buffer would sync the GPU
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha.fill_(float(alpha))
+        self._scale = float(alpha) / self.rank
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        down_w = self.lora_down.weight.to(x.dtype)
+        up_w = self.lora_up.weight.to(x.dtype)
+        if self.is_conv:
+            d = self.lora_down
+            h = F.conv2d(x, down_w, None, d.stride, d.padding, d.dilation)
+        else:
+            h = F.linear(x, down_w)
+        if self.dropout and self.training:
+            h = F.dropout(h, p=self.dropout)
+        out = F.conv2d(h, up_w) if self.is_conv else F.linear(h, up_w)
+        return out * (self.multiplier * self._scale)
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one run, keyed by kohya module name, plus the hooks that apply them."""
+
+    def __init__(self):
+        super().__init__()
+        self.loras = nn.ModuleDict()
+        self._bases: dict[str, nn.Module] = {}  # not submodules: the base weights stay out of our state dict
+        self._handles: list = []
+        self.te_keys: set[str] = set()
+        self.aliases: dict[str, str] = {}  # every name a file may use for a module -> its kohya key
+
+    def add(self, key: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+            text_encoder: bool = False, aliases: tuple[str, ...] = ()) -> LoRAModule:
+        if key in self.loras:
+            raise ValueError(f"duplicate LoRA module name {key}")
+        module = LoRAModule(base, rank, alpha, dropout)
+        self.loras[key] = module
+        self._bases[key] = base
+        if text_encoder:
+            self.te_keys.add(key)
+        for alias in (key, *aliases):
+            self.aliases[alias] = key
+        return module
+
+    def resize(self, key: str, rank: int, alpha: float) -> None:
+        """Rebuild one module at another rank (continuing from a file trained with other ranks)."""
+        old = self.loras[key]
+        self.loras[key] = LoRAModule(self._bases[key], rank, alpha, old.dropout)
+
+    def __len__(self) -> int:
+        return len(self.loras)
+
+    # --- hooks ------------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for key, base in self._bases.items():
+            lora = self.loras[key]
+
+            def hook(_module, args, output, lora=lora):
+                return output + lora.delta(args[0]).to(output.dtype)
+
+            self._handles.append(base.register_forward_hook(hook))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextlib.contextmanager
+    def applied(self, multiplier: float | None = None):
+        """Attach for the duration of a block (previews, tests), restoring the previous state."""
+        was_attached, previous = self.attached, self.multiplier
+        if multiplier is not None:
+            self.set_multiplier(multiplier)
+        self.attach()
+        try:
+            yield self
+        finally:
+            if not was_attached:
+                self.detach()
+            self.set_multiplier(previous)
+
+    # --- weights ------------------------------------------------------------------------------------
+    @property
+    def multiplier(self) -> float:
+        first = next(iter(self.loras.values()), None)
+        return first.multiplier if first is not None else 1.0
+
+    def set_multiplier(self, value: float) -> None:
+        for lora in self.loras.values():
+            lora.multiplier = float(value)
+
+    def unet_parameters(self) -> list[nn.Parameter]:
+        return [p for k, m in self.loras.items() if k not in self.te_keys for p in m.parameters()]
+
+    def text_encoder_parameters(self) -> list[nn.Parameter]:
+        return [p for k, m in self.loras.items() if k in self.te_keys for p in m.parameters()]
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
+        """Detached CPU tensors under kohya keys; `alpha` is saved in the same dtype, as kohya does."""
+        out = {}
+        for key, tensor in self.state_dict().items():
+            name = key[len("loras."):]
+            t = tensor.detach().to("cpu")
+            out[name] = t.to(dtype) if dtype is not None else t.clone()
+        return out
+
+    def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Copy matching tensors in; returns (modules loaded, file keys that matched nothing)."""
+        loaded, unused = [], []
+        seen = set()
+        for key, module in self.loras.items():
+            down, up = sd.get(f"{key}.lora_down.weight"), sd.get(f"{key}.lora_up.weight")
+            if down is None or up is None:
+                continue
+            if down.shape != module.lora_down.weight.shape or up.shape != module.lora_up.weight.shape:
+                raise ValueError(f"{key}: the file has rank {down.shape[0]} with shapes {tuple(down.shape)}/"
+                                 f"{tuple(up.shape)}, the network expects {tuple(module.lora_down.weight.shape)}/"
+                                 f"{tuple(module.lora_up.weight.shape)}; set lora_rank to the file's rank")
+            with torch.no_grad():
+                module.lora_down.weight.copy_(down)
+                module.lora_up.weight.copy_(up)
+                alpha = sd.get(f"{key}.alpha")
+                module.set_alpha(float(alpha) if alpha is not None else module.rank)
+            loaded.append(key)
+            seen.update({f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"})
+        unused = sorted(k for k in sd if k not in seen)
+        return loaded, unused

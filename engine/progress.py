@@ -1,0 +1,44 @@
+"""Console progress for the CLI: a tqdm bar with loss, lr and it/s, plus the run's messages."""
+
+from __future__ import annotations
+
+from .events import TrainEvent
+
+
+class ConsoleProgress:
+    def __init__(self):
+        self.bar = None
+        self.stopped_message = ""
+
+    def on_event(self, event: TrainEvent) -> None:
+        from tqdm.auto import tqdm
+
+        if event.kind == "start":
+            print(event.message)
+            self.bar = tqdm(total=event.total_steps, initial=event.step, unit="step", dynamic_ncols=True)
+        elif event.kind == "step" and self.bar is not None:
+            self.bar.update(event.step - self.bar.n)
+            if event.loss is not None:
+                self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
+        elif event.kind == "checkpoint":
+            self._write(f"checkpoint: {event.path} (LoRA: {event.lora_path})")
+        elif event.kind == "preview":
+            self._write(f"previews at step {event.step}")
+        elif event.kind == "stopped":
+            self.stopped_message = f"Checkpoint kept at {event.path}." if event.path else ""
+        elif event.kind == "info" and not event.message.startswith("caching "):
+            self._write(event.message)
+
+    def should_stop(self) -> bool:
+        return False
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
