@@ -1,0 +1,84 @@
+"""Per-step caption processing (trigger word, tag shuffling, caption dropout) and seeded RNGs.
+
+Every random choice in the data pipeline comes from `sample_rng(seed, epoch, slot, purpose)`: a
+private generator derived from the run's seed, the epoch and the sample's fixed slot in the epoch.
+Nothing touches the global RNGs, so a run resumed mid-epoch sees exactly the captions, flips and crops
+it would have seen, and changing one option (say flips) does not reshuffle another (the captions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import Counter
+
+
+def sample_rng(seed: int, epoch: int, slot: int, purpose: str) -> random.Random:
+    """A generator that depends only on its arguments (string seeds are hashed with SHA-512)."""
+    return random.Random(f"{seed}:{epoch}:{slot}:{purpose}")
+
+
+def stable_int(*parts) -> int:
+    """A 63-bit integer from the parts, the same on every machine and Python version."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def split_tags(caption: str, separator: str = ",") -> list[str]:
+    return [t.strip() for t in caption.split(separator) if t.strip()]
+
+
+def _contains_word(text: str, word: str) -> bool:
+    return re.search(r"(?<!\w)" + re.escape(word) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def with_trigger(tags: list[str], trigger: str) -> list[str]:
+    """Tags with the trigger first: an existing tag that is (or contains) the trigger moves to the front,
+    otherwise the trigger is inserted."""
+    trigger = trigger.strip()
+    if not trigger:
+        return tags
+    for i, tag in enumerate(tags):
+        if tag.lower() == trigger.lower():
+            return [tag] + tags[:i] + tags[i + 1:]
+    for i, tag in enumerate(tags):
+        if _contains_word(tag, trigger):
+            return [tag] + tags[:i] + tags[i + 1:]
+    return [trigger] + tags
+
+
+def process_caption(caption: str, rng: random.Random, *, trigger_word: str = "", shuffle: bool = False,
+                    keep_tokens: int = 0, dropout: float = 0.0) -> str:
+    """The caption a step trains on.
+
+    Dropout (probability `dropout`) gives "" — the unconditional caption, trigger included, as kohya
+    does. Otherwise the trigger word is first, and with `shuffle` the comma-separated tags after the
+    first `keep_tokens` (counted with the trigger, and never fewer than the trigger itself) are shuffled.
+    """
+    # Draw the dropout coin first and always, so shuffling on/off does not change which steps drop.
+    dropped = rng.random() < dropout if dropout > 0 else False
+    if dropped:
+        return ""
+    if not trigger_word.strip() and not shuffle:
+        return caption.strip()
+    tags = with_trigger(split_tags(caption), trigger_word)
+    if shuffle:
+        fixed = max(keep_tokens, 1 if trigger_word.strip() else 0)
+        head, tail = tags[:fixed], tags[fixed:]
+        rng.shuffle(tail)
+        tags = head + tail
+    return ", ".join(tags)
+
+
+def fixed_caption(caption: str, *, trigger_word: str = "") -> str:
+    """What process_caption returns when nothing random is on (used to fill the text-encoder cache)."""
+    return process_caption(caption, random.Random(0), trigger_word=trigger_word)
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """Lower-cased tag counts over captions (kohya's ss_tag_frequency, one dict per folder)."""
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        counts.update(t.lower() for t in split_tags(caption))
+    return dict(counts.most_common())

@@ -1,0 +1,277 @@
+"""TrainData: from the config's folders to batches of latents + captions the loop trains on.
+
+It scans the train and regularisation folders once (records.py), places every image in a bucket
+(buckets.py), fixes the epoch's sample multiset (plan.py), decides what can be cached, fills the
+caches in batched encoder calls (`prepare_cache`) and turns a BatchPlan into a Batch on the model's
+device (`materialize`). Every random choice is seeded by (seed, epoch, slot): resume is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import TrainConfig
+from ..errors import DatasetError
+from ..model import Conditioning, TrainableModel
+from .augment import color_jitter, flip_where, jitter_params
+from .buckets import BucketAssigner, Placement
+from .cache import CachedLatent, LatentStore, TextCache, file_digest
+from .images import load_image
+from .plan import BatchPlan, Sample, build_samples, count_batches, epoch_batches
+from .records import ImageRecord, Subset, scan_dataset
+from .text import fixed_caption, process_caption, sample_rng, tag_frequency
+
+logger = logging.getLogger(__name__)
+CACHE_DIR_NAME = ".lora_cache"  # hidden, so dataset scans never mistake it for a subset
+_LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow < 9.1 has no Resampling
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B,C,h,w] on model.device, float32
+    captions: list[str]  # processed captions (after trigger/shuffle/dropout)
+    cond: Conditioning | None  # from the text cache when valid, else None (the loop encodes captions)
+    time_ids: torch.Tensor  # [B,6] float: orig_h, orig_w, crop_top, crop_left, target_h, target_w
+    loss_weights: torch.Tensor  # [B]: 1.0, or prior_loss_weight for regularisation images
+
+
+class TrainData:
+    def __init__(self, cfg: TrainConfig, *, native_resolution: int, model_key: str, train_text_encoder: bool):
+        self.cfg = cfg
+        self.model_key = model_key
+        self.warnings: list[str] = []
+        if not cfg.train_data_dir:
+            raise DatasetError("train_data_dir is not set: point it at your folder of training images.")
+        train = scan_dataset(cfg.train_data_dir, repeats=cfg.repeats, caption_extension=cfg.caption_extension,
+                             metadata_path=cfg.metadata_path, min_image_size=cfg.min_image_size)
+        self.warnings += train.warnings
+        self.subsets: list[Subset] = list(train.subsets)
+        if cfg.reg_data_dir:
+            reg = scan_dataset(cfg.reg_data_dir, repeats=1, caption_extension=cfg.caption_extension,
+                               min_image_size=cfg.min_image_size, is_reg=True)
+            self.warnings += [f"Regularisation images: {w}" for w in reg.warnings]
+            self.subsets += reg.subsets
+        self.records: list[ImageRecord] = [r for s in self.subsets for r in s.records]
+
+        self.resolution = cfg.resolution_wh(native_resolution)
+        max_size = cfg.max_bucket_reso
+        if native_resolution >= 1024 and max_size == 1024:
+            max_size = 2048  # SDXL: room for 2:1 and wider buckets at 1024^2 area
+        self.buckets = BucketAssigner(self.resolution, enable=cfg.enable_bucket, min_size=cfg.min_bucket_reso,
+                                      max_size=max_size, steps=cfg.bucket_reso_steps,
+                                      no_upscale=cfg.bucket_no_upscale)
+        self.placements: list[Placement] = [self.buckets.place(r.width, r.height) for r in self.records]
+
+        train_ids = [(i, r.repeats) for i, r in enumerate(self.records) if not r.is_reg]
+        reg_ids = [(i, r.repeats) for i, r in enumerate(self.records) if r.is_reg]
+        self.samples: list[Sample] = build_samples(train_ids, reg_ids, cfg.seed)
+        self.num_train_images = sum(n for _, n in train_ids)  # kohya's count: images x repeats
+        self.num_reg_images = sum(n for _, n in reg_ids)
+        self._used = sorted({s.record for s in self.samples})
+
+        self.latent_cache_mode = self._latent_mode()
+        self.text_cache_enabled = self._text_cache_ok(train_text_encoder)
+        self._store: LatentStore | None = None
+        self._text = TextCache()
+        self._digests: dict[int, str] = {}
+        for w in self.warnings:
+            logger.warning(w)
+
+    # --- decisions -------------------------------------------------------------------------------
+    def _latent_mode(self) -> str | None:
+        cfg = self.cfg
+        mode = cfg.cache_latents
+        if mode == "off":
+            return None
+        changing = [n for n, on in (("random_crop", cfg.random_crop), ("color_jitter", cfg.color_jitter > 0)) if on]
+        if changing:
+            if mode != "auto":
+                self.warnings.append(f"cache_latents: {mode} is ignored because {' and '.join(changing)} "
+                                     f"change the pixels every step; latents are encoded each step instead.")
+            return None
+        return "memory" if mode == "auto" else mode
+
+    def _text_cache_ok(self, train_text_encoder: bool) -> bool:
+        mode = self.cfg.cache_text_encoder_outputs
+        if mode == "off":
+            return False
+        why = ("the text encoder is trained" if train_text_encoder else
+               "shuffle_caption changes captions every step" if self.cfg.shuffle_caption else "")
+        if why and mode == "on":
+            self.warnings.append(f"cache_text_encoder_outputs: on is ignored because {why}.")
+        return not why
+
+    # --- sizes and metadata ------------------------------------------------------------------------
+    def _bucket_of(self, record: int) -> tuple[int, int]:
+        return self.placements[record].bucket
+
+    def batches_per_epoch(self) -> int:
+        return count_batches(self.samples, self._bucket_of, self.cfg.batch_size)
+
+    def epoch_plan(self, epoch: int) -> list[BatchPlan]:
+        return epoch_batches(self.samples, self._bucket_of, self.cfg.batch_size, self.cfg.seed, epoch)
+
+    def summary(self) -> dict:
+        counts: dict[tuple[int, int], int] = {}
+        for s in self.samples:
+            counts[self._bucket_of(s.record)] = counts.get(self._bucket_of(s.record), 0) + 1
+        errors = [abs(p.bucket[0] / p.bucket[1] - r.width / r.height) for r, p in zip(self.records, self.placements)]
+        dirs = lambda reg: {s.name: {"n_repeats": s.repeats, "img_count": len(s.records)}  # noqa: E731
+                            for s in self.subsets if s.is_reg == reg}
+        return {
+            "dataset_dirs": dirs(False),
+            "reg_dataset_dirs": dirs(True),
+            "tag_frequency": {s.name: tag_frequency([r.caption for r in s.records])
+                              for s in self.subsets if not s.is_reg},
+            "bucket_info": {"buckets": {i: {"resolution": b, "count": n} for i, (b, n) in
+                                        enumerate(sorted(counts.items()))},
+                            "mean_img_ar_error": float(np.mean(errors)) if errors else 0.0},
+            "resolution": self.resolution,
+        }
+
+    # --- caches --------------------------------------------------------------------------------------
+    def _digest(self, record: int) -> str:
+        if record not in self._digests:
+            self._digests[record] = file_digest(self.records[record].path)
+        return self._digests[record]
+
+    def _latent_key(self, record: int) -> str:
+        p = self.placements[record]
+        return LatentStore.make_key(self._digest(record), self.model_key, p.bucket, p.resized, p.centre_crop())
+
+    def cache_dir(self) -> Path:
+        """Where disk latents go: `cache_dir` if the config has one, else `<train_data_dir>/.lora_cache`."""
+        configured = getattr(self.cfg, "cache_dir", "")
+        return Path(configured).expanduser() if configured else Path(self.cfg.train_data_dir) / CACHE_DIR_NAME
+
+    def _open_store(self) -> LatentStore:
+        if self._store is None:
+            folder = None
+            if self.latent_cache_mode == "disk":
+                folder = self.cache_dir()
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    fallback = Path(self.cfg.output_dir) / CACHE_DIR_NAME
+                    self.warnings.append(f"Cannot write the latent cache to '{folder}' ({exc}); using "
+                                         f"'{fallback}' instead.")
+                    folder = fallback
+            self._store = LatentStore(self.latent_cache_mode, folder)
+        return self._store
+
+    def cached_captions(self) -> list[str]:
+        """Every caption a step can train on when captions are fixed ("" too, with caption dropout)."""
+        caps = {fixed_caption(self.records[i].caption, trigger_word=self.cfg.trigger_word) for i in self._used}
+        if self.cfg.caption_dropout > 0:
+            caps.add("")
+        return sorted(caps)
+
+    @torch.no_grad()
+    def prepare_cache(self, model: TrainableModel, *, progress: Callable[[int, int], None] | None = None) -> None:
+        """Encode what can be cached, batching encoder calls; disk entries already present are reused."""
+        jobs: list[tuple[str, list[int] | list[str]]] = []
+        if self.latent_cache_mode:
+            store = self._open_store()
+            todo = [i for i in self._used if not store.has(self._latent_key(i), self.cfg.flip_aug)]
+            by_bucket: dict[tuple[int, int], list[int]] = {}
+            for i in todo:
+                by_bucket.setdefault(self.placements[i].bucket, []).append(i)
+            size = max(1, int(getattr(self.cfg, "vae_batch_size", 4)))
+            for ids in by_bucket.values():
+                jobs += [("latents", ids[k:k + size]) for k in range(0, len(ids), size)]
+        if self.text_cache_enabled:
+            captions = [c for c in self.cached_captions() if c not in self._text]
+            jobs += [("text", captions[k:k + 16]) for k in range(0, len(captions), 16)]
+        for n, (kind, items) in enumerate(jobs, 1):
+            if kind == "latents":
+                self._encode_into_cache(model, items)
+            else:
+                self._text.put_batch(items, model.encode_text(items))
+            if progress is not None:
+                progress(n, len(jobs))
+
+    def _encode_into_cache(self, model: TrainableModel, ids: list[int]) -> None:
+        crops = [self.placements[i].centre_crop() for i in ids]
+        pixels = torch.stack([self._pixels(i, c) for i, c in zip(ids, crops)])
+        flip = self.cfg.flip_aug
+        if flip:
+            pixels = torch.cat([pixels, torch.flip(pixels, dims=[3])])
+        latents = self._encode(model, pixels, ids + ids if flip else ids)
+        store = self._open_store()
+        for k, i in enumerate(ids):
+            entry = CachedLatent(latents[k], latents[k + len(ids)] if flip else None)
+            store.put(self._latent_key(i), entry, source=self.records[i].path.name)
+
+    # --- batches ------------------------------------------------------------------------------------
+    def _pixels(self, record: int, crop: tuple[int, int]) -> torch.Tensor:
+        """[3, h, w] float32 in [0, 1]: resized to cover the bucket, then the crop window taken."""
+        p = self.placements[record]
+        img = load_image(self.records[record].path, at_least=p.resized)
+        if img.size != p.resized:
+            img = img.resize(p.resized, _LANCZOS)
+        left, top = crop
+        img = img.crop((left, top, left + p.bucket[0], top + p.bucket[1]))
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+    def _encode(self, model: TrainableModel, pixels01: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        pixels = (pixels01.to(model.device) * 2 - 1)
+        with torch.no_grad():
+            latents = model.encode_images(pixels).float()
+        bad = [self.records[i].path for i, ok in zip(ids, torch.isfinite(latents).flatten(1).all(1).tolist())
+               if not ok]
+        if bad:
+            raise DatasetError(
+                f"The VAE produced NaN/inf latents for '{bad[0]}'"
+                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}. This is the fp16 VAE overflowing "
+                f"(common with SDXL): encode with an fp32 VAE (mixed_precision: no, or the VAE in full "
+                f"precision / the fp16-fix VAE), or check that the image is not corrupt.")
+        return latents
+
+    def materialize(self, plan: BatchPlan, model: TrainableModel, *, epoch: int) -> Batch:
+        cfg = self.cfg
+        store = self._open_store() if self.latent_cache_mode else None
+        n = len(plan.samples)
+        latents: list[torch.Tensor | None] = [None] * n
+        flips, captions, time_ids, weights, missing = [], [], [], [], []
+        for k, s in enumerate(plan.samples):
+            rec, place = self.records[s.record], self.placements[s.record]
+            flip = cfg.flip_aug and sample_rng(cfg.seed, epoch, s.slot, "flip").random() < 0.5
+            crop = place.random_crop(sample_rng(cfg.seed, epoch, s.slot, "crop")) if cfg.random_crop \
+                else place.centre_crop()
+            entry = store.get(self._latent_key(s.record)) if store is not None else None
+            if entry is not None and (not flip or entry.flipped is not None):
+                latents[k] = entry.flipped if flip else entry.latent
+            else:
+                missing.append((k, crop))
+            flips.append(flip)
+            captions.append(process_caption(rec.caption, sample_rng(cfg.seed, epoch, s.slot, "caption"),
+                                            trigger_word=cfg.trigger_word, shuffle=cfg.shuffle_caption,
+                                            keep_tokens=cfg.keep_tokens, dropout=cfg.caption_dropout))
+            left = place.resized[0] - crop[0] - place.bucket[0] if flip else crop[0]
+            time_ids.append([rec.height, rec.width, crop[1], left, place.bucket[1], place.bucket[0]])
+            weights.append(cfg.prior_loss_weight if rec.is_reg else 1.0)
+        if missing:
+            ids = [plan.samples[k].record for k, _ in missing]
+            pixels = torch.stack([self._pixels(i, crop) for i, (_, crop) in zip(ids, missing)]).to(model.device)
+            if cfg.color_jitter > 0:
+                params = [jitter_params(sample_rng(cfg.seed, epoch, plan.samples[k].slot, "jitter"),
+                                        cfg.color_jitter) for k, _ in missing]
+                pixels = color_jitter(pixels, params)
+            pixels = flip_where(pixels, [flips[k] for k, _ in missing])
+            for (k, _), lat in zip(missing, self._encode(model, pixels, ids)):
+                latents[k] = lat
+        device = model.device
+        return Batch(
+            latents=torch.stack([lat.to(device, torch.float32) for lat in latents]),
+            captions=captions,
+            cond=self._text.batch(captions, device) if self.text_cache_enabled and len(self._text) else None,
+            time_ids=torch.tensor(time_ids, dtype=torch.float32, device=device),
+            loss_weights=torch.tensor(weights, dtype=torch.float32, device=device),
+        )
