@@ -79,6 +79,9 @@ class TrainConfig:
                             choices=("auto", "memory", "disk", "off"), group="data")
     cache_text_encoder_outputs: str = _f("auto", "auto (when the text encoder is frozen and captions "
                                          "are fixed), on, off.", choices=("auto", "on", "off"), group="data")
+    cache_dir: str = _f("", "Where disk caches go; default: a .lora_cache folder in train_data_dir (or in "
+                        "output_dir when that folder is read-only).", group="data", path=None)
+    vae_batch_size: int = _f(4, "Images per VAE call while caching latents.", group="data", minimum=1)
     min_image_size: int = _f(64, "Images with a side below this are skipped with a warning.", group="data",
                              minimum=1)
 

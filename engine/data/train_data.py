@@ -148,7 +148,7 @@ class TrainData:
 
     def cache_dir(self) -> Path:
         """Where disk latents go: `cache_dir` if the config has one, else `<train_data_dir>/.lora_cache`."""
-        configured = getattr(self.cfg, "cache_dir", "")
+        configured = self.cfg.cache_dir
         return Path(configured).expanduser() if configured else Path(self.cfg.train_data_dir) / CACHE_DIR_NAME
 
     def _open_store(self) -> LatentStore:
@@ -183,7 +183,7 @@ class TrainData:
             by_bucket: dict[tuple[int, int], list[int]] = {}
             for i in todo:
                 by_bucket.setdefault(self.placements[i].bucket, []).append(i)
-            size = max(1, int(getattr(self.cfg, "vae_batch_size", 4)))
+            size = self.cfg.vae_batch_size
             for ids in by_bucket.values():
                 jobs += [("latents", ids[k:k + size]) for k in range(0, len(ids), size)]
         if self.text_cache_enabled:
