@@ -1,0 +1,120 @@
+"""Take-and-give-back helpers for modules we borrow: placement, gradient checkpointing, attention.
+
+A model handed to us by a caller must come back exactly as it was. Moving it to the GPU, turning
+on checkpointing or switching attention kernels all change state, so each change here is recorded
+first and undone in `finally`, per tensor and per attribute, also when training raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+_MISSING = object()
+_GC_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func")
+
+
+@contextlib.contextmanager
+def placed_on(modules: list[nn.Module], device: torch.device, *, restore: bool = True):
+    """Move `modules` to `device`; afterwards put every parameter and buffer back where it was
+    (parameters keep their identity: only `.data` moves), unless `restore` is False."""
+    record = []
+    for root in modules:
+        for mod in root.modules():
+            for key, t in mod._parameters.items():
+                if t is not None:
+                    record.append((mod, "_parameters", key, t.device))
+            for key, t in mod._buffers.items():
+                if t is not None:
+                    record.append((mod, "_buffers", key, t.device))
+    try:
+        for root in modules:
+            root.to(device)
+        yield
+    finally:
+        if restore:
+            with torch.no_grad():
+                for mod, kind, key, dev in record:
+                    t = getattr(mod, kind).get(key)
+                    if t is None or t.device == dev:
+                        continue
+                    if kind == "_parameters":
+                        t.data = t.data.to(dev)
+                    else:
+                        mod._buffers[key] = t.to(dev)
+
+
+def _checkpoint(function, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(roots: list[nn.Module]):
+    """Turn on activation checkpointing in diffusers and transformers modules (both read the
+    `gradient_checkpointing` flag and call `_gradient_checkpointing_func`), then restore both
+    attributes exactly: values that were set are set back, attributes that were absent are deleted."""
+    saved = []
+    for root in roots:
+        for mod in root.modules():
+            if hasattr(mod, "gradient_checkpointing"):
+                saved.append((mod, {a: mod.__dict__.get(a, _MISSING) for a in _GC_ATTRS}))
+    try:
+        for mod, _ in saved:
+            mod._gradient_checkpointing_func = _checkpoint
+            mod.gradient_checkpointing = True
+        yield len(saved)
+    finally:
+        for mod, attrs in saved:
+            for name, value in attrs.items():
+                if value is _MISSING:
+                    mod.__dict__.pop(name, None)
+                else:
+                    setattr(mod, name, value)
+
+
+@contextlib.contextmanager
+def attention_kernel(unet: nn.Module, kind: str):
+    """`xformers`: use xformers' memory-efficient attention in the UNet for the duration; `sdpa`
+    (default): leave the processors alone (diffusers already uses PyTorch SDPA)."""
+    if kind != "xformers":
+        yield
+        return
+    require_xformers()
+    saved = dict(unet.attn_processors)
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+        yield
+    finally:
+        unet.set_attn_processor(saved)
+
+
+def require_xformers() -> None:
+    from ..errors import ConfigError
+
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as exc:
+        raise ConfigError(f"attention: xformers was asked for, but xformers cannot be imported ({exc}). "
+                          f"Install the xformers build that matches your torch and CUDA (pip install "
+                          f"xformers), or set attention: sdpa (PyTorch's own kernel, nearly as fast).") from None
+
+
+@contextlib.contextmanager
+def temporarily_float32(module: nn.Module | None, when: bool):
+    """Run `module` in float32 and cast it back after: fp16/bf16 -> fp32 -> fp16/bf16 is exact,
+    so the caller's weights return bit-identical."""
+    if module is None or not when:
+        yield
+        return
+    dtypes = {p.dtype for p in module.parameters()}
+    original = dtypes.pop() if len(dtypes) == 1 else None
+    if original is None or original == torch.float32:
+        yield
+        return
+    nn.Module.to(module, torch.float32)  # not diffusers' override, which warns on every cast
+    try:
+        yield
+    finally:
+        nn.Module.to(module, original)
