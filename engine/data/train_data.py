@@ -26,7 +26,7 @@ from .cache import CachedLatent, LatentStore, TextCache, file_digest
 from .images import load_image
 from .plan import BatchPlan, Sample, build_samples, count_batches, epoch_batches
 from .records import ImageRecord, Subset, scan_dataset
-from .text import fixed_caption, process_caption, sample_rng, tag_frequency
+from .text import fixed_caption, process_caption, sample_rng, split_tags, tag_frequency, with_trigger
 
 logger = logging.getLogger(__name__)
 CACHE_DIR_NAME = ".lora_cache"  # hidden, so dataset scans never mistake it for a subset
@@ -128,7 +128,9 @@ class TrainData:
         return {
             "dataset_dirs": dirs(False),
             "reg_dataset_dirs": dirs(True),
-            "tag_frequency": {s.name: tag_frequency([r.caption for r in s.records])
+            # the trigger word counts as a tag: A1111's card lists ss_tag_frequency as the training tags
+            "tag_frequency": {s.name: tag_frequency([", ".join(with_trigger(split_tags(r.caption), self.cfg.trigger_word))
+                                                     for r in s.records])
                               for s in self.subsets if not s.is_reg},
             "bucket_info": {"buckets": {i: {"resolution": b, "count": n} for i, (b, n) in
                                         enumerate(sorted(counts.items()))},
