@@ -64,25 +64,32 @@ class Trainer:
 
     # --- setup --------------------------------------------------------------------------------------
     def _load(self) -> None:
+        """Dataset first (a wrong folder should not wait for a 7 GB model load), then the model."""
         cfg = self.cfg
         cfg.check_paths(need_base_model=self.model is None)
         if self.model is None:
+            from .models.detect import detect_path
+
+            found = detect_path(Path(cfg.base_model).expanduser())  # refuses other families and broken files
+            v_hint = found.v_pred_marker or found.scheduler_prediction_type == "v_prediction"
+            native = {"sd1": 512, "sd2": 768 if v_hint else 512, "sdxl": 1024}[found.family]
+            stat = Path(cfg.base_model).expanduser().stat()
+            self._build_data(native, f"{found.family}-{Path(cfg.base_model).name}-{stat.st_size}-{int(stat.st_mtime)}")
             from .models.load import load_base_model
 
             device = resolve_device(cfg.device)
             self.precision = resolve_precision(cfg.mixed_precision, device)
             self.model = load_base_model(cfg.base_model, device=device, dtype=compute_dtype(self.precision),
                                          prediction_type=cfg.prediction_type, clip_skip=cfg.clip_skip)
+            if self.model.info.resolution != native and str(cfg.resolution) == "auto":
+                self.data = None  # an SD2-768 model without a v marker: buckets at its real size
+                self._build_data(self.model.info.resolution, self._model_key())
         else:
             self.precision = resolve_precision(cfg.mixed_precision, self.model.device)
             if cfg.prediction_type != "auto":
                 self.model.info.prediction_type = cfg.prediction_type
+            self._build_data(self.model.info.resolution, self._model_key())
         self.device = self.model.device
-        if self.data is None:
-            from .data.train_data import TrainData
-
-            self.data = TrainData(cfg, native_resolution=self.model.info.resolution,
-                                  model_key=self._model_key(), train_text_encoder=cfg.train_text_encoder)
         self.warnings += list(getattr(self.data, "warnings", []))
         for w in self.warnings:
             self.events.emit("info", message=w)
@@ -95,9 +102,23 @@ class Trainer:
         self.total_micro = self.total_steps * accum if cfg.max_train_steps > 0 else cfg.epochs * bpe
         self.bpe = bpe
 
+    def _build_data(self, native_resolution: int, model_key: str) -> None:
+        if self.data is None:
+            from .data.train_data import TrainData
+
+            self.data = TrainData(self.cfg, native_resolution=native_resolution, model_key=model_key,
+                                  train_text_encoder=self.cfg.train_text_encoder)
+
     def _model_key(self) -> str:
+        """Identifies the model for the disk latent cache: a changed model must not reuse latents."""
         info = self.model.info
-        return f"{info.family}-{info.sha256 or info.name or 'model'}"
+        source = getattr(self.model, "source_path", None)
+        if info.sha256:
+            return f"{info.family}-{info.sha256[:16]}"
+        if source and Path(source).exists():
+            stat = Path(source).stat()
+            return f"{info.family}-{Path(source).name}-{stat.st_size}-{int(stat.st_mtime)}"
+        return f"{info.family}-{info.name or 'model'}-{id(self.model)}"
 
     def _init_network(self) -> LoRANetwork:
         cfg = self.cfg

@@ -127,8 +127,8 @@ def scan_dataset(folder: str | Path, *, repeats: int = 1, caption_extension: str
         warnings.append(skipped_warning(skipped_all, root))
     subsets = [s for s in subsets if s.records]
     if not subsets:
-        raise DatasetError(f"No usable {kind} images in '{root}': all {len(skipped_all)} were skipped "
-                           f"({skipped_all[0][1]}, ...). Add images of at least {min_image_size}px a side.")
+        raise DatasetError(f"No usable {kind} images in '{root}'. {skipped_warning(skipped_all, root)} "
+                           f"Replace or remove them, and use images of at least {min_image_size}px a side.")
     if no_caption and not is_reg:
         warnings.append(f"{len(no_caption)} image(s) have no caption ({_names(no_caption, root)}); they "
                         f"train with an empty caption (plus the trigger word, if set). Add .txt captions "
