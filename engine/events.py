@@ -54,6 +54,9 @@ class Callbacks:
     def __init__(self, callbacks: Iterable[Any] = ()):
         self._callbacks = [c for c in callbacks if c is not None]
 
+    def add(self, callback: Any) -> None:
+        self._callbacks.append(callback)
+
     def emit(self, kind: str, **fields: Any) -> None:
         event = TrainEvent(kind=kind, **fields)
         for cb in self._callbacks:

@@ -153,6 +153,10 @@ class Trainer:
         cfg, model = self.cfg, self.model
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"{cfg.output_name}.config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        if cfg.log_with == "tensorboard":
+            from .tensorboard_log import TensorBoardLogger
+
+            self.events.add(TensorBoardLogger(self.out / "logs"))
         with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder):
             network = self._init_network()
             network.attach()
