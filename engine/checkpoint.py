@@ -58,8 +58,9 @@ def fingerprint(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer, scheduler, scaler,
-                    position: Position, generator: torch.Generator, cfg_dict: dict[str, Any],
+                    position: Position, rng: list[dict[str, Any]], cfg_dict: dict[str, Any],
                     lora_file: str | None) -> Path:
+    """`rng` holds every process's RNG state, in rank order (one entry without several GPUs)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -70,7 +71,7 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": position.step,
         "micro": position.micro,
-        "rng": rng_state(generator),
+        "rng": rng,
         "fingerprint": fingerprint(cfg_dict),
         "lora_file": lora_file,
     }, tmp / STATE_FILE)

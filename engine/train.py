@@ -20,8 +20,10 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_config
+from .distributed import Distributed, ShardedData
 from .errors import NonFiniteLoss, TrainingStopped, UserError
 from .events import Callbacks
+from .fast_step import FastStep, host_lrs, unsupported_reason
 from .lora.kohya_io import read_lora, save_lora, to_network_keys
 from .lora.metadata import build_metadata
 from .lora.network import LoRANetwork
@@ -54,7 +56,9 @@ def train(cfg: TrainConfig, model: TrainableModel | None = None, *, callbacks=()
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: TrainableModel | None, events: Callbacks, data):
-        self.cfg, self.model, self.events, self.data = cfg, model, events, data
+        self.dist = Distributed()
+        self.cfg, self.model, self.data = cfg, model, data
+        self.events = events if self.dist.is_main else Callbacks()  # one console, one set of files
         self.out = Path(cfg.output_dir).expanduser() / cfg.output_name
         self.ckpt_root = self.out / "checkpoints"
         self.losses: list[float] = []
@@ -77,7 +81,7 @@ class Trainer:
             self._build_data(native, f"{found.family}-{Path(cfg.base_model).name}-{stat.st_size}-{int(stat.st_mtime)}")
             from .models.load import load_base_model
 
-            device = resolve_device(cfg.device)
+            device = self.dist.device(resolve_device(cfg.device))
             self.precision = resolve_precision(cfg.mixed_precision, device)
             self.model = load_base_model(cfg.base_model, device=device, dtype=compute_dtype(self.precision),
                                          prediction_type=cfg.prediction_type, clip_skip=cfg.clip_skip)
@@ -108,6 +112,8 @@ class Trainer:
 
             self.data = TrainData(self.cfg, native_resolution=native_resolution, model_key=model_key,
                                   train_text_encoder=self.cfg.train_text_encoder)
+            if self.dist.enabled:
+                self.data = ShardedData(self.data, self.dist.rank, self.dist.world)
 
     def _model_key(self) -> str:
         """Identifies the model for the disk latent cache: a changed model must not reuse latents."""
@@ -151,14 +157,17 @@ class Trainer:
         self.frozen_te = False
         self._load()
         cfg, model = self.cfg, self.model
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / f"{cfg.output_name}.config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        if cfg.log_with == "tensorboard":
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / f"{cfg.output_name}.config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        if cfg.log_with == "tensorboard" and self.dist.is_main:
             from .tensorboard_log import TensorBoardLogger
 
             self.events.add(TensorBoardLogger(self.out / "logs"))
         with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder):
-            network = self._init_network()
+            with torch.random.fork_rng(devices=[]):  # the host's own random state is left alone
+                torch.manual_seed(cfg.seed)  # the LoRA's initial weights: the same for a seed, on every process
+                network = self._init_network()
             network.attach()
             self.network = network
             self.position = ckpt.Position()
@@ -167,6 +176,7 @@ class Trainer:
                 self.data.prepare_cache(model, progress=self._cache_progress)
                 self._setup_optimization(network)
                 self._maybe_resume(network)
+                self._setup_fast_step()
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
                                  message=self._summary())
                 self._loop()
@@ -201,9 +211,21 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, param_groups(cfg, network.unet_parameters(), te_params), self.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = grad_scaler(self.device, self.precision)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.dist.rank)
         self.acp = self.model.alphas_cumprod().to(self.device, torch.float32)
+        self.compute_dtype = compute_dtype(self.precision) if self.precision != "no" else None
+
+    def _setup_fast_step(self) -> None:
+        """The CUDA-graphed step where the config allows it (engine/fast_step.py says when)."""
+        self.fast = None
+        why = unsupported_reason(self.cfg, self.device, self.precision, self.optimizer,
+                                 bool(self.network.text_encoder_parameters()) and not self.frozen_te)
+        if why is None and getattr(getattr(self, "dist", None), "enabled", False):
+            why = "several GPUs (the gradient all-reduce runs in the plain step)"
+        if why is None:
+            self.fast = FastStep(self)
+        elif self.cfg.cuda_graph and self.device.type == "cuda":
+            self.events.emit("info", message=f"training step not CUDA-graphed: {why}")
 
     def _maybe_resume(self, network: LoRANetwork) -> None:
         folder = ckpt.resolve(self.cfg.resume_from_checkpoint, self.ckpt_root)
@@ -217,7 +239,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng(state["rng"], self.generator)
+        ckpt.restore_rng(state["rng"][self.dist.rank], self.generator)
         self.position = ckpt.Position(step=state["step"], micro=state["micro"])
         self.saved_step = self.position.step
         self.events.emit("info", message=f"resumed from {folder} at step {self.position.step}")
@@ -235,13 +257,19 @@ class Trainer:
             if epoch != plan_epoch:
                 plan, plan_epoch = self.data.epoch_plan(epoch), epoch
             batch = self.data.materialize(plan[index], self.model, epoch=epoch)
-            loss = self._forward_backward(batch, accum)
+            loss = self.fast.step(batch) if self.fast is not None else None
+            stepped = loss is not None
+            if not stepped:
+                loss = self._forward_backward(batch, accum)
             window = window + loss.detach()
             in_window += 1
             pos.micro += 1
             if pos.micro % accum and pos.micro < self.total_micro:
                 continue
-            self._update()
+            if stepped:
+                self.fast.scheduler_step()
+            else:
+                self._update()
             pos.step += 1
             pending.append((pos.step, window / in_window))
             window, in_window = torch.zeros((), device=self.device), 0
@@ -250,7 +278,7 @@ class Trainer:
             reported = self._flush(pending) if flush else []
             if flush:
                 pending, last_flush = [], now
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.fast.lr() if self.fast is not None else host_lrs(self.scheduler, self.optimizer)[0]
             self.events.emit("step", step=pos.step, total_steps=self.total_steps, epoch=pos.micro // self.bpe,
                              lr=lr, loss=reported[-1][1] if reported else None, losses=reported)
             if self.events.should_stop():
@@ -261,27 +289,42 @@ class Trainer:
             if self._preview_due(pos.step, crossed_epoch, pos.micro // self.bpe):
                 self._preview(pos.step)
 
-    def _forward_backward(self, batch, accum: int) -> torch.Tensor:
-        cfg, model = self.cfg, self.model
-        latents = batch.latents.to(self.device, torch.float32)
+    def _draw_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's noise and timesteps, from the run's generator (the same draws on every path)."""
+        cfg = self.cfg
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
                                                            generator=self.generator, device=self.device)
         t = torch.randint(0, self.acp.shape[0], (latents.shape[0],), generator=self.generator, device=self.device)
+        return noise, t
+
+    def _loss(self, latents, noise, t, cond, time_ids, loss_weights) -> torch.Tensor:
+        """The diffusion loss of one batch: shared by the plain and the CUDA-graphed step."""
+        model = self.model
         noisy = add_noise(latents, noise, t, self.acp)
         with autocast(self.device, self.precision):
-            cond = batch.cond if batch.cond is not None else model.encode_text(batch.captions)
             if model.size_conditioning():
-                cond = {**cond, "time_ids": batch.time_ids.to(self.device)}
+                cond = {**cond, "time_ids": time_ids.to(self.device)}
             prediction = model.predict(noisy.to(model.dtype), t, cond)
-        loss = diffusion_loss(prediction, latents, noise, t, self.acp, model.info.prediction_type,
-                              sample_weights=batch.loss_weights.to(self.device), min_snr_gamma=cfg.min_snr_gamma)
-        scaled = loss / accum
-        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return diffusion_loss(prediction, latents, noise, t, self.acp, model.info.prediction_type,
+                              sample_weights=loss_weights.to(self.device), min_snr_gamma=self.cfg.min_snr_gamma)
+
+    def _forward_backward(self, batch, accum: int) -> torch.Tensor:
+        latents = batch.latents.to(self.device, torch.float32)
+        noise, t = self._draw_noise(latents)
+        with self.network.cast_weights(self.compute_dtype):
+            cond = batch.cond
+            if cond is None:
+                with autocast(self.device, self.precision):
+                    cond = self.model.encode_text(batch.captions)
+            loss = self._loss(latents, noise, t, cond, batch.time_ids, batch.loss_weights)
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss
 
     def _update(self) -> None:
+        self.dist.average_gradients(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm > 0:
@@ -338,19 +381,24 @@ class Trainer:
         metadata = self._metadata()
         return save_lora(path, tensors, metadata), tensors, metadata
 
-    def _save_checkpoint(self) -> Path:
+    def _save_checkpoint(self) -> Path | None:
         step = self.position.step
+        rng = self.dist.gather(ckpt.rng_state(self.generator))  # collective: every process takes part
+        self.saved_step = step
+        if not self.dist.is_main:
+            return None
         lora_path, _, _ = self._write_lora(self.out / f"{self.cfg.output_name}-step{step:08d}.safetensors")
         folder = ckpt.save_checkpoint(
             self.ckpt_root / f"step-{step:08d}", weights=self.network.kohya_state_dict(None),
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, position=self.position,
-            generator=self.generator, cfg_dict=self.cfg.to_dict(), lora_file=lora_path.name)
+            rng=rng, cfg_dict=self.cfg.to_dict(), lora_file=lora_path.name)
         ckpt.prune(self.ckpt_root, self.cfg.save_last_n_checkpoints)
-        self.saved_step = step
         self.events.emit("checkpoint", step=step, path=str(folder), lora_path=str(lora_path))
         return folder
 
     def _preview(self, step: int) -> None:
+        if not self.dist.is_main:
+            return
         prompts = load_prompts(self.cfg)
         images = render_previews(self.model, prompts, self.cfg, self.data.summary().get("resolution", (512, 512)),
                                  self.cfg.trigger_word)
@@ -359,6 +407,10 @@ class Trainer:
             self.events.emit("preview", step=step, images=images, prompts=[p.prompt for p in prompts])
 
     def _finish(self) -> TrainResult:
+        if not self.dist.is_main:
+            tensors = self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.save_precision])
+            return TrainResult(lora_path=None, tensors=tensors, metadata={}, steps=self.position.step,
+                               losses=self.losses, output_dir=self.out, warnings=self.warnings)
         path, tensors, metadata = self._write_lora(self.out / f"{self.cfg.output_name}.safetensors")
         if self.cfg.sample_prompts and not self._preview_due(self.position.step, True, 0):
             self._preview(self.position.step)
@@ -372,7 +424,7 @@ class Trainer:
             self.events.emit("error", step=self.position.step, message=str(exc))
             return
         folder = None
-        if self.position.step > self.saved_step:
+        if self.position.step > self.saved_step and not self.dist.enabled:  # a save is collective with several GPUs
             try:
                 folder = self._save_checkpoint()
             except Exception as save_exc:  # never hide the original error behind a failed save
@@ -391,7 +443,9 @@ class Trainer:
                              path=str(folder) if folder else None)
 
     def _release(self) -> None:
-        for name in ("optimizer", "scheduler", "scaler", "params", "acp"):
+        if getattr(self, "fast", None) is not None:
+            self.fast.close()
+        for name in ("fast", "optimizer", "scheduler", "scaler", "params", "acp"):
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
