@@ -150,6 +150,12 @@ class TrainableModel(ABC):
             yield self
 
     # --- optional ----------------------------------------------------------------------------------
+    def idle_encoders(self, *, vae: bool, text: bool) -> list[nn.Module]:
+        """Frozen encoder modules the loop may park in CPU memory while it trains from caches
+        (`vae`: every latent is cached; `text`: every caption's conditioning is cached and the text
+        encoders are not trained). Default: none, for hosts that manage their own memory."""
+        return []
+
     def sample(self, prompts: list[str], *, seed: int, steps: int, cfg: float, width: int, height: int,
                negative: str = "") -> list:
         """Preview images (PIL) with the LoRA hooks as currently attached. Optional: hosts that sample

@@ -9,6 +9,7 @@ second on a GPU, so the host does not wait on the GPU every step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from .config import TrainConfig, dump_config
 from .distributed import Distributed, ShardedData
 from .errors import NonFiniteLoss, TrainingStopped, UserError
 from .events import Callbacks
+from .encoder_parking import EncoderParking
 from .fast_step import FastStep, host_lrs, unsupported_reason
 from .lora.kohya_io import read_lora, save_lora, to_network_keys
 from .lora.metadata import build_metadata
@@ -177,6 +179,7 @@ class Trainer:
                 self._setup_optimization(network)
                 self._maybe_resume(network)
                 self._setup_fast_step()
+                self.parking = EncoderParking.start(model, self.data, self.device, cfg.train_text_encoder)
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
                                  message=self._summary())
                 self._loop()
@@ -189,6 +192,8 @@ class Trainer:
                                     f"AdamW8bit; the run can resume from its last checkpoint.") from exc
                 raise
             finally:
+                if getattr(self, "parking", None) is not None:
+                    self.parking.unpark()
                 network.detach()
                 self._release()
 
@@ -400,8 +405,9 @@ class Trainer:
         if not self.dist.is_main:
             return
         prompts = load_prompts(self.cfg)
-        images = render_previews(self.model, prompts, self.cfg, self.data.summary().get("resolution", (512, 512)),
-                                 self.cfg.trigger_word)
+        with self.parking.awake() if getattr(self, "parking", None) is not None else contextlib.nullcontext():
+            images = render_previews(self.model, prompts, self.cfg,
+                                     self.data.summary().get("resolution", (512, 512)), self.cfg.trigger_word)
         if images:
             save_previews(images, self.out / "samples", step)
             self.events.emit("preview", step=step, images=images, prompts=[p.prompt for p in prompts])

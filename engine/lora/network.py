@@ -44,6 +44,7 @@ class LoRAModule(nn.Module):
         self.dropout = dropout
         self.multiplier = 1.0
         self._scale = float(alpha) / rank  # kept host-side: reading the buffer would sync the GPU
+        self._cast: tuple[torch.Tensor, torch.Tensor] | None = None  # (down, up) in the compute dtype
 
     def set_alpha(self, alpha: float) -> None:
         self.alpha.fill_(float(alpha))
@@ -62,6 +63,32 @@ class LoRAModule(nn.Module):
         out = F.conv2d(h, up_w) if self.is_conv else F.linear(h, up_w)
         return out * (self.multiplier * self._scale)
 
+    def apply_to(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`output + delta(x)` in the output's dtype with as few kernels as possible: the down/up
+        weights come from the per-step cast cache when there is one, the scale rides on the
+        final GEMM (Linear: one addmm) or on the add (Conv2d), so no separate multiply or cast."""
+        dtype = output.dtype
+        cached = self._cast
+        if cached is not None and cached[0].dtype == dtype:
+            down_w, up_w = cached
+        else:
+            down_w, up_w = self.lora_down.weight.to(dtype), self.lora_up.weight.to(dtype)
+        scale = self.multiplier * self._scale
+        x = x.to(dtype)
+        if self.is_conv:
+            d = self.lora_down
+            h = F.conv2d(x, down_w, None, d.stride, d.padding, d.dilation)
+            if self.dropout and self.training:
+                h = F.dropout(h, p=self.dropout)
+            return output.add(F.conv2d(h, up_w), alpha=scale)
+        h = F.linear(x, down_w)
+        if self.dropout and self.training:
+            h = F.dropout(h, p=self.dropout)
+        if not output.is_contiguous() or output.dim() < 2:
+            return output.add(F.linear(h, up_w), alpha=scale)
+        n, r = output.shape[-1], h.shape[-1]
+        return torch.addmm(output.reshape(-1, n), h.reshape(-1, r), up_w.t(), alpha=scale).view(output.shape)
+
 
 class LoRANetwork(nn.Module):
     """All LoRA modules of one run, keyed by kohya module name, plus the hooks that apply them."""
@@ -73,9 +100,12 @@ class LoRANetwork(nn.Module):
         self._handles: list = []
         self.te_keys: set[str] = set()
         self.aliases: dict[str, str] = {}  # every name a file may use for a module -> its kohya key
+        self.conv_shaped: set[str] = set()  # Linear-based modules saved with 1x1-conv shapes (see add)
 
     def add(self, key: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-            text_encoder: bool = False, aliases: tuple[str, ...] = ()) -> LoRAModule:
+            text_encoder: bool = False, aliases: tuple[str, ...] = (), conv_shaped: bool = False) -> LoRAModule:
+        """`conv_shaped`: save this Linear module's weights as [r,in,1,1]/[out,r,1,1], where kohya's
+        model has a 1x1 conv at that place (SD2's proj_in/proj_out)."""
         if key in self.loras:
             raise ValueError(f"duplicate LoRA module name {key}")
         module = LoRAModule(base, rank, alpha, dropout)
@@ -83,6 +113,8 @@ class LoRANetwork(nn.Module):
         self._bases[key] = base
         if text_encoder:
             self.te_keys.add(key)
+        if conv_shaped:
+            self.conv_shaped.add(key)
         for alias in (key, *aliases):
             self.aliases[alias] = key
         return module
@@ -107,7 +139,7 @@ class LoRANetwork(nn.Module):
             lora = self.loras[key]
 
             def hook(_module, args, output, lora=lora):
-                return output + lora.delta(args[0]).to(output.dtype)
+                return lora.apply_to(args[0], output)
 
             self._handles.append(base.register_forward_hook(hook))
 
@@ -129,6 +161,23 @@ class LoRANetwork(nn.Module):
             if not was_attached:
                 self.detach()
             self.set_multiplier(previous)
+
+    @contextlib.contextmanager
+    def cast_weights(self, dtype: torch.dtype | None):
+        """Cast every LoRA weight to the compute dtype once for a whole training step (forward,
+        gradient-checkpoint recompute and backward), instead of twice per layer per forward.
+        The casts stay in the autograd graph, so gradients still reach the float32 weights."""
+        if dtype is None or not self.loras:
+            yield
+            return
+        try:
+            for lora in self.loras.values():
+                down, up = lora.lora_down.weight, lora.lora_up.weight
+                lora._cast = (down.to(dtype), up.to(dtype))
+            yield
+        finally:
+            for lora in self.loras.values():
+                lora._cast = None
 
     # --- weights ------------------------------------------------------------------------------------
     @property
@@ -152,6 +201,8 @@ class LoRANetwork(nn.Module):
         for key, tensor in self.state_dict().items():
             name = key[len("loras."):]
             t = tensor.detach().to("cpu")
+            if t.dim() == 2 and name.split(".", 1)[0] in self.conv_shaped:
+                t = t[:, :, None, None]
             out[name] = t.to(dtype) if dtype is not None else t.clone()
         return out
 
@@ -163,6 +214,7 @@ class LoRANetwork(nn.Module):
             down, up = sd.get(f"{key}.lora_down.weight"), sd.get(f"{key}.lora_up.weight")
             if down is None or up is None:
                 continue
+            down, up = _fit(down, module.lora_down.weight.shape), _fit(up, module.lora_up.weight.shape)
             if down.shape != module.lora_down.weight.shape or up.shape != module.lora_up.weight.shape:
                 raise ValueError(f"{key}: the file has rank {down.shape[0]} with shapes {tuple(down.shape)}/"
                                  f"{tuple(up.shape)}, the network expects {tuple(module.lora_down.weight.shape)}/"
@@ -176,3 +228,14 @@ class LoRANetwork(nn.Module):
             seen.update({f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"})
         unused = sorted(k for k in sd if k not in seen)
         return loaded, unused
+
+
+def _fit(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A 1x1-conv weight [o,i,1,1] and a Linear weight [o,i] hold the same numbers; files use either
+    for SD2's proj_in/proj_out (kohya: conv from single-file checkpoints, Linear from diffusers folders)."""
+    def core(s):
+        return tuple(s[:2]) if len(s) == 4 and tuple(s[2:]) == (1, 1) else tuple(s)
+
+    if tensor.shape != shape and core(tensor.shape) == core(shape):
+        return tensor.reshape(shape)
+    return tensor

@@ -118,6 +118,9 @@ class DiffusersModel(TrainableModel):
     def trainable_roots(self) -> list[nn.Module]:
         return [self.unet, *self.text_encoders]
 
+    def idle_encoders(self, *, vae: bool, text: bool) -> list[nn.Module]:
+        return ([self.vae] if vae and self.vae is not None else []) + (list(self.text_encoders) if text else [])
+
     def alphas_cumprod(self) -> torch.Tensor:
         return self.noise_scheduler.alphas_cumprod.detach().float().cpu().clone()
 

@@ -1,0 +1,231 @@
+"""The training step replayed as one CUDA graph, so the GPU never waits on Python.
+
+An SD UNet step with LoRA is 3,000 (SD1.5) to 15,000 (SDXL + checkpointing) kernel launches. At
+small batches the host cannot issue them as fast as an H100 runs them, which is why eager trainers
+run no faster on an H100 than on a far smaller card. Here every step of one input shape (one
+bucket) is captured once (forward, backward, gradient clipping, fused AdamW) and replayed with a
+single launch; the host only copies the batch into static buffers and draws the noise.
+
+The math is the plain step's (`Trainer._loss` is called by both), with two differences that do not
+change results: gradients are zeroed in place (`_foreach_zero_`) instead of set to None, and the
+learning rate lives in a device tensor the scheduler fills, so a replay sees the current value.
+What the graph cannot hold falls back to the plain step with the reason logged: fp16 (the grad
+scaler decides on the host), gradient accumulation, optimizers other than AdamW, text-encoder
+training (captions are tokenised on the host each step), and any capture that fails. A shape is
+run once eagerly (the warm-up CUDA graphs need; it is a real training step) and captured the
+second time it comes; at most `MAX_GRAPHS` shapes get graphs, all sharing one memory pool.
+
+`FastStep(..., capture=False)` runs the same static-buffer step without graphs: that is how the CPU
+tests check that the fast path trains exactly like the plain one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+MAX_GRAPHS = 16
+
+
+def unsupported_reason(cfg, device: torch.device, precision: str, optimizer, train_te: bool) -> str | None:
+    """Why the graphed step cannot run for this config, or None when it can."""
+    if not cfg.cuda_graph:
+        return "cuda_graph is off"
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type}"
+    if precision == "fp16":
+        return "fp16 needs the grad scaler, which decides on the host (use bf16)"
+    if cfg.gradient_accumulation_steps != 1:
+        return "gradient accumulation is on"
+    if not isinstance(optimizer, torch.optim.AdamW) or not optimizer.defaults.get("fused"):
+        return f"{cfg.optimizer} is not the fused AdamW"
+    if train_te:
+        return "the text encoder is trained (captions are tokenised on the host every step)"
+    return None
+
+
+def host_lrs(scheduler, optimizer) -> list[float]:
+    """The current learning rates as floats, without reading a device tensor (that would sync)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is not None and len(lambdas) == len(scheduler.base_lrs):
+        return [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas)]
+    return [float(g["lr"]) for g in optimizer.param_groups]
+
+
+@contextlib.contextmanager
+def _checkpoint_without_rng_stash():
+    """Activation checkpointing stashes the CUDA RNG state by default, which cannot be read while a
+    graph is captured. With no dropout in the checkpointed region there is nothing to restore, so
+    during capture checkpoints are taken with preserve_rng_state=False (the results are the same)."""
+    import torch.utils.checkpoint as tuc
+
+    original = tuc.checkpoint
+
+    def checkpoint(function, *args, **kwargs):
+        kwargs["preserve_rng_state"] = False
+        return original(function, *args, **kwargs)
+
+    tuc.checkpoint = checkpoint
+    try:
+        yield
+    finally:
+        tuc.checkpoint = original
+
+
+class _Graph:
+    def __init__(self, graph, inputs: dict, loss: torch.Tensor):
+        self.graph, self.inputs, self.loss = graph, inputs, loss
+
+
+class FastStep:
+    """One optimizer step per call: copy in, replay (or warm up / capture), return the loss."""
+
+    def __init__(self, trainer, *, capture: bool = True):
+        self.t = trainer
+        self.capture = capture
+        self.params = [p for p in trainer.params if p.requires_grad]
+        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.graphs: dict[tuple, _Graph] = {}
+        self.seen: set[tuple] = set()
+        self.eager_only: set[tuple] = set()
+        self.pool = None
+        self.dropout = any(getattr(m, "dropout", 0) for m in trainer.network.loras.values())
+        self._tensor_lr(trainer.optimizer, trainer.device)
+
+    # --- learning rate in a device tensor -----------------------------------------------------------
+    def _tensor_lr(self, optimizer, device) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            if self.capture:
+                group["capturable"] = True
+        sched = self.t.scheduler
+        sched._last_lr = host_lrs(sched, optimizer)
+
+        def plain_state(_opt, state):
+            # checkpoints stay what the plain step writes: float lr, not capturable
+            for group, lr in zip(state["param_groups"], host_lrs(self.t.scheduler, optimizer)):
+                group["lr"] = lr
+                group["capturable"] = False
+            return state
+
+        self._hook = optimizer.register_state_dict_post_hook(plain_state)
+
+    def close(self) -> None:
+        """Give the optimizer back as the plain step expects it (float lr, grads None)."""
+        opt = self.t.optimizer
+        self._hook.remove()
+        for group, lr in zip(opt.param_groups, host_lrs(self.t.scheduler, opt)):
+            group["lr"] = lr
+            group["capturable"] = False
+        for p in self.params:
+            p.grad = None
+        self.graphs.clear()
+
+    def lr(self) -> float:
+        return host_lrs(self.t.scheduler, self.t.optimizer)[0]
+
+    def scheduler_step(self) -> None:
+        """Advance the schedule: the scheduler fills the lr tensors the graphs read (no host sync)."""
+        opt, sched = self.t.optimizer, self.t.scheduler
+        tensors = [g["lr"] for g in opt.param_groups]
+        sched.step()
+        for group, tensor in zip(opt.param_groups, tensors):
+            if group["lr"] is not tensor:  # a scheduler that assigns floats: keep the graphs' tensor
+                tensor.fill_(float(group["lr"]))
+                group["lr"] = tensor
+        sched._last_lr = host_lrs(sched, opt)  # floats, as the plain step leaves them
+
+    # --- the step -----------------------------------------------------------------------------------
+    def _key(self, batch) -> tuple:
+        cond = batch.cond or {}
+        return (tuple(batch.latents.shape),) + tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items()))
+
+    def _inputs(self, batch, noise, t) -> dict:
+        dev = self.t.device
+        return {"latents": batch.latents.to(dev, torch.float32), "noise": noise, "t": t,
+                "cond": {k: v.to(dev) for k, v in batch.cond.items()},
+                "time_ids": batch.time_ids.to(dev), "weights": batch.loss_weights.to(dev)}
+
+    def _body(self, inp: dict) -> torch.Tensor:
+        t = self.t
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        torch._foreach_zero_(self.grads)
+        with t.network.cast_weights(t.compute_dtype):
+            loss = t._loss(inp["latents"], inp["noise"], inp["t"], inp["cond"], inp["time_ids"], inp["weights"])
+            loss.backward()
+        if t.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, t.cfg.max_grad_norm, foreach=True)
+        t.optimizer.step()
+        return loss.detach()
+
+    def step(self, batch) -> torch.Tensor | None:
+        """Train one step on `batch` and return its loss (on the device), or None when this batch
+        must take the plain path (the caller then runs it; grads are left None for that)."""
+        if batch.cond is None:
+            return self._decline("no cached text conditioning")
+        key = self._key(batch)
+        noise, t = self.t._draw_noise(batch.latents.to(self.t.device, torch.float32))
+        if not self.capture:
+            return self._body(self._inputs(batch, noise, t))
+        graph = self.graphs.get(key)
+        if graph is not None:
+            self._copy_in(graph.inputs, batch, noise, t)
+            graph.graph.replay()
+            return graph.loss
+        if key in self.eager_only or (key in self.seen and len(self.graphs) >= MAX_GRAPHS):
+            return self._eager(self._inputs(batch, noise, t))
+        if key not in self.seen:  # warm-up: a real step, eagerly, on a side stream
+            self.seen.add(key)
+            return self._eager(self._inputs(batch, noise, t))
+        try:
+            graph = self._capture(self._inputs(batch, noise, t))
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: train this shape eagerly
+            logger.warning("could not capture the training step as a CUDA graph (%s: %s); this shape runs "
+                           "eagerly", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.eager_only.add(key)
+            torch.cuda.synchronize(self.t.device)
+            return self._eager(self._inputs(batch, noise, t))
+        self.graphs[key] = graph
+        graph.graph.replay()
+        return graph.loss
+
+    def _eager(self, inp: dict) -> torch.Tensor:
+        side = torch.cuda.Stream(self.t.device)
+        side.wait_stream(torch.cuda.current_stream(self.t.device))
+        with torch.cuda.stream(side):
+            loss = self._body(inp)
+        torch.cuda.current_stream(self.t.device).wait_stream(side)
+        return loss
+
+    def _capture(self, inp: dict) -> _Graph:
+        if not self.graphs:
+            torch.cuda.synchronize(self.t.device)
+            torch.cuda.empty_cache()  # the warm-up's cached blocks, so the graph's pool can use them
+        graph = torch.cuda.CUDAGraph()
+        rng = contextlib.nullcontext() if self.dropout else _checkpoint_without_rng_stash()
+        with rng, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            loss = self._body(inp)
+        self.pool = graph.pool()
+        return _Graph(graph, inp, loss)
+
+    @staticmethod
+    def _copy_in(static: dict, batch, noise, t) -> None:
+        static["latents"].copy_(batch.latents, non_blocking=True)
+        static["noise"].copy_(noise)
+        static["t"].copy_(t)
+        for k, v in batch.cond.items():
+            static["cond"][k].copy_(v, non_blocking=True)
+        static["time_ids"].copy_(batch.time_ids, non_blocking=True)
+        static["weights"].copy_(batch.loss_weights, non_blocking=True)
+
+    def _decline(self, why: str) -> None:
+        if why not in getattr(self, "_declined", set()):
+            self.__dict__.setdefault("_declined", set()).add(why)
+            logger.info("plain training step for some batches: %s", why)
+        for p in self.params:
+            p.grad = None
+        return None

@@ -1,0 +1,116 @@
+"""The fast training step trains exactly like the plain one.
+
+On a GPU the fast step is a CUDA graph; here on the CPU it runs the same static-buffer step without
+the graph (`FastStep(capture=False)`), which is everything the graph replays: the shared loss, in-place
+grad zeroing, foreach clipping, the learning rate in a tensor the scheduler fills, and the per-step
+LoRA weight casts. Tolerance: losses and final weights agree to 1e-5 relative (fp32 on the CPU; the
+only differences are the order of float additions in clipping and AdamW's tensor-lr arithmetic).
+"""
+
+import pytest
+import torch
+
+import engine.train as train_module
+from engine.checkpoint import load_checkpoint
+from engine.fast_step import FastStep, host_lrs
+from engine.models import tiny_sd1, tiny_sdxl
+from engine.train import train
+
+from train_fixtures import pattern_dataset, quick_config
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return pattern_dataset(tmp_path_factory.mktemp("fast"), n=4)
+
+
+@pytest.fixture
+def fast_on_cpu(monkeypatch):
+    """Let the trainer take the fast path on the CPU; record that it did."""
+    made = []
+
+    class Recording(FastStep):
+        def __init__(self, trainer, **kw):
+            super().__init__(trainer, capture=False)
+            made.append(self)
+
+    monkeypatch.setattr(train_module, "unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(train_module, "FastStep", Recording)
+    return made
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= RTOL * max(abs(x), abs(y), 1e-8) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family,gc", [("sd1", False), ("sd1", True), ("sdxl", False)])
+def test_fast_step_gives_the_plain_loss_curve(data, tmp_path, family, gc, monkeypatch, request):
+    build = tiny_sd1 if family == "sd1" else tiny_sdxl
+    opts = dict(max_train_steps=8, batch_size=2, gradient_checkpointing=gc, lr_scheduler="cosine",
+                warmup_steps=2, max_grad_norm=0.05, noise_offset=0.05)
+    plain = train(quick_config(data, tmp_path / "plain", **opts), build())
+    made = request.getfixturevalue("fast_on_cpu")
+    fast = train(quick_config(data, tmp_path / "fast", **opts), build())
+    assert made, "the fast step was not used"
+    assert _close(plain.losses, fast.losses), (plain.losses, fast.losses)
+    assert plain.tensors.keys() == fast.tensors.keys()
+    for key, value in plain.tensors.items():
+        assert torch.allclose(value, fast.tensors[key], rtol=RTOL, atol=1e-7), key
+    moved = [v for k, v in fast.tensors.items() if k.endswith("lora_up.weight")]
+    assert any(v.abs().sum() > 0 for v in moved)  # it trained: the up weights left zero
+
+
+def test_fast_checkpoint_resumes_on_the_plain_step(data, tmp_path, fast_on_cpu):
+    """A checkpoint written by the fast step is what the plain step writes (float lr), and a run resumed
+    from it on the plain step ends where an uninterrupted fast run ends."""
+    opts = dict(max_train_steps=6, lr_scheduler="linear", warmup_steps=1)
+    straight = train(quick_config(data, tmp_path / "a", save_steps=3, **opts), tiny_sd1())
+    folder = tmp_path / "a" / "test_lora" / "checkpoints" / "step-00000003"
+    _, state = load_checkpoint(folder, quick_config(data, tmp_path / "a", save_steps=3, **opts).to_dict())
+    groups = state["optimizer"]["param_groups"]
+    assert all(isinstance(g["lr"], float) and not g.get("capturable") for g in groups)
+    fast_on_cpu.clear()
+    train_module.FastStep, train_module.unsupported_reason = FastStep, lambda *a, **k: "plain"
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "b" / "test_lora" / "checkpoints" / folder.name)
+    resumed = train(quick_config(data, tmp_path / "b", resume_from_checkpoint="latest", **opts), tiny_sd1())
+    assert not fast_on_cpu
+    assert _close(straight.losses[3:], resumed.losses)
+
+
+def test_scheduler_keeps_filling_the_lr_tensor():
+    """The graphs read the lr from a tensor: every schedule step must land in that same tensor."""
+    from engine.config import TrainConfig
+    from engine.optim import build_optimizer, build_scheduler, param_groups
+
+    cfg = TrainConfig(lr_scheduler="cosine", warmup_steps=2, learning_rate=1.0)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer(cfg, param_groups(cfg, [p], []), torch.device("cpu"))
+    sched = build_scheduler(cfg, opt, 10)
+    expected = []
+    for _ in range(6):
+        expected.append(host_lrs(sched, opt)[0])
+        sched.step()
+
+    class Stub:
+        pass
+
+    stub = Stub()
+    stub.params, stub.device, stub.optimizer = [p], torch.device("cpu"), None
+    stub.network = type("N", (), {"loras": {}})()
+    opt2 = build_optimizer(cfg, param_groups(cfg, [p], []), torch.device("cpu"))
+    stub.optimizer, stub.scheduler = opt2, build_scheduler(cfg, opt2, 10)
+    fast = FastStep(stub, capture=False)
+    tensor = opt2.param_groups[0]["lr"]
+    seen = []
+    for _ in range(6):
+        seen.append(float(tensor))
+        assert fast.lr() == pytest.approx(seen[-1])
+        fast.scheduler_step()
+        assert opt2.param_groups[0]["lr"] is tensor
+    assert seen == pytest.approx(expected)
+    fast.close()
+    assert isinstance(opt2.param_groups[0]["lr"], float)
