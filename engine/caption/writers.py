@@ -21,6 +21,7 @@ from typing import Mapping
 
 from ..data.captions import load_metadata, read_text, sidecar_path
 from ..errors import DatasetError
+from ..lora.kohya_io import FILE_MODE
 
 FORMATS = ("txt", "csv", "jsonl")
 
@@ -40,6 +41,7 @@ def write_atomic(path: str | Path, text: str, *, backup: bool = True) -> bool:
             shutil.copy2(path, backup_path(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; captions stay readable like the user's other files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

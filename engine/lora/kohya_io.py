@@ -43,11 +43,21 @@ def tensor_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return model_hash, legacy
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)  # read once at import (single-threaded then): os.umask can only be read by setting it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder and rename it over `path` (never a half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; a LoRA must be readable like any other file
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
