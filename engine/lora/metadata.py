@@ -7,6 +7,7 @@ is a string, as in kohya's files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -45,7 +46,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
     elif cfg.target_modules != "kohya":
         network_args = {"target_modules": cfg.target_modules}
     md: dict[str, Any] = {
-        "ss_session_id": session_id or uuid.uuid4().hex[:10],
+        "ss_session_id": _session_int(session_id),
         "ss_training_started_at": started_at,
         "ss_training_finished_at": time.time(),
         "ss_output_name": cfg.output_name,
@@ -102,8 +103,8 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_new_sd_model_hash": info.sha256,
         "ss_training_comment": cfg.training_comment or None,
         "ss_loss_type": "l2",
-        # modelspec (SAI model spec 1.0.0), as kohya writes it
-        "modelspec.sai_model_spec": "1.0.0",
+        # modelspec (SAI model spec 1.0.1), as kohya writes it
+        "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": _ARCHITECTURE[version],
         "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if info.family == "sdxl"
                                      else "diffusers"),
@@ -120,6 +121,16 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
     if extra:
         md.update(extra)
     return {k: _s(v) for k, v in md.items() if v is not None}
+
+
+def _session_int(session_id: str | None) -> str:
+    """kohya writes a random integer (< 2**32), and metadata tools parse it with int(); a non-numeric
+    run id is mapped to a stable integer so every save of one run shares it."""
+    if session_id is None:
+        return str(uuid.uuid4().int % 2**32)
+    if session_id.isdigit():
+        return session_id
+    return str(int(hashlib.sha256(session_id.encode()).hexdigest(), 16) % 2**32)
 
 
 def _optimizer_args(cfg: TrainConfig) -> str:

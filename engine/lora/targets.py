@@ -27,6 +27,7 @@ _ATTN_PROJ = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _IN_TRANSFORMER = re.compile(r"(^|\.)attentions\.\d+\.")
 _RESNET_LAYERS = re.compile(r"\.resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)$|"
                             r"\.(downsamplers|upsamplers)\.0\.conv$")
+_SD2_PROJ_IO = re.compile(r"\.attentions\.\d+\.proj_(in|out)$")
 _TE_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 _TE_MLP = re.compile(r"\.mlp\.(fc1|fc2)$")
 
@@ -81,8 +82,12 @@ def build_network(model: TrainableModel, cfg: TrainConfig, *, include_text_encod
             continue
         is_spatial_conv = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
         rank, alpha = (cfg.conv_dim, cfg.conv_alpha_value) if is_spatial_conv else (cfg.lora_rank, cfg.alpha)
+        # kohya's train_network.py builds SD2 from a single-file checkpoint with 1x1-conv proj_in/out
+        # (model_util, use_linear_projection off), so kohya SD2 files store them as [r,in,1,1]/[out,r,1,1]
+        # and kohya cannot load [r,in] there; the hosts' Linear layers take either shape.
+        conv_shaped = info.family == "sd2" and isinstance(module, nn.Linear) and bool(_SD2_PROJ_IO.search(name))
         network.add(kohya_unet_key(name, info.family, info.layout), module, rank, alpha, cfg.lora_dropout,
-                    aliases=unet_aliases(name, info.layout))
+                    aliases=unet_aliases(name, info.layout), conv_shaped=conv_shaped)
     train_te = cfg.train_text_encoder if include_text_encoder is None else include_text_encoder
     if train_te:
         for prefix, name, module in model.text_encoder_layers():
