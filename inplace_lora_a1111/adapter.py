@@ -26,6 +26,7 @@ from engine.model import SD_LAYOUT, SDXL_LAYOUT, Conditioning, ModelInfo, Traina
 from . import host
 from .checkpointing import block_checkpointing
 from .fused_attention import SLOTS, FusedAttentionLoRA
+from .layout import layout_from_ldm_names
 
 CHUNK = 77  # one CLIP window; longer captions are cut here, as kohya does by default
 SIZE_SLICES = {"original_size_as_tuple": slice(0, 2), "crop_coords_top_left": slice(2, 4),
@@ -50,12 +51,12 @@ def exact_alphas_cumprod(sd_model, steps: int = 1000) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
-def text_encoders(sd_model, family: str) -> list[tuple[str, nn.Module]]:
-    """(kohya prefix, trainable tower) per text encoder, found through A1111's hijack wrappers."""
+def text_encoders(sd_model, family: str) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(kohya prefix, trainable tower, A1111's wrapper) per text encoder."""
     if family == "sdxl":
-        towers = [e for e in sd_model.conditioner.embedders if getattr(e, "input_key", None) == "txt"]
-        return [("lora_te1", _tower(towers[0])), ("lora_te2", _tower(towers[1]))]
-    return [("lora_te", _tower(sd_model.cond_stage_model))]
+        wrappers = [e for e in sd_model.conditioner.embedders if getattr(e, "input_key", None) == "txt"]
+        return [("lora_te1", _tower(wrappers[0]), wrappers[0]), ("lora_te2", _tower(wrappers[1]), wrappers[1])]
+    return [("lora_te", _tower(sd_model.cond_stage_model), sd_model.cond_stage_model)]
 
 
 def _tower(wrapper) -> nn.Module:
@@ -66,6 +67,14 @@ def _tower(wrapper) -> nn.Module:
             return tower
     raise ModelError(f"unexpected text encoder {type(inner).__name__}: the trainer knows A1111's CLIP and OpenCLIP "
                      f"wrappers (SD1.x, SD2.x, SDXL).")
+
+
+def openclip_depth(wrapper, tower: nn.Module) -> int:
+    """Blocks the encoder runs: SD2 stops before the last one (penultimate layer, and the HF conversion
+    kohya names keys from has 23 layers); SDXL's second encoder runs all 32 for its pooled output."""
+    inner = getattr(wrapper, "wrapped", wrapper)
+    n = len(tower.transformer.resblocks)
+    return n if getattr(inner, "return_pooled", False) else n - int(getattr(inner, "layer_idx", 0) or 0)
 
 
 def is_openclip(tower: nn.Module) -> bool:
@@ -120,7 +129,8 @@ class A1111Model(TrainableModel):
         self.info = ModelInfo(family=self.family, prediction_type="v_prediction" if v else "epsilon",
                               resolution=1024 if self.family == "sdxl" else (768 if v else 512),
                               name=getattr(info, "model_name", "") or "", sha256=getattr(info, "sha256", None),
-                              layout=SDXL_LAYOUT if self.family == "sdxl" else SD_LAYOUT,
+                              layout=layout_from_ldm_names((n for n, _ in self.unet.named_modules()),
+                                                           SDXL_LAYOUT if self.family == "sdxl" else SD_LAYOUT),
                               clip_skip=clip_skip or None)
         self.clip_skip = clip_skip
         self.towers = text_encoders(sd_model, self.family)
@@ -133,18 +143,18 @@ class A1111Model(TrainableModel):
                 yield ldm_to_diffusers(name, self.info.layout), module
 
     def text_encoder_layers(self) -> Iterator[tuple[str, str, nn.Module]]:
-        for prefix, tower in self.towers:
+        for prefix, tower, wrapper in self.towers:
             if is_openclip(tower):
-                yield from self._openclip_layers(prefix, tower)
+                yield from self._openclip_layers(prefix, tower, openclip_depth(wrapper, tower))
                 continue
             wrap = "" if hasattr(tower, "text_model") else "text_model."
             for name, module in tower.named_modules():
                 if isinstance(module, nn.Linear):
                     yield prefix, (name if name == "text_projection" else wrap + name), module
 
-    def _openclip_layers(self, prefix: str, tower: nn.Module):
+    def _openclip_layers(self, prefix: str, tower: nn.Module, depth: int):
         """OpenCLIP `resblocks.N.{attn,mlp.c_fc,mlp.c_proj}` under HF names `encoder.layers.N...`."""
-        for i, block in enumerate(tower.transformer.resblocks):
+        for i, block in enumerate(list(tower.transformer.resblocks)[:depth]):
             base = f"text_model.encoder.layers.{i}"
             for slot, proxy in zip(SLOTS, self.fused.proxies_for(block.attn)):
                 yield prefix, f"{base}.self_attn.{slot}", proxy
@@ -152,7 +162,7 @@ class A1111Model(TrainableModel):
             yield prefix, f"{base}.mlp.fc2", block.mlp.c_proj
 
     def trainable_roots(self) -> list[nn.Module]:
-        return [self.unet] + [tower for _, tower in self.towers]
+        return [self.unet] + [tower for _, tower, _ in self.towers]
 
     def alphas_cumprod(self) -> torch.Tensor:
         return exact_alphas_cumprod(self.sd)
@@ -248,6 +258,8 @@ class A1111Model(TrainableModel):
             if gradient_checkpointing:
                 stack.enter_context(block_checkpointing(self.unet))
             if train_text_encoder:
+                for _ in self.text_encoder_layers():  # creates the fused-attention proxies to wrap
+                    pass
                 stack.enter_context(self.fused.installed())
             yield self
 

@@ -59,12 +59,7 @@ def check_folder(request: dict) -> str:
 
 
 def _loaded_family() -> str:
-    try:
-        from modules import shared
+    from .adapter import model_family
 
-        from .adapter import model_family
-
-        model = shared.__dict__.get("sd_model")
-        return model_family(model) if model is not None else "sd1"
-    except Exception:
-        return "sd1"
+    model = host.peek_model()
+    return model_family(model) if model is not None else "sd1"

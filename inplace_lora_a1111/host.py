@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -27,13 +26,18 @@ def is_forge() -> bool:
             return True
     except (ImportError, ValueError):
         pass
-    try:
-        from modules import shared
+    return hasattr(peek_model(), "forge_objects")
 
-        model = shared.__dict__.get("sd_model")  # never trigger a load just to ask
-        return model is not None and hasattr(model, "forge_objects")
+
+def peek_model():
+    """The loaded model, or None when none is loaded yet; never triggers a load (`shared.sd_model`
+    would load one, which can take minutes)."""
+    try:
+        from modules import sd_models
+
+        return sd_models.model_data.sd_model
     except Exception:
-        return False
+        return None
 
 
 def loaded_model():
@@ -93,12 +97,6 @@ def _in_channels(sd_model) -> int | None:
         return int(sd_model.model.diffusion_model.in_channels)
     except (AttributeError, TypeError, ValueError):
         return None
-
-
-def is_medvram(sd_model) -> bool:
-    from modules import shared
-
-    return bool(getattr(sd_model, "lowvram", False))
 
 
 def lora_dir() -> Path:
@@ -198,7 +196,3 @@ def unique_name(stem: str, folders: list[Path]) -> str:
     while taken(f"{stem}_{n}"):
         n += 1
     return f"{stem}_{n}"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")

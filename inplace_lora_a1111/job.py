@@ -288,6 +288,10 @@ class JobManager:
                 raise JobBusy(f"a LoRA is already training ({self.job.plan.name}, step {self.job.step}/"
                               f"{self.job.total}); stop it or wait for it to finish.")
             plan = make_plan(request, lora_dir=host.lora_dir(), work_dir=host.work_dir())
+            loaded = host.peek_model()
+            reason = loaded is not None and host.refusal(loaded, train_text_encoder=plan.cfg.train_text_encoder)
+            if reason:
+                raise ModelError(reason)
             job = TrainJob(plan)
             self.job = job
         if background:

@@ -129,11 +129,18 @@ def on_train(folder: str, trigger: str, preset: str, *rest, manager=MANAGER, pol
 
 
 def on_watch(manager=MANAGER, poll: float = POLL_SECONDS):
-    """Stream the current job's progress (also to re-attach after a page reload)."""
+    """Stream the current job's progress (also to re-attach after a page reload); an update is sent
+    only when something changed, so the browser is not sent the same images every second."""
+    last = object()  # nothing sent yet
     while True:
-        yield outputs(manager)
         job = manager.job
-        if job is None or not job.running:
+        running = job is not None and job.running  # read first: the update below then shows the end
+        signature = None if job is None else (job.status, job.step, len(job.losses), len(job.messages),
+                                              len(job.preview_images), job.error)
+        if signature != last:
+            yield outputs(manager)
+            last = signature
+        if not running:
             return
         time.sleep(poll)
 
