@@ -73,11 +73,20 @@ def sd15_checkpoint(comfy_python):
     return path
 
 
+PROBE_PACK = os.path.join(HERE, "probe_nodes")
+
+
 @pytest.fixture(scope="session")
 def comfy_server(comfy_python, sd15_checkpoint, tmp_path_factory):
-    """One ComfyUI server for the session; `.checkpoint` names the random SD1.5 model."""
+    """One ComfyUI server for the session; `.checkpoint` names the random SD1.5 model.
+
+    Besides this repository, custom_nodes/ holds the test-only probe pack (probe_nodes/), whose
+    node fingerprints the host model for the "left unchanged" tests."""
     server_mod = _load_server_module()
-    server = server_mod.ComfyServer(comfy_python, str(tmp_path_factory.mktemp("comfy-base")))
+    base = str(tmp_path_factory.mktemp("comfy-base"))
+    server_mod.make_base_dir(base)
+    os.symlink(PROBE_PACK, os.path.join(base, "custom_nodes", "inplace_lora_test_probe"), target_is_directory=True)
+    server = server_mod.ComfyServer(comfy_python, base)
     server.start()
     server.checkpoint = server.link_checkpoint(sd15_checkpoint)
     yield server

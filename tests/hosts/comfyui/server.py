@@ -139,6 +139,14 @@ class ComfyServer:
     def _get(self, route, timeout=30):
         return self._request("GET", route, timeout=timeout)
 
+    def get_json(self, route, timeout=30):
+        """GET any JSON route (e.g. a node pack's own, such as /inplace_lora/history)."""
+        return self._get(route, timeout=timeout)
+
+    def get_bytes(self, route, timeout=30):
+        with urllib.request.urlopen(self.url + route, timeout=timeout) as r:
+            return r.read()
+
     def object_info(self, node_class=None):
         return self._get("/object_info" + (f"/{node_class}" if node_class else ""), timeout=120)
 

@@ -1,0 +1,63 @@
+"""Test-only ComfyUI node: fingerprints the host's MODEL/CLIP/VAE so tests can prove a training run
+left them exactly as they were (values bit for bit, and every flag the trainer touches).
+
+It first unloads all models: ComfyUI applies LoRA patches of a loaded clone in place on the shared
+modules (keeping backups), so a fair "host unchanged" hash needs no patched clone loaded.
+Linked into custom_nodes/ by the test harness only; it is not part of the node pack.
+"""
+import hashlib
+import json
+
+import torch
+
+
+def fingerprint(root):
+    values, flags = hashlib.sha1(), hashlib.sha1()
+    hooks = forwards = tensors = 0
+    for name, mod in root.named_modules():
+        hooks += len(mod._forward_hooks) + len(mod._forward_pre_hooks) + len(mod._backward_hooks)
+        forwards += "forward" in mod.__dict__
+        flags.update(f"{name}:{mod.training};".encode())
+        for kind, table in (("p", mod._parameters), ("b", mod._buffers)):
+            for key, t in table.items():
+                if t is None:
+                    continue
+                tensors += 1
+                flags.update(f"{name}.{key}:{kind}:{t.requires_grad}:{t.is_inference()}:{t.dtype}:{t.device};".encode())
+                values.update(f"{name}.{key}".encode())
+                data = t.detach().to("cpu").contiguous().reshape(-1)
+                values.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return {"values": values.hexdigest(), "flags": flags.hexdigest(), "hooks": hooks, "forwards": forwards,
+            "tensors": tensors}
+
+
+class HostFingerprint:
+    CATEGORY = "testing"
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",)},
+                "optional": {"after": ("*",)}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, input_types=None):
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def run(self, model, clip, vae, after=None):
+        import comfy.model_management
+
+        comfy.model_management.unload_all_models()
+        out = {"unet": fingerprint(model.model.diffusion_model), "clip": fingerprint(clip.cond_stage_model),
+               "vae": fingerprint(vae.first_stage_model), "model_patches": len(model.patches)}
+        text = json.dumps(out, sort_keys=True)
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {"InplaceLoRATest_HostFingerprint": HostFingerprint}

@@ -1,0 +1,232 @@
+"""The product's main path on a real ComfyUI 0.3.75 (CPU, random full-size SD1.5 weights, 64 px, fp32):
+train from the example workflow, save into models/loras, load the file with ComfyUI's LoraLoader,
+compare strengths, Cancel mid-run, resume, fail inside a run.
+
+The host model is fingerprinted (probe_nodes/) before and after runs: every weight bit for bit, and
+per tensor requires_grad / inference-tensor / dtype / device, module train flags, hooks and instance
+`forward`s. Runs of the trainer alone (cancelled, resumed to the end, failed) must leave all of it
+unchanged. A graph that also samples with the LoRA through ComfyUI is compared on weights, hooks and
+forwards only: ComfyUI's own LoRA patching (ModelPatcher.patch_weight_to_device / unpatch_model via
+comfy.utils.set_attr_param) re-wraps every patched weight as requires_grad=False, with no trainer
+involved (checked in test_comfy_lora_patching_itself_changes_requires_grad).
+"""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from comfy_workflows import (CAPTION, STYLE, cpu_sized, fingerprint_graph, load_api, make_images, one,
+                             saved_image, txt2img, ui_text)
+
+
+def run(server, graph, timeout=900):
+    return server.wait(server.post_prompt(graph), timeout=timeout)
+
+
+def succeeded(server, entry):
+    events = server.status_events(entry)
+    assert entry["status"]["status_str"] == "success", json.dumps(events.get("execution_error", events))[:3000]
+    return entry
+
+
+@pytest.fixture(scope="module")
+def fingerprint(comfy_server):
+    def take():
+        entry = succeeded(comfy_server, run(comfy_server, fingerprint_graph(comfy_server.checkpoint)))
+        return json.loads(ui_text(entry, "201"))
+    return take
+
+
+@pytest.fixture(scope="module")
+def host_before(fingerprint):
+    """The host model as CheckpointLoaderSimple gave it, before any training in this session."""
+    return fingerprint()
+
+
+@pytest.fixture(scope="module")
+def style_run(comfy_server, host_before):
+    """The 'train a style LoRA and compare strengths' example at CPU size, text encoder trained too,
+    plus a plain KSampler image with Preview LoRA Strengths' settings."""
+    server = comfy_server
+    make_images(server.path("input", "style_ds"))
+    g = cpu_sized(load_api(STYLE), server.checkpoint, "style_ds", name="style_test", train_text_encoder=True)
+    g[one(g, "InplaceLoRA_SaveLoRA")]["inputs"]["name"] = "tests/style_test"
+    preview = one(g, "InplaceLoRA_PreviewStrengths")
+    g[preview]["inputs"].update(prompt="stripes", negative="", strengths="0, 1", seed=5)
+    g["90"] = {"class_type": "SaveImage", "inputs": {"images": [preview, 1], "filename_prefix": "strength_cells"}}
+    g.update(txt2img(server.checkpoint, "base_image", loader=one(g, "CheckpointLoaderSimple")))
+    t0 = time.monotonic()
+    entry = succeeded(server, run(server, g))
+    return {"graph": g, "entry": entry, "seconds": time.monotonic() - t0,
+            "trainer": one(g, "InplaceLoRA_Trainer"), "save": one(g, "InplaceLoRA_SaveLoRA")}
+
+
+def test_training_writes_a_kohya_lora_into_models_loras(comfy_server, style_run):
+    path = comfy_server.path("models", "loras", "tests", "style_test.safetensors")
+    assert os.path.isfile(path), os.listdir(comfy_server.path("models", "loras"))
+    assert os.path.isfile(path[: -len(".safetensors")] + ".preview.png"), "no preview PNG beside the LoRA"
+    assert os.stat(path).st_mode & 0o044, "the LoRA file is not readable by other users"
+    with safe_open(path, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in keys)
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_output_name"] == "style_test"
+    assert meta["ss_steps"] == "2" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    text = ui_text(style_run["entry"], style_run["save"])
+    assert "<lora:style_test:0.8>" in text and "tests/style_test.safetensors" in text
+    checkpoints = comfy_server.path("output", "lora_trainer", "style_test")
+    assert os.path.isfile(os.path.join(checkpoints, "style_test.safetensors"))
+
+
+def test_loss_and_preview_reach_the_node_and_survive_a_reload(comfy_server, style_run):
+    run_info = comfy_server.get_json(f"/inplace_lora/history?node={style_run['trainer']}")
+    assert run_info["status"] == "done" and run_info["prompt_id"] == style_run["entry"]["prompt"][1]
+    assert [p[0] for p in run_info["points"]] == [1, 2]
+    assert all(np.isfinite(p[1]) and p[2] > 0 for p in run_info["points"])
+    preview = run_info["preview"]
+    png = comfy_server.get_bytes(f"/view?filename={preview['filename']}&subfolder={preview['subfolder']}&type=temp")
+    assert png[:4] == b"\x89PNG"
+    loss_node = [k for k, v in style_run["graph"].items() if v["class_type"] == "PreviewImage"][0]
+    assert style_run["entry"]["outputs"][loss_node]["images"], "the loss plot was not shown"
+    summary = ui_text(style_run["entry"], style_run["trainer"])
+    assert "s/step" in summary and "text encoder" in summary
+
+
+def test_strength_zero_column_is_the_base_model_and_strength_one_differs(comfy_server, style_run):
+    entry = style_run["entry"]
+    base = saved_image(comfy_server, entry, "106")
+    cells = entry["outputs"]["90"]["images"]
+    assert len(cells) == 2
+    from PIL import Image
+
+    zero, full = (np.asarray(Image.open(comfy_server.path("output", c["subfolder"], c["filename"]))) for c in cells)
+    assert np.array_equal(zero, base), "strength 0 must give exactly the base model's image"
+    assert not np.array_equal(full, base), "strength 1 of the trained LoRA changed nothing"
+
+
+def weights_only(fp):
+    return {part: {k: v for k, v in fp[part].items() if k != "flags"} for part in ("unet", "clip", "vae")}
+
+
+def test_host_weights_unchanged_after_training_and_lora_sampling(style_run, fingerprint, host_before):
+    assert weights_only(fingerprint()) == weights_only(host_before)
+
+
+def test_comfy_lora_patching_itself_changes_requires_grad(comfy_server, sd15_checkpoint, style_run):
+    """The control for the weights-only comparison above: a fresh copy of the checkpoint (another
+    file name, so ComfyUI loads it again), LoraLoader + KSampler on it, no trainer anywhere."""
+    server = comfy_server
+    ckpt = server.link_checkpoint(sd15_checkpoint, "sd15_control_copy.safetensors")
+    probe = fingerprint_graph(ckpt)
+    before = json.loads(ui_text(succeeded(server, run(server, probe)), "201"))
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+         "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 1.0,
+                                                      "strength_clip": 1.0, "lora_name": "tests/style_test.safetensors"}}}
+    g.update(txt2img(ckpt, "control", model=["2", 0], clip=["2", 1], loader="1", seed=9))
+    succeeded(server, run(server, g))
+    after = json.loads(ui_text(succeeded(server, run(server, probe)), "201"))
+    assert weights_only(after) == weights_only(before)
+    assert after["unet"]["flags"] != before["unet"]["flags"], "ComfyUI left requires_grad alone: make the test strict"
+
+
+def test_comfy_loraloader_loads_the_file_cleanly_and_changes_the_image(comfy_server, style_run):
+    server = comfy_server
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": server.checkpoint}},
+         "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                      "lora_name": "tests/style_test.safetensors",
+                                                      "strength_model": 1.0, "strength_clip": 1.0}}}
+    g.update(txt2img(server.checkpoint, "loraloader", model=["2", 0], clip=["2", 1], loader="1"))
+    log_start = len(server.log_text())
+    entry = succeeded(server, run(server, g))
+    log = server.log_text()[log_start:]
+    assert "lora key not loaded" not in log, log[-3000:]
+    assert not np.array_equal(saved_image(server, entry, "106"), saved_image(server, style_run["entry"], "106"))
+
+
+@pytest.fixture(scope="module")
+def cancelled(comfy_server, style_run, fingerprint):
+    """A 40-step run cancelled with /interrupt once it has trained a step."""
+    server = comfy_server
+    g = cpu_sized(load_api(STYLE), server.checkpoint, "style_ds", name="cancel_test", steps=40,
+                  target_layers="attention", preview_prompt="")
+    g = {k: v for k, v in g.items() if v["class_type"] in ("CheckpointLoaderSimple", "InplaceLoRA_LoadDataset",
+                                                          "InplaceLoRA_Trainer", "PreviewImage")}
+    trainer = one(g, "InplaceLoRA_Trainer")
+    before = fingerprint()
+    pid = server.post_prompt(g)
+    deadline, step = time.monotonic() + 600, 0
+    while time.monotonic() < deadline:
+        info = server.get_json(f"/inplace_lora/history?node={trainer}")
+        if info.get("prompt_id") == pid and info.get("step", 0) >= 1:
+            step = info["step"]
+            break
+        assert pid in server.running_prompt_ids() or not server.history(pid), "run ended before a step"
+        time.sleep(0.2)
+    assert step >= 1, "training never reached step 1"
+    server.interrupt()
+    entry = server.wait(pid, timeout=300)
+    return {"graph": g, "entry": entry, "step_at_cancel": step, "trainer": trainer, "before": before}
+
+
+def _checkpoints(server, name):
+    root = server.path("output", "lora_trainer", name, "checkpoints")
+    return sorted(int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-") and "." not in d)
+
+
+def test_cancel_stops_within_two_steps_and_keeps_a_checkpoint(comfy_server, cancelled):
+    assert "execution_interrupted" in comfy_server.status_events(cancelled["entry"])
+    steps = _checkpoints(comfy_server, "cancel_test")
+    assert steps, "no checkpoint after Cancel"
+    assert cancelled["step_at_cancel"] <= steps[-1] <= cancelled["step_at_cancel"] + 2
+    info = comfy_server.get_json(f"/inplace_lora/history?node={cancelled['trainer']}")
+    assert info["status"] == "stopped"
+
+
+def test_host_model_unchanged_after_cancel(cancelled, fingerprint):
+    assert fingerprint() == cancelled["before"]
+
+
+def test_resume_continues_from_the_checkpoint_and_a_finished_run_leaves_the_host_unchanged(
+        comfy_server, cancelled, fingerprint):
+    done = _checkpoints(comfy_server, "cancel_test")[-1]
+    g = json.loads(json.dumps(cancelled["graph"]))
+    g[cancelled["trainer"]]["inputs"].update(resume=True, steps=done + 1)
+    before = fingerprint()
+    entry = succeeded(comfy_server, run(comfy_server, g))
+    assert fingerprint() == before
+    text = ui_text(entry, cancelled["trainer"])
+    assert "resumed from" in text and f"{done + 1} steps" in text, text
+    info = comfy_server.get_json(f"/inplace_lora/history?node={cancelled['trainer']}")
+    assert [p[0] for p in info["points"]] == [done + 1]
+
+
+def test_a_run_that_fails_inside_training_leaves_the_host_unchanged(comfy_server, cancelled, fingerprint):
+    g = json.loads(json.dumps(cancelled["graph"]))
+    g[cancelled["trainer"]]["inputs"].update(resume=True, rank=8, steps=100)
+    before = fingerprint()
+    entry = run(comfy_server, g)
+    error = comfy_server.status_events(entry).get("execution_error", {})
+    assert "cannot resume" in error.get("exception_message", "") and "lora_rank" in error["exception_message"]
+    assert fingerprint() == before
+
+
+def test_next_prompt_samples_exactly_as_before_training(comfy_server, style_run, cancelled):
+    entry = succeeded(comfy_server, run(comfy_server, txt2img(comfy_server.checkpoint, "after_all")))
+    assert np.array_equal(saved_image(comfy_server, entry, "106"), saved_image(comfy_server, style_run["entry"], "106"))
+
+
+def test_caption_then_train_example_uses_the_new_lora_in_the_same_graph(comfy_server, style_run):
+    server = comfy_server
+    folder = make_images(server.path("input", "10_char_ds"), captions=False, seed=3)
+    g = cpu_sized(load_api(CAPTION), server.checkpoint, "10_char_ds", name="caption_test", steps=1,
+                  preview_prompt="")
+    entry = succeeded(server, run(server, g))
+    captions = ui_text(entry, one(g, "InplaceLoRA_AutoCaption"))
+    assert "img0.png: a photo of mychar, char ds" in captions, captions
+    assert not [f for f in os.listdir(folder) if f.endswith(".txt")], "write_txt_files=False wrote sidecars"
+    sampler = one(g, "SaveImage")
+    assert saved_image(server, entry, sampler).shape == (64, 64, 3)
+    assert os.path.isfile(server.path("models", "loras", "my_character.safetensors"))
