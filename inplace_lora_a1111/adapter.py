@@ -22,6 +22,7 @@ from torch import nn
 from engine.errors import ModelError
 from engine.lora.names import ldm_to_diffusers
 from engine.model import SD_LAYOUT, SDXL_LAYOUT, Conditioning, ModelInfo, TrainableModel, preserve_module_state
+from engine.models.module_state import temporarily_float32
 
 from . import host
 from .checkpointing import block_checkpointing
@@ -170,15 +171,20 @@ class A1111Model(TrainableModel):
     # --- compute -------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE's posterior mean x scale factor (SD1/2: 0.18215, SDXL: 0.13025), float32."""
-        from modules import devices
-
+        """The VAE's posterior mean x scale factor (SD1/2: 0.18215, SDXL: 0.13025), float32. An fp16 VAE
+        that overflows (SDXL's does) encodes the batch again in fp32, cast back exactly afterwards."""
         vae = self.sd.first_stage_model
         with self._vae_on_device(vae):
-            x = pixels.to(devices.device, getattr(devices, "dtype_vae", pixels.dtype))
-            moments = vae.quant_conv(vae.encoder(x))
-            mean = moments.chunk(2, dim=1)[0]
-        return (mean.float() * float(self.sd.scale_factor)).to(self.device)
+            latents = self._encode(vae, pixels)
+            if not torch.isfinite(latents).all() and next(vae.parameters()).dtype == torch.float16:
+                with temporarily_float32(vae, True):
+                    latents = self._encode(vae, pixels)
+        return latents.to(self.device)
+
+    def _encode(self, vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        param = next(vae.parameters())
+        moments = vae.quant_conv(vae.encoder(pixels.to(param.device, param.dtype)))
+        return moments.chunk(2, dim=1)[0].float() * float(self.sd.scale_factor)
 
     @contextlib.contextmanager
     def _vae_on_device(self, vae: nn.Module):

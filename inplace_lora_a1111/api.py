@@ -10,8 +10,8 @@
     POST /inplace-lora/v1/check    {"train_data_dir", ...} -> {"report"}
 
 The handlers are plain functions returning (status code, JSON body) so they are tested without a
-server; `register` wraps them for FastAPI. Like the WebUI's own extension routes, these are not behind
---api-auth; do not expose an unauthenticated WebUI to the network.
+server; `register` wraps them for FastAPI. With --api-auth the routes ask for the same HTTP Basic
+credentials as /sdapi/v1 (they take folder paths and write files).
 """
 
 from __future__ import annotations
@@ -79,6 +79,33 @@ ROUTES = [("POST", "/train", handle_train), ("POST", "/stop", handle_stop), ("GE
           ("POST", "/check", handle_check)]
 
 
+def _auth_dependencies() -> list:
+    """HTTP Basic against --api-auth "user:pass,user2:pass2", as the WebUI's own API checks it."""
+    try:
+        from modules import shared
+
+        spec = getattr(shared.cmd_opts, "api_auth", None)
+    except ImportError:
+        spec = None
+    if not spec:
+        return []
+    from secrets import compare_digest
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic
+
+    users = dict(item.split(":", 1) for item in spec.split(",") if ":" in item)
+
+    def check(credentials=Depends(HTTPBasic())):  # no annotation: this module's annotations are strings
+        password = users.get(credentials.username)
+        if password is None or not compare_digest(credentials.password, password):
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+        return True
+
+    return [Depends(check)]
+
+
 def register(app) -> list[str]:
     """Add the routes to a FastAPI app; returns their paths."""
     from fastapi import Body
@@ -98,8 +125,10 @@ def register(app) -> list[str]:
 
         return post
 
+    dependencies = _auth_dependencies()
     paths = []
     for method, path, handler in ROUTES:
-        app.add_api_route(PREFIX + path, endpoint(handler, method), methods=[method])
+        kwargs = {"dependencies": dependencies} if dependencies else {}
+        app.add_api_route(PREFIX + path, endpoint(handler, method), methods=[method], **kwargs)
         paths.append(PREFIX + path)
     return paths

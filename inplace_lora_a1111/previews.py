@@ -67,10 +67,11 @@ def txt2img(prompt: str, *, negative: str = "", seed: int = 1234, steps: int = 2
     from modules import processing, shared
 
     host.clear_condition_cache()  # hooks or a new file change what the same prompt encodes to
-    p = processing.StableDiffusionProcessingTxt2Img(
-        sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps),
-        cfg_scale=float(cfg), width=int(width), height=int(height), sampler_name=sampler, batch_size=1, n_iter=1,
-        do_not_save_samples=True, do_not_save_grid=True, do_not_reload_embeddings=True)
+    cls = processing.StableDiffusionProcessingTxt2Img
+    extra = {"scheduler": "Automatic"} if "scheduler" in getattr(cls, "__dataclass_fields__", {}) else {}
+    p = cls(sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps),
+            cfg_scale=float(cfg), width=int(width), height=int(height), sampler_name=sampler, batch_size=1,
+            n_iter=1, do_not_save_samples=True, do_not_save_grid=True, do_not_reload_embeddings=True, **extra)
     with closing(p):
         result = processing.process_images(p)
     images = list(result.images or [])

@@ -28,9 +28,12 @@ import urllib.request
 from pathlib import Path
 
 
+AUTH: dict[str, str] = {}
+
+
 def call(url: str, path: str, body: dict | None = None, timeout: float = 900) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data, {"Content-Type": "application/json"},
+    req = urllib.request.Request(url + path, data, {"Content-Type": "application/json", **AUTH},
                                  method="GET" if body is None else "POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as res:
@@ -39,8 +42,8 @@ def call(url: str, path: str, body: dict | None = None, timeout: float = 900) ->
         raise SystemExit(f"{path}: HTTP {exc.code}: {exc.read().decode(errors='replace')}") from None
 
 
-def txt2img(url: str, prompt: str) -> tuple[str, str]:
-    """(sha256 of the pixels, infotext) for a fixed small generation."""
+def txt2img(url: str, prompt: str):
+    """(sha256 of the pixels, infotext, pixels) for a fixed small generation."""
     import numpy as np
     from PIL import Image
 
@@ -48,7 +51,7 @@ def txt2img(url: str, prompt: str) -> tuple[str, str]:
                                          "cfg_scale": 7, "sampler_name": "Euler", "send_images": True,
                                          "save_images": False})
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(res["images"][0]))).convert("RGB"))
-    return hashlib.sha256(pixels.tobytes()).hexdigest()[:16], json.loads(res["info"])["infotexts"][0]
+    return hashlib.sha256(pixels.tobytes()).hexdigest()[:16], json.loads(res["info"])["infotexts"][0], pixels
 
 
 def tensor_bytes_sha256(path: Path) -> str:
@@ -83,13 +86,23 @@ def main() -> int:
     ap.add_argument("--name", default="livecheck")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--stop-test", action="store_true")
+    ap.add_argument("--stop-test", action="store_true", help="also interrupt a run and check what is kept")
+    ap.add_argument("--auth", default="", help="user:password when the WebUI runs with --api-auth")
     args = ap.parse_args()
+    if args.auth:
+        AUTH["Authorization"] = "Basic " + base64.b64encode(args.auth.encode()).decode()
     prompt = "a photo of a cat"
     report: dict = {"checks": {}}
     checks = report["checks"]
 
-    before, _ = txt2img(args.url, prompt)
+    if args.auth:  # the trainer's routes ask for the same credentials as /sdapi/v1
+        anonymous = urllib.request.Request(args.url + "/inplace-lora/v1/status")
+        try:
+            urllib.request.urlopen(anonymous, timeout=60)
+            checks["routes_need_auth"] = False
+        except urllib.error.HTTPError as exc:
+            checks["routes_need_auth"] = exc.code == 401
+    before = txt2img(args.url, prompt)[0]
     started = time.time()
     job = call(args.url, "/inplace-lora/v1/train", train_request(args.dataset, args.name, args.steps))
     status = wait(args.url, args.timeout)
@@ -116,9 +129,10 @@ def main() -> int:
     listed = call(args.url, "/sdapi/v1/loras")
     checks["listed_in_loras"] = any(item.get("name") == name for item in listed)
 
-    with_lora, info = txt2img(args.url, f"{prompt} <lora:{name}:0.8>")
-    at_zero, _ = txt2img(args.url, f"{prompt} <lora:{name}:0>")
-    after, _ = txt2img(args.url, prompt)
+    with_lora, info, lora_pixels = txt2img(args.url, f"{prompt} <lora:{name}:0.8>")
+    at_zero, _, zero_pixels = txt2img(args.url, f"{prompt} <lora:{name}:0>")
+    after = txt2img(args.url, prompt)[0]
+    report["mean_abs_pixel_diff_0.8_vs_0"] = round(float(abs(lora_pixels.astype(float) - zero_pixels).mean()), 3)
     found = re.search(r'Lora hashes: "([^"]*)"', info)
     report["infotext_lora_hashes"] = found.group(1) if found else None
     report["pixels"] = {"no_lora_before": before, "no_lora_after": after, "lora_0.8": with_lora, "lora_0": at_zero}

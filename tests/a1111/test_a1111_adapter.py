@@ -139,3 +139,15 @@ def test_refusals_are_explained(webui):
     with model.session(False, False):  # UNet-only training is allowed with --medvram
         pass
     assert fingerprint(sd)["forwards"] == 0
+
+
+def test_an_overflowing_fp16_vae_is_encoded_again_in_fp32(webui):
+    sd = FakeSD1(webui.shared.opts)
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    reference = A1111Model(sd).encode_images(pixels)
+    vae = sd.first_stage_model.half()
+    vae.quant_conv.register_forward_hook(lambda m, a, out: out * float("inf") if out.dtype == torch.float16 else out)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    latents = A1111Model(sd).encode_images(pixels)
+    assert torch.isfinite(latents).all() and torch.allclose(latents, reference, atol=1e-2)
+    assert all(v.dtype == torch.float16 and torch.equal(v, before[k]) for k, v in vae.state_dict().items())

@@ -83,6 +83,11 @@ def test_stop_keeps_the_last_step(webui, sd1, dataset, monkeypatch):
     assert status["status"] == "stopped" and status["step"] == 2
     assert status["lora_file"].endswith("tiny-step00000002.safetensors")
     assert webui.shared.state.interrupted is False  # reset for the next generation
+    monkeypatch.setattr(TrainJob, "on_event", original)
+    resumed = run(JobManager(), quick_request(dataset, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert resumed["status"] == "done" and resumed["step"] == 4
+    assert any("resumed from" in m and "step 2" in m for m in resumed["messages"])
+    assert resumed["lora_name"] == "tiny"  # same work folder; "tiny" is still free in the Lora folder
 
 
 def test_busy_and_stop_while_waiting_for_the_queue(webui, sd1, dataset):
