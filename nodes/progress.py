@@ -2,8 +2,9 @@
 
 Every step: ComfyUI's progress bar (whose hook also raises when Cancel was pressed), an interrupt
 check of our own (the hook is absent outside the server), and an `inplace_lora.progress` message with
-the loss and learning rate for the chart in web/. Previews go on the node as the progress bar's
-preview image and into ComfyUI's temp folder. The run's history is also kept here, per node, so a
+the loss and learning rate for the chart in web/. Previews are saved in ComfyUI's temp folder and
+shown by the same chart widget (not as the progress bar's preview, which would draw a second,
+upscaled copy over the node and vanish on reload). The run's history is also kept here, per node, so a
 reloaded page can redraw the chart (GET /inplace_lora/history).
 """
 
@@ -141,8 +142,6 @@ class NodeProgress:
         self.last_preview = image
         saved = _save_temp(image, f"{self.node}_step{event.step:06d}")
         self._update(preview=saved)
-        if self.bar is not None:
-            self.bar.update_absolute(event.step, self.total, ("JPEG", image, 512))
         _send({**self._public(), "points": []})
 
     def _on_checkpoint(self, event: TrainEvent) -> None:

@@ -112,7 +112,8 @@ class LoRATrainer(io.ComfyNode):
                 io.Combo.Input("target_layers", options=list(TARGET_PRESETS), default="kohya",
                                tooltip="kohya: attention + feed-forward; attention: q/k/v/out only; "
                                "locon: also the ResNet convs."),
-                io.Int.Input("seed", default=42, min=0, max=2**31 - 1),
+                io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Same seed, same run: a fixed seed keeps ComfyUI from retraining on every Queue."),
                 io.String.Input("preview_prompt", default="", multiline=True, tooltip="One prompt per line "
                                 "([trigger] = the trigger word); empty = no previews."),
                 io.Int.Input("preview_every_n_steps", default=0, min=0, max=100_000,

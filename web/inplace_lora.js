@@ -31,11 +31,12 @@ class LossChart {
     this.canvas = document.createElement("canvas");
     this.canvas.style.cssText = "width:100%;height:150px;background:#1b1b1b;border-radius:4px";
     this.image = document.createElement("img");
-    this.image.style.cssText = "max-width:100%;max-height:180px;object-fit:contain;display:none;align-self:center";
+    this.image.style.cssText = "width:100%;height:180px;object-fit:contain;display:none;align-self:center;" +
+      "image-rendering:pixelated";
     this.root.append(this.status, this.canvas, this.image);
     this.widget = node.addDOMWidget("inplace_lora_chart", "inplace-lora-chart", this.root, {
       serialize: false,
-      getMinHeight: () => 200,
+      getMinHeight: () => 380,
     });
   }
 

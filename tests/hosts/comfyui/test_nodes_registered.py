@@ -45,3 +45,50 @@ def test_web_extension_and_history_route_are_served(comfy_server):
     assert "inplace_lora.progress" in js and "/inplace_lora/history" in js
     assert isinstance(comfy_server.get_json("/inplace_lora/history"), dict)
     assert isinstance(comfy_server.get_json("/api/inplace_lora/history"), dict)
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def ui_to_api(ui, info):
+    """What the frontend queues for a UI-format workflow: widget values in input order (a seed's
+    'control after generate' value skipped), links as [source id, slot]."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        spec = info[node["type"]]["input"]
+        ordered = list(spec.get("required", {}).items()) + list(spec.get("optional", {}).items())
+        values = list(node.get("widgets_values") or [])
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        inputs = {}
+        for name, (kind, *rest) in ordered:
+            options = rest[0] if rest else {}
+            if name in linked:
+                inputs[name] = [str(linked[name][1]), linked[name][2]]
+            elif isinstance(kind, list) or kind in WIDGET_TYPES:
+                if not values:
+                    continue  # an optional widget the workflow leaves at its default
+                inputs[name] = values.pop(0)
+                if options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed")
+                                                             and options.get("control_after_generate") is not False):
+                    values.pop(0)
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def test_ui_workflows_are_the_same_graphs_as_their_api_copies(comfy_server):
+    import json
+    import os
+
+    from comfy_workflows import EXAMPLES
+
+    info = comfy_server.object_info()
+    names = sorted(f[: -len(".api.json")] for f in os.listdir(EXAMPLES) if f.endswith(".api.json"))
+    assert names == ["caption_folder_then_train", "train_style_lora_compare_strengths"]
+    for name in names:
+        with open(os.path.join(EXAMPLES, f"{name}.json"), encoding="utf-8") as f:
+            ui = json.load(f)
+        with open(os.path.join(EXAMPLES, f"{name}.api.json"), encoding="utf-8") as f:
+            api = json.load(f)
+        converted = ui_to_api(ui, info)
+        assert converted == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}, name

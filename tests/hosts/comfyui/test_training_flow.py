@@ -92,6 +92,7 @@ def test_loss_and_preview_reach_the_node_and_survive_a_reload(comfy_server, styl
     loss_node = [k for k, v in style_run["graph"].items() if v["class_type"] == "PreviewImage"][0]
     assert style_run["entry"]["outputs"][loss_node]["images"], "the loss plot was not shown"
     summary = ui_text(style_run["entry"], style_run["trainer"])
+    print(f"LoRA Trainer said:\n{summary}\nwhole prompt: {style_run['seconds']:.1f} s")  # pytest -rP shows it
     assert "s/step" in summary and "text encoder" in summary
 
 

@@ -28,6 +28,15 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio"]
 
 
+# Announcement toasts/banners of the frontend are not part of the graph; close what can be closed.
+HIDE_BANNERS = """(() => {
+  for (const el of document.querySelectorAll('div, section, aside')) {
+    if (el.children.length < 8 && /Introducing|What's new/i.test(el.textContent || '') &&
+        el.getBoundingClientRect().height < 80) { el.style.display = 'none'; }
+  }
+})()"""
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,15 +129,19 @@ async def export(url, api_path, ui_path):
     print(f"wrote {ui_path}: {len(data['nodes'])} nodes, {len(data['links'])} links")
 
 
-async def screenshot(url, ui_path, out_png, queue=False, points=0, timeout=1800, max_kb=500):
+async def screenshot(url, ui_path, out_png, queue=False, points=0, timeout=1800, max_kb=500, scale=1.0,
+                     size=(1600, 900)):
     from PIL import Image
 
     with open(ui_path, encoding="utf-8") as f:
         ui = json.load(f)
-    async with Browser() as b:
+    async with Browser(*size) as b:
         await b.open_comfy(url)
         await b.js(f"window.app.loadGraphData({json.dumps(ui)})")
         await asyncio.sleep(1.0)
+        await b.js(f"(() => {{ const ds = window.app.canvas.ds; ds.scale = {scale}; ds.offset = [30, 90];"
+                   f" window.app.canvas.setDirty(true, true); }})()")
+        await b.js(HIDE_BANNERS)
         if queue:
             await b.js("window.app.queuePrompt(0, 1)")
             deadline = time.monotonic() + timeout
@@ -139,6 +152,7 @@ async def screenshot(url, ui_path, out_png, queue=False, points=0, timeout=1800,
                     break
                 await asyncio.sleep(2)
             await asyncio.sleep(3)
+        await b.js(HIDE_BANNERS)
         shot = await b.send("Page.captureScreenshot", format="png")
     import base64
 
@@ -166,11 +180,14 @@ def main():
     s.add_argument("out")
     s.add_argument("--queue", action="store_true")
     s.add_argument("--points", type=int, default=4)
+    s.add_argument("--scale", type=float, default=1.0, help="canvas zoom")
+    s.add_argument("--size", default="1600x900", help="viewport WxH")
     args = ap.parse_args()
     if args.cmd == "export":
         asyncio.run(export(args.url, args.api, args.ui))
     else:
-        asyncio.run(screenshot(args.url, args.ui, args.out, args.queue, args.points))
+        size = tuple(int(v) for v in args.size.lower().split("x"))
+        asyncio.run(screenshot(args.url, args.ui, args.out, args.queue, args.points, scale=args.scale, size=size))
 
 
 if __name__ == "__main__":
