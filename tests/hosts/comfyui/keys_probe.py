@@ -1,6 +1,6 @@
 """Run with the ComfyUI venv's python: the kohya keys our ComfyUI adapter names for full-size SD1.5 and
-SDXL (ComfyUI's own UNet and CLIP classes, built on the meta device), and our LDM->diffusers map
-checked against comfy.utils.unet_to_diffusers. Prints JSON; the test compares the keys with the
+SDXL (ComfyUI's own UNet and CLIP classes, built on the meta device), our LDM->diffusers map
+checked against comfy.utils.unet_to_diffusers, and ComfyModel's detection/refusals on those classes. Prints JSON; the test compares the keys with the
 standalone path's (computed in the test's own venv: diffusers does not import next to the
 torchvision stand-in of the CPU ComfyUI venv).
 
@@ -103,6 +103,65 @@ def name_maps(pack):
     return out
 
 
+FLUX_SMALL = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+              "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1,
+              "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "patch_size": 2}
+
+
+def adapter_checks():
+    """ComfyModel on ComfyUI's own model classes (meta device): family / prediction detection, the
+    SDXL `y` vector against ComfyUI's encode_adm, and the refusals users see for other models."""
+    import types
+
+    import torch
+
+    import comfy.model_base
+    import comfy.model_detection
+    import comfy.model_patcher
+    import comfy.model_sampling
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    from inplace_pack.engine.errors import ModelError
+    from inplace_pack.nodes.comfy_adapter import ComfyModel
+
+    cpu = torch.device("cpu")
+
+    def wrap(base, clip_model):
+        mp = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+        return mp, types.SimpleNamespace(cond_stage_model=clip_model, layer_idx=None)
+
+    def attempt(mp, clip):
+        try:
+            m = ComfyModel(mp, clip, object())
+            return {"family": m.info.family, "prediction": m.info.prediction_type, "resolution": m.info.resolution}
+        except ModelError as exc:
+            return {"refused": str(exc)}
+
+    out = {}
+    sd1_clip = comfy.sd1_clip.SD1ClipModel(device="meta", dtype=torch.float16)
+    sdxl = comfy.model_detection.model_config_from_unet_config(dict(SDXL)).get_model({}, device="meta")
+    mp, clip = wrap(sdxl, comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16))
+    out["sdxl"] = attempt(mp, clip)
+    pooled = torch.randn(2, 1280)
+    ids = torch.tensor([[1024.0, 768, 0, 16, 1024, 768], [512, 512, 8, 0, 640, 704]])
+    ours = ComfyModel(mp, clip, object())._sdxl_y({"pooled": pooled, "time_ids": ids}, 2, 0, 0)
+    ref = torch.cat([sdxl.encode_adm(pooled_output=pooled[i:i + 1], height=r[0], width=r[1], crop_h=r[2], crop_w=r[3],
+                                     target_height=r[4], target_width=r[5]) for i, r in enumerate(ids.tolist())])
+    out["sdxl_y_equal"] = bool(torch.equal(ours, ref))
+    sd21 = comfy.model_detection.model_config_from_unet_config(dict(SD21))
+    v_model = comfy.model_base.BaseModel(sd21, model_type=comfy.model_base.ModelType.V_PREDICTION, device="meta")
+    out["sd2_v"] = attempt(*wrap(v_model, sd1_clip))
+    sd15 = comfy.model_detection.model_config_from_unet_config(dict(SD15)).get_model({}, device="meta")
+    mp, clip = wrap(sd15, sd1_clip)
+    out["sd1"] = attempt(mp, clip)
+    lcm = mp.clone()
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    out["sd1_lcm"] = attempt(ModelSamplingDiscrete().patch(lcm, "lcm", False)[0], clip)
+    flux = comfy.model_detection.model_config_from_unet_config(dict(FLUX_SMALL)).get_model({}, device="meta")
+    out["flux"] = attempt(*wrap(flux, sd1_clip))
+    return out
+
+
 def main():
     sys.path.insert(0, comfy_root())
     from comfy.cli_args import args
@@ -113,6 +172,7 @@ def main():
     for family, cfg in (("sd1", SD15), ("sdxl", SDXL)):
         keys, config_name = comfy_keys(family, cfg, pack)
         result[family] = {"keys": keys, "config": config_name}
+    result["adapter"] = adapter_checks()
     print(json.dumps(result))
 
 
