@@ -418,6 +418,9 @@ class Trainer:
             return TrainResult(lora_path=None, tensors=tensors, metadata={}, steps=self.position.step,
                                losses=self.losses, output_dir=self.out, warnings=self.warnings)
         path, tensors, metadata = self._write_lora(self.out / f"{self.cfg.output_name}.safetensors")
+        from .plot import loss_plot
+
+        loss_plot(self.losses, title=f"{self.cfg.output_name}: loss per step").save(self.out / "loss.png")
         if self.cfg.sample_prompts and not self._preview_due(self.position.step, True, 0):
             self._preview(self.position.step)
         self.events.emit("done", step=self.position.step, total_steps=self.total_steps, path=str(path))

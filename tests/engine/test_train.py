@@ -124,6 +124,7 @@ def test_file_has_kohya_metadata_and_keys(data, tmp_path):
     assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in keys)
     assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)
     assert (tmp_path / "test_lora" / "test_lora.config.yaml").is_file()
+    assert (tmp_path / "test_lora" / "loss.png").is_file()
 
 
 def test_continue_from_an_existing_lora(data, tmp_path):
