@@ -28,6 +28,7 @@ def _load_server_module():
     # Loaded by path under a unique name so it never clashes with another tests/hosts/*/server.py.
     spec = importlib.util.spec_from_file_location("comfyui_host_server", os.path.join(HERE, "server.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # so tests can reach its constants through type(comfy_server)
     spec.loader.exec_module(mod)
     return mod
 
