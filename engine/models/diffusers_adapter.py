@@ -212,8 +212,7 @@ class DiffusersModel(TrainableModel):
     def _pipeline(self):
         """A diffusers pipeline over our UNet/VAE. Prompts go in as embeddings from `encode_text`, so
         the text encoders (and any LoRA hooks on them) are used exactly as in training."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+        StableDiffusionPipeline, StableDiffusionXLPipeline = _pipeline_classes()
         if self.info.family == "sdxl":
             pipe = StableDiffusionXLPipeline(vae=self.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                              tokenizer_2=None, unet=self.unet, scheduler=self._sampling_scheduler(),
@@ -265,6 +264,20 @@ class DiffusersModel(TrainableModel):
             pixels = vae.decode(z, return_dict=False)[0]
         arr = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
+
+
+def _pipeline_classes():
+    """diffusers' pipelines import transformers' image processors, and transformers warns when
+    torchvision is missing (a CPU install need not have it; previews never use those processors)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    finally:
+        hf_logging.set_verbosity(level)
+    return StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
 @contextlib.contextmanager

@@ -132,10 +132,11 @@ def _realign(*modules) -> None:
 
 # --- single files ---------------------------------------------------------------------------------
 
-def _te_keys_for(model, sd: dict) -> dict:
+def te_keys_for(model, sd: dict, *, wrapped: bool | None = None) -> dict:
     """Match key prefixes to the installed transformers (>= 5.6 dropped CLIPTextModel's `text_model.`)
-    and drop `position_ids`, which some old merges store corrupted and the model rebuilds anyway."""
-    wrapped = hasattr(model, "text_model")
+    and drop `position_ids`, which some old merges store corrupted and the model rebuilds anyway.
+    `wrapped=True` gives the HF file layout (`text_model.*`) whatever transformers builds."""
+    wrapped = hasattr(model, "text_model") if wrapped is None else wrapped
     out = {}
     for key, value in sd.items():
         if key.endswith("position_ids"):
@@ -176,7 +177,7 @@ def _from_single_file(sd: dict, det: Detection, cfgs: ModelConfigs, name: str):
             te_sd = convert_ldm_clip_checkpoint(sd)
         else:  # OpenCLIP layout (SD2's ViT-H, SDXL's bigG): fused qkv, resblocks
             te_sd = convert_open_clip_checkpoint(te, sd, prefix=prefix)
-        _assign(te, _te_keys_for(te, te_sd), f"text encoder ({prefix.rstrip('.')})", name)
+        _assign(te, te_keys_for(te, te_sd), f"text encoder ({prefix.rstrip('.')})", name)
     return unet, vae, tes
 
 
