@@ -3,7 +3,9 @@ data pipeline (bucketing, in-memory latent and text caches), loop, hooks and opt
 
     python -m bench.ours --configs '[{"tool": "ours", "model": "sd15", "batch": 1, ...}]'
 
-Tool "ours-eager" is the same with `cuda_graph: false` (the plain step), to show what the graph buys.
+Tool "ours-eager" is the same with `cuda_graph: false` (the plain step), to show what the graph buys;
+"ours-attn" puts LoRA on the attention projections only (`target_modules: attention`, the layers
+diffusers-peft adapts), for a like-for-like comparison with that peer.
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
 reset when the loop starts, after caching, so it covers the training steps.
@@ -17,6 +19,9 @@ from pathlib import Path
 
 from .common import ALPHA, RANK, SEED, StepClock, device, emit, error_row, finish_row, log, parse_configs, reset_memory
 from .workload import engine_model, image_folder
+
+
+VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules": "attention"}}
 
 
 def run_config(model, cfg, root: Path, extra: dict | None = None):
@@ -60,7 +65,7 @@ def main(argv=None):
         try:
             if model is None:
                 model = engine_model(cfg.model)
-            extra = {"cuda_graph": False} if cfg.tool == "ours-eager" else None
+            extra = VARIANTS.get(cfg.tool)
             row = run_config(model, cfg, root, extra)
         except Exception as exc:  # noqa: BLE001 - a failed row is a result too
             log(f"{cfg}: {type(exc).__name__}: {exc}")

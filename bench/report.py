@@ -7,6 +7,18 @@ import sys
 from pathlib import Path
 
 PEERS = ("comfyui-native", "diffusers-peft", "kohya")
+TOOL_NOTES = {
+    "ours-eager": "- ours-eager is our engine with `cuda_graph: false` (the plain step): the difference to ours "
+                  "is what replaying the step as one CUDA graph buys.",
+    "ours-attn": "- ours-attn is our engine with LoRA on the attention projections only (the layers "
+                 "diffusers-peft adapts): the like-for-like speed and memory comparison with that peer.",
+    "ours-comfyui": "- ours-comfyui is our engine through the ComfyUI adapter (ComfyUI's ModelPatcher, CLIP and "
+                    "VAE, as the LoRA Trainer node runs it). ComfyUI keeps CLIP and the VAE on the GPU while "
+                    "training (its model management loads all three), hence the higher peak. Its rows record the "
+                    "ours row timed in the same run (`paired_ours`); the ComfyUI-path lines under Targets compare "
+                    "with that, while the table's ratio column compares with the ours column, which may come "
+                    "from another run (each row's notes say which).",
+}
 PUBLISHED_GIB = {"sd15": 1.98, "sdxl": 6.53}  # SimpleTuner H100, bf16, cached, batch 1, checkpointing
 
 
@@ -91,7 +103,7 @@ def targets(rows) -> list[str]:
 
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
-    tools = ["ours"] + [t for t in ("ours-eager", "ours-comfyui") + PEERS if any(r["tool"] == t for r in rows)]
+    tools = ["ours"] + [t for t in ("ours-eager", "ours-attn", "ours-comfyui") + PEERS if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
     out = ["# Benchmark results", "",
            f"GPU: {gpu.get('name')} (dense bf16 peak {gpu.get('dense_bf16_tflops')} TFLOP/s, driver "
@@ -120,13 +132,7 @@ def write_report(data: dict, folder: Path) -> None:
             "Linear/Conv2d plus bias and norm diffs.",
             "- ComfyUI's node runs the UNet on B*B samples at batch B (see its notes); images/s counts the B "
             "images a step trains on.",
-            "- ours-eager is our engine with `cuda_graph: false` (the plain step): the difference to ours is "
-            "what replaying the step as one CUDA graph buys.",
-            "- ours-comfyui is our engine through the ComfyUI adapter (ComfyUI's ModelPatcher, CLIP and VAE, as "
-            "the LoRA Trainer node runs it). Its rows came from a later, shorter run (12 timed steps) than the "
-            "ours column, so the table's ours / ours-comfyui ratio mixes runs; the ComfyUI-path lines under "
-            "Targets compare it with ours timed in that same run. ComfyUI keeps CLIP and the VAE on the GPU "
-            "while training (its model management loads all three), hence the higher peak.",
+        ] + [TOOL_NOTES[t] for t in tools if t in TOOL_NOTES] + [
             "- Peak memory includes the resident bf16 UNet (SD1.5 1.60 GiB, SDXL 4.78 GiB). Ours parks the "
             "VAE and text encoders in CPU memory while it trains from caches; peers that keep them on the "
             "GPU would show them in their peak, those fed cached tensors here (diffusers-peft, comfyui-native) "
