@@ -201,7 +201,7 @@ class Trainer:
         info, d = self.model.info, self.data
         return (f"{info.family} ({info.prediction_type}), {len(self.network)} LoRA modules, "
                 f"{d.num_train_images} images ({d.num_reg_images} reg), {self.bpe} batches/epoch, "
-                f"{self.total_steps} steps, {self.precision}")
+                f"{self.total_steps} steps, {'fp32' if self.precision == 'no' else self.precision}")
 
     def _cache_progress(self, i: int, total: int) -> None:
         self.events.emit("info", message=f"caching {i}/{total}")
