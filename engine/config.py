@@ -62,6 +62,10 @@ class TrainConfig:
                            group="data", aliases=("class_tokens", "trigger"))
     shuffle_caption: bool = _f(False, "Shuffle comma-separated tags each step.", group="data")
     keep_tokens: int = _f(0, "Leading tags kept in place when shuffling.", group="data", minimum=0)
+    max_token_length: int = _f(75, "Caption tokens the text encoder sees: 75, or 150 / 225 (kohya's option: "
+                               "the caption is encoded in 75-token windows and joined; for long tag lists). "
+                               "Standalone trainer only for now; inside ComfyUI/A1111 it must be 75.",
+                               group="data", choices=(75, 150, 225))
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", group="data",
                                 aliases=("caption_dropout_rate",), minimum=0)
     resolution: str = _f("auto", "Training resolution: 512, '768,512' (W,H) or auto (the family's native).",
@@ -75,7 +79,8 @@ class TrainConfig:
     random_crop: bool = _f(False, "Random instead of centre crops (disables latent caching).", group="data")
     color_jitter: float = _f(0.0, "Strength of random colour jitter, 0-1 (disables latent caching).",
                              group="data", aliases=("color_aug",), minimum=0)
-    cache_latents: str = _f("auto", "auto (memory when valid), memory, disk, off.",
+    cache_latents: str = _f("auto", "auto (memory when valid), memory, disk, off (true/false as kohya "
+                            "writes them mean memory/off).",
                             choices=("auto", "memory", "disk", "off"), group="data")
     cache_text_encoder_outputs: str = _f("auto", "auto (when the text encoder is frozen and captions "
                                          "are fixed), on, off.", choices=("auto", "on", "off"), group="data")
@@ -337,6 +342,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     elif kind is str:
         if value is None:
             value = ""
+        if isinstance(value, bool) and name in ("cache_latents", "cache_text_encoder_outputs"):
+            value = {"cache_latents": ("memory", "off"), "cache_text_encoder_outputs": ("on", "off")}[name][not value]
+            # kohya / lora-scripts write `cache_latents: true`
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where} must be text, got {value!r}.")
         value = str(value)

@@ -23,6 +23,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -138,6 +140,17 @@ class TrainableModel(ABC):
     def size_conditioning(self) -> bool:
         """True when `cond` needs "time_ids" (SDXL's original size / crop / target size)."""
         return self.info.family == "sdxl"
+
+    token_windows: int = 1  # 75-token caption windows `encode_text` joins (kohya's max_token_length / 75)
+
+    def set_token_windows(self, windows: int) -> None:
+        """Encode captions in `windows` 75-token windows from now on. Hosts whose own text encoding
+        this trainer reuses support one window (75 tokens, as kohya trains by default)."""
+        if windows != 1:
+            raise ConfigError(f"max_token_length {75 * windows} is not supported when training inside this "
+                              f"host yet; set it to 75 (longer captions are cut after 75 tokens), or train with "
+                              f"the command line (python -m engine train), which supports 150 and 225.")
+        self.token_windows = windows
 
     # --- lifetime ---------------------------------------------------------------------------------
     @contextlib.contextmanager

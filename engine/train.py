@@ -158,6 +158,14 @@ class Trainer:
     def run(self) -> TrainResult:
         self.frozen_te = False
         self._load()
+        windows_before = self.model.token_windows
+        self.model.set_token_windows(self.cfg.max_token_length // 75)  # a host that cannot says so here
+        try:
+            return self._run_loaded()
+        finally:
+            self.model.token_windows = windows_before
+
+    def _run_loaded(self) -> TrainResult:
         cfg, model = self.cfg, self.model
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)

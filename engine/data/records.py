@@ -70,7 +70,7 @@ def estimate_tokens(caption: str) -> int:
 
 def scan_dataset(folder: str | Path, *, repeats: int = 1, caption_extension: str = ".txt",
                  metadata_path: str | Path = "", min_image_size: int = 64, is_reg: bool = False,
-                 use_folder_metadata: bool = True) -> ScanResult:
+                 use_folder_metadata: bool = True, token_limit: int = CLIP_TOKEN_LIMIT) -> ScanResult:
     """Discover subsets and images under `folder`, read their captions. Raises DatasetError if none."""
     kind = "regularisation" if is_reg else "training"
     root = Path(folder).expanduser()
@@ -119,7 +119,7 @@ def scan_dataset(folder: str | Path, *, repeats: int = 1, caption_extension: str
             caption, source = _caption_for(img.path, meta, caption_extension, subset.class_tokens)
             if source == "none":
                 no_caption.append(img.path)
-            if estimate_tokens(caption) > CLIP_TOKEN_LIMIT:
+            if estimate_tokens(caption) > token_limit:
                 long_captions.append(img.path)
             subset.records.append(ImageRecord(img.path, img.width, img.height, caption, source,
                                               subset.name, subset.repeats, is_reg))
@@ -134,8 +134,9 @@ def scan_dataset(folder: str | Path, *, repeats: int = 1, caption_extension: str
                         f"train with an empty caption (plus the trigger word, if set). Add .txt captions "
                         f"or run AutoCaption.")
     if long_captions:
-        warnings.append(f"{len(long_captions)} caption(s) are probably longer than CLIP's "
-                        f"{CLIP_TOKEN_LIMIT}-token window and will be truncated ({_names(long_captions, root)}).")
+        more = " (max_token_length: 150 or 225 keeps more)" if token_limit < 225 else ""
+        warnings.append(f"{len(long_captions)} caption(s) are probably longer than the {token_limit} tokens "
+                        f"the text encoder sees and will be truncated{more} ({_names(long_captions, root)}).")
     if meta is not None and meta.unused():
         unused = meta.unused()
         warnings.append(f"{len(unused)} row(s) of {meta.path.name} match no image in '{root}': "

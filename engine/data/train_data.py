@@ -50,12 +50,13 @@ class TrainData:
         if not cfg.train_data_dir:
             raise DatasetError("train_data_dir is not set: point it at your folder of training images.")
         train = scan_dataset(cfg.train_data_dir, repeats=cfg.repeats, caption_extension=cfg.caption_extension,
-                             metadata_path=cfg.metadata_path, min_image_size=cfg.min_image_size)
+                             metadata_path=cfg.metadata_path, min_image_size=cfg.min_image_size,
+                             token_limit=cfg.max_token_length)
         self.warnings += train.warnings
         self.subsets: list[Subset] = list(train.subsets)
         if cfg.reg_data_dir:
             reg = scan_dataset(cfg.reg_data_dir, repeats=1, caption_extension=cfg.caption_extension,
-                               min_image_size=cfg.min_image_size, is_reg=True)
+                               min_image_size=cfg.min_image_size, is_reg=True, token_limit=cfg.max_token_length)
             self.warnings += [f"Regularisation images: {w}" for w in reg.warnings]
             self.subsets += reg.subsets
         self.records: list[ImageRecord] = [r for s in self.subsets for r in s.records]

@@ -76,7 +76,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_v2": info.family == "sd2",
         "ss_base_model_version": version,
         "ss_clip_skip": cfg.clip_skip or None,
-        "ss_max_token_length": None,
+        "ss_max_token_length": cfg.max_token_length if cfg.max_token_length != 75 else None,
         "ss_cache_latents": cfg.cache_latents != "off",
         "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset or None,

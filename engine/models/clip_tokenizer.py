@@ -111,6 +111,43 @@ def tokenize(tokenizer, captions: list[str], pad_id: int | None = None):
     return ids
 
 
+def window_ids(tokenizer, captions: list[str], pad_id: int | None = None, windows: int = 1):
+    """[B * windows, 77] input ids for kohya's `max_token_length` = 75 * windows: the caption's first
+    75 * windows tokens cut into 75-token windows, each framed BOS ... EOS and padded as `tokenize`
+    pads (a window past the caption's end is BOS, EOS, padding). `join_windows` joins the encoder's
+    outputs back into one [B, 2 + 75 * windows, D] sequence, as kohya does."""
+    import torch
+
+    if windows == 1:
+        return tokenize(tokenizer, captions, pad_id)
+    body = MAX_LENGTH - 2
+    ids = tokenizer(list(captions), padding="max_length", max_length=body * windows + 2, truncation=True,
+                    return_tensors="pt").input_ids
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else EOS_ID
+    first_eos = (ids == eos).int().argmax(dim=1, keepdim=True)
+    ids = ids.masked_fill(torch.arange(ids.shape[1]) > first_eos, eos)  # every tokenizer pads with EOS here
+    ends = torch.full((ids.shape[0], 1), eos, dtype=ids.dtype)
+    chunks = [torch.cat([ids[:, :1], ids[:, 1 + body * i:1 + body * (i + 1)], ends], dim=1) for i in range(windows)]
+    out = torch.stack(chunks, dim=1).reshape(-1, MAX_LENGTH)
+    if pad_id is not None:
+        first_eos = (out == eos).int().argmax(dim=1, keepdim=True)
+        out = out.masked_fill(torch.arange(MAX_LENGTH) > first_eos, pad_id)
+    return out
+
+
+def join_windows(hidden, windows: int):
+    """[B * windows, 77, D] encoder states -> [B, 2 + 75 * windows, D]: the first window's BOS, every
+    window's 75 token states, the last window's final state (kohya's max_token_length layout)."""
+    import torch
+
+    if windows == 1:
+        return hidden
+    b = hidden.shape[0] // windows
+    h = hidden.reshape(b, windows, MAX_LENGTH, hidden.shape[-1])
+    body = h[:, :, 1:MAX_LENGTH - 1].reshape(b, windows * (MAX_LENGTH - 2), hidden.shape[-1])
+    return torch.cat([h[:, 0, :1], body, h[:, -1, MAX_LENGTH - 1:]], dim=1)
+
+
 def family_pad_ids(family: str) -> list[int]:
     """Padding id per text encoder: SD1 [EOS], SD2 [0], SDXL [EOS, 0]."""
     return {"sd1": [EOS_ID], "sd2": [BANG_ID], "sdxl": [EOS_ID, BANG_ID]}[family]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..model import Conditioning, ModelInfo, TrainableModel, UNetLayout, preserve_module_state
-from .clip_tokenizer import family_pad_ids, tokenize
+from .clip_tokenizer import family_pad_ids, join_windows, window_ids
 from .module_state import attention_kernel, gradient_checkpointing, placed_on, temporarily_float32
 
 logger = logging.getLogger(__name__)
@@ -151,24 +151,26 @@ class DiffusersModel(TrainableModel):
         skip = self.info.clip_skip or 0
         if self.info.family == "sdxl":
             return self._encode_sdxl(captions, skip)
-        te, tok = self.text_encoders[0], self.tokenizers[0]
-        ids = tokenize(tok, captions, self.pad_ids[0]).to(_param(te).device)
+        te, tok, n = self.text_encoders[0], self.tokenizers[0], self.token_windows
+        ids = window_ids(tok, captions, self.pad_ids[0], n).to(_param(te).device)
         if skip <= 1:
             context = te(ids).last_hidden_state
         else:  # kohya / A1111 "CLIP skip": the N-th last layer, then the final layer norm
             hidden = te(ids, output_hidden_states=True).hidden_states[-skip]
             context = _final_norm(te)(hidden)
-        return {"context": context.to(self.device)}
+        return {"context": join_windows(context, n).to(self.device)}
 
     def _encode_sdxl(self, captions: list[str], skip: int) -> Conditioning:
         (te1, te2), (tok1, tok2) = self.text_encoders, self.tokenizers
         layer = -max(2, skip)  # SDXL was trained on the penultimate layers, without the final norm
-        ids1 = tokenize(tok1, captions, self.pad_ids[0]).to(_param(te1).device)
-        ids2 = tokenize(tok2, captions, self.pad_ids[1]).to(_param(te2).device)
+        n = self.token_windows
+        ids1 = window_ids(tok1, captions, self.pad_ids[0], n).to(_param(te1).device)
+        ids2 = window_ids(tok2, captions, self.pad_ids[1], n).to(_param(te2).device)
         out1, out2 = te1(ids1, output_hidden_states=True), te2(ids2, output_hidden_states=True)
-        h1, h2 = out1.hidden_states[layer], out2.hidden_states[layer]
+        h1, h2 = join_windows(out1.hidden_states[layer], n), join_windows(out2.hidden_states[layer], n)
         context = torch.cat([h1.to(self.device), h2.to(self.device, h1.dtype)], dim=-1)
-        return {"context": context, "pooled": out2.text_embeds.to(self.device)}
+        pooled = out2.text_embeds[::n]  # the first window's, as kohya pools long captions
+        return {"context": context, "pooled": pooled.to(self.device)}
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         p = _param(self.unet)
@@ -197,6 +199,12 @@ class DiffusersModel(TrainableModel):
             stack.enter_context(_gc_and_mode(gc_roots))
             stack.enter_context(attention_kernel(self.unet, self.attention))
             yield self
+
+    def set_token_windows(self, windows: int) -> None:
+        """1, 2 or 3 windows: max_token_length 75, 150 or 225, joined as kohya joins them."""
+        if windows not in (1, 2, 3):
+            raise ValueError(f"token windows must be 1, 2 or 3, got {windows}")
+        self.token_windows = windows
 
     # --- previews --------------------------------------------------------------------------------------
     def _sampling_scheduler(self):
