@@ -247,7 +247,7 @@ def check_dataset(cfg: TrainConfig, *, native_resolution: int = 512, near_distan
              report.folder_captions if r.caption_source == "folder" else report.missing_captions).append(r.path)
     report.unreadable = _unreadable(data, set(paths), cfg.min_image_size)
     report.exact_duplicates, report.near_duplicates = _duplicates(paths, near_distance)
-    reported_above = ("Skipped ", "have no caption", "longer than CLIP")  # listed in detail by this report
+    reported_above = ("Skipped ", "have no caption", "will be truncated")  # listed in detail by this report
     report.warnings = [w for w in data.warnings if not any(k in w for k in reported_above)]
     return report
 
