@@ -64,7 +64,7 @@ class TrainConfig:
     keep_tokens: int = _f(0, "Leading tags kept in place when shuffling.", group="data", minimum=0)
     max_token_length: int = _f(75, "Caption tokens the text encoder sees: 75, or 150 / 225 (kohya's option: "
                                "the caption is encoded in 75-token windows and joined; for long tag lists). "
-                               "Standalone trainer only for now; inside ComfyUI/A1111 it must be 75.",
+                               "In ComfyUI the windows are ComfyUI's own 77-token chunks; A1111 needs 75.",
                                group="data", choices=(75, 150, 225))
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", group="data",
                                 aliases=("caption_dropout_rate",), minimum=0)

@@ -149,7 +149,8 @@ class TrainableModel(ABC):
         if windows != 1:
             raise ConfigError(f"max_token_length {75 * windows} is not supported when training inside this "
                               f"host yet; set it to 75 (longer captions are cut after 75 tokens), or train with "
-                              f"the command line (python -m engine train), which supports 150 and 225.")
+                              f"the command line (python -m engine train) or in ComfyUI, which support 150 "
+                              f"and 225.")
         self.token_windows = windows
 
     # --- lifetime ---------------------------------------------------------------------------------

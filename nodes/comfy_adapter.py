@@ -131,11 +131,26 @@ class ComfyModel(TrainableModel):
         latents = self.vae.encode(images)
         return self.mp.model.latent_format.process_in(latents.float()).to(self.device)
 
+    def set_token_windows(self, windows: int) -> None:
+        """max_token_length 75 / 150 / 225: ComfyUI's own 77-token chunks, 1 to 3 of them."""
+        if windows not in (1, 2, 3):
+            raise ValueError(f"token windows must be 1, 2 or 3, got {windows}")
+        self.token_windows = windows
+
+    def _windows(self, tokens: dict) -> dict:
+        """Exactly `token_windows` of ComfyUI's chunks per encoder (cut, or padded with the empty
+        prompt's chunk), so every caption's conditioning has one shape: the CUDA-graphed step and the
+        text cache need that. The layout is ComfyUI's own for long prompts (77-token chunks joined)."""
+        n = self.token_windows
+        if any(len(chunks) < n for chunks in tokens.values()):
+            empty = self.clip.tokenize("")
+            tokens = {k: v + [empty[k][0]] * (n - len(v)) for k, v in tokens.items()}
+        return {k: v[:n] for k, v in tokens.items()}
+
     def encode_text(self, captions: list[str]) -> Conditioning:
         contexts, pooled = [], []
         for caption in captions:
-            tokens = self.clip.tokenize(escape_caption(caption))
-            tokens = {k: v[:1] for k, v in tokens.items()}  # one 77-token window, as kohya trains
+            tokens = self._windows(self.clip.tokenize(escape_caption(caption)))
             out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
             contexts.append(out["cond"].to(self.device))
             if out.get("pooled_output") is not None:

@@ -122,7 +122,8 @@ class LoRATrainer(io.ComfyNode):
                              tooltip="0 = every epoch (the last 3 are kept)."),
                 io.Boolean.Input("resume", default=False, tooltip="Continue from the last checkpoint of this name."),
                 io.String.Input("advanced", default="", multiline=True, tooltip="Any other setting as YAML, "
-                                "e.g. noise_offset: 0.05 (python -m engine train --help-config lists them)."),
+                                "e.g. noise_offset: 0.05, or max_token_length: 150 for long tag lists "
+                                "(python -m engine train --help-config lists them)."),
                 LoRA.Input("init_lora", optional=True, tooltip="Start from these LoRA weights."),
             ],
             outputs=[LoRA.Output(display_name="LORA"), io.Model.Output(display_name="MODEL"),

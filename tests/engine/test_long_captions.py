@@ -74,7 +74,7 @@ def test_training_with_max_token_length_150_writes_it_into_the_metadata(sd1, tmp
 
 def test_a_host_without_long_caption_support_refuses_before_writing_anything(tmp_path):
     class HostLike(type(tiny_sd1(seed=0))):
-        set_token_windows = TrainableModel.set_token_windows  # what ComfyUI's and A1111's adapters inherit
+        set_token_windows = TrainableModel.set_token_windows  # what the A1111 adapter inherits
 
     host = HostLike.__new__(HostLike)
     host.__dict__.update(tiny_sd1(seed=0).__dict__)
