@@ -1,15 +1,17 @@
 """Build the demo model from nothing: `python -m engine.models.demo_build --out engine/assets/demo/demo_model.safetensors`.
 
 Everything is our own code and runs on a CPU in about 25 minutes (seeded: a rebuild with the same
-thread count on the same torch build gives the same model; the file records how it was built). Two stages, as Stable Diffusion itself was made:
+thread count on the same torch build gives the same model; the file records how it was built).
+Two stages, as Stable Diffusion itself was made:
 
 1. the VAE learns to reconstruct procedural pictures: palette shapes, but also shapes of any colour,
    size and place, half of them striped, so that it can encode what the UNet never sees (a LoRA can
    only teach a concept the VAE can represent);
 2. the UNet and text encoder learn v-prediction on SD's DDPM schedule rescaled to zero terminal SNR
    (as SD2-v models with ztsnr: with eps and SD1's schedule a model this small cannot choose a
-   picture's overall brightness, so "on a black background" came out pink), on palette shapes only, captioned "a red circle" / "a red circle on a white background" (10% empty captions
-   for classifier-free guidance). An EMA of the weights is what gets saved.
+   picture's overall brightness, so "on a black background" came out pink), on palette shapes
+   only, captioned "a red circle" / "a red circle on a white background" (10% empty captions for
+   classifier-free guidance). An EMA of the weights is what gets saved.
 
 The file stores fp16 weights under `unet.`, `vae.`, `text_encoder.` and the measured latent scaling
 factor in its metadata; `demo_model.demo_model()` loads it. `--preview` writes sample pictures.
@@ -112,6 +114,7 @@ def pick_caption(rng: np.random.Generator, shape: str, colour: str, background: 
 def train_unet(unet, te, tok, latents, names, steps: int, rng: np.random.Generator, batch: int, lr: float, log):
     from diffusers import DDPMScheduler
 
+    from ..loss import add_noise, target
     from .clip_tokenizer import EOS_ID, tokenize
     from .diffusers_adapter import SCHEDULE
 
@@ -131,11 +134,9 @@ def train_unet(unet, te, tok, latents, names, steps: int, rng: np.random.Generat
         ids = tokenize(tok, [pick_caption(rng, *names[i]) for i in idx], EOS_ID)
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * z0  # v
+        zt = add_noise(z0, noise, t, acp)
         pred = unet(zt, t, encoder_hidden_states=te(ids).last_hidden_state).sample
-        loss = F.mse_loss(pred, target)
+        loss = F.mse_loss(pred, target(z0, noise, t, acp, "v_prediction"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
