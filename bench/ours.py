@@ -54,23 +54,29 @@ def run_config(model, cfg, root: Path, extra: dict | None = None):
     return finish_row(cfg, clock.step_times(cfg.warmup), cfg.batch, notes=notes)
 
 
-def main(argv=None):
+def run_rows(configs, build_model, run_row, prefix: str) -> None:
+    """One model for all rows (built on the first), each row emitted as it finishes; a failed row is
+    a result too (an OOM is reported as such even when the engine wrapped it in its own error)."""
     import torch
 
-    configs = parse_configs(sys.argv[1:] if argv is None else argv)
-    root = Path(tempfile.mkdtemp(prefix="bench_ours_"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     model = None
     for cfg in configs:
         reset_memory()
         try:
             if model is None:
-                model = engine_model(cfg.model)
-            extra = VARIANTS.get(cfg.tool)
-            row = run_config(model, cfg, root, extra)
+                model = build_model(cfg.model)
+            row = run_row(model, cfg, root)
         except Exception as exc:  # noqa: BLE001 - a failed row is a result too
             log(f"{cfg}: {type(exc).__name__}: {exc}")
             row = error_row(cfg, exc.__cause__ if isinstance(exc.__cause__, torch.OutOfMemoryError) else exc)
         emit(row)
+
+
+def main(argv=None):
+    configs = parse_configs(sys.argv[1:] if argv is None else argv)
+    run_rows(configs, engine_model, lambda model, cfg, root: run_config(model, cfg, root, VARIANTS.get(cfg.tool)),
+             prefix="bench_ours_")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-import tempfile
 from pathlib import Path
 
-from .common import emit, error_row, log, parse_configs, reset_memory
-from .ours import run_config as run_ours_config
+from .common import parse_configs
+from .ours import run_config, run_rows
 from .peer_comfy import import_comfy
 from .workload import build_text_encoders, build_unet, build_vae
 
@@ -64,24 +63,17 @@ def comfy_model(model: str):
     return comfy_adapter_module().ComfyModel(patcher, clip, vae, name=f"random-{model}")
 
 
-def main(argv=None):
+def run_row(model, cfg, root):
     import torch
 
-    configs = parse_configs(sys.argv[1:] if argv is None else argv)
-    root = Path(tempfile.mkdtemp(prefix="bench_ours_comfy_"))
-    model = None
-    for cfg in configs:
-        reset_memory()
-        try:
-            if model is None:
-                model = comfy_model(cfg.model)
-            with torch.inference_mode(False), torch.enable_grad():  # as the node runs the engine
-                row = run_ours_config(model, cfg, root)
-            row.notes.append("through ComfyUI's ModelPatcher/CLIP/VAE (nodes/comfy_adapter.py)")
-        except Exception as exc:  # noqa: BLE001 - a failed row is a result too
-            log(f"{cfg}: {type(exc).__name__}: {exc}")
-            row = error_row(cfg, exc.__cause__ if isinstance(exc.__cause__, torch.OutOfMemoryError) else exc)
-        emit(row)
+    with torch.inference_mode(False), torch.enable_grad():  # as the node runs the engine
+        row = run_config(model, cfg, root)
+    row.notes.append("through ComfyUI's ModelPatcher/CLIP/VAE (nodes/comfy_adapter.py)")
+    return row
+
+
+def main(argv=None):
+    run_rows(parse_configs(sys.argv[1:] if argv is None else argv), comfy_model, run_row, prefix="bench_ours_comfy_")
 
 
 if __name__ == "__main__":
