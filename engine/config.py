@@ -20,10 +20,11 @@ from typing import Any
 from .errors import ConfigError
 
 
-def _f(default, help: str, *, choices=None, aliases=(), group="train", path=None, minimum=None):
-    """A config field with its documentation, allowed values and the names other trainers use for it."""
+def _f(default, help: str, *, choices=None, aliases=(), group="train", path=None, minimum=None, from_bool=None):
+    """A config field with its documentation, allowed values and the names other trainers use for it.
+    `from_bool` = (value for true, value for false), for fields other trainers write as booleans."""
     meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "group": group, "path": path,
-            "minimum": minimum}
+            "minimum": minimum, "from_bool": from_bool}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -78,12 +79,13 @@ class TrainConfig:
     flip_aug: bool = _f(False, "Random horizontal flips.", group="data")
     random_crop: bool = _f(False, "Random instead of centre crops (disables latent caching).", group="data")
     color_jitter: float = _f(0.0, "Strength of random colour jitter, 0-1 (disables latent caching).",
-                             group="data", aliases=("color_aug",), minimum=0)
+                             group="data", aliases=("color_aug",), minimum=0, from_bool=(0.1, 0.0))
     cache_latents: str = _f("auto", "auto (memory when valid), memory, disk, off (true/false as kohya "
                             "writes them mean memory/off).",
-                            choices=("auto", "memory", "disk", "off"), group="data")
+                            choices=("auto", "memory", "disk", "off"), group="data", from_bool=("memory", "off"))
     cache_text_encoder_outputs: str = _f("auto", "auto (when the text encoder is frozen and captions "
-                                         "are fixed), on, off.", choices=("auto", "on", "off"), group="data")
+                                         "are fixed), on, off.", choices=("auto", "on", "off"), group="data",
+                                         from_bool=("on", "off"))
     cache_dir: str = _f("", "Where disk caches go; default: a .lora_cache folder in train_data_dir (or in "
                         "output_dir when that folder is read-only).", group="data", path=None)
     vae_batch_size: int = _f(4, "Images per VAE call while caching latents.", group="data", minimum=1)
@@ -312,6 +314,8 @@ def _canonical(key: str, source: str) -> str:
 def _coerce(name: str, value: Any, source: str) -> Any:
     meta, kind = _META[name], _TYPES[name]
     where = f"{source}: {name}"
+    if isinstance(value, bool) and meta["from_bool"] is not None:  # kohya's `cache_latents: true`, `color_aug: true`
+        value = meta["from_bool"][not value]
     if kind is bool:
         if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no",
                                                                  "off", "0"):
@@ -329,8 +333,6 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(f"{where} must be a whole number, got {value!r}.")
         value = int(as_float)
     elif kind is float:
-        if name == "color_jitter" and isinstance(value, bool):
-            value = 0.1 if value else 0.0
         if isinstance(value, bool):
             raise ConfigError(f"{where} must be a number, got {value!r}.")
         try:
@@ -342,9 +344,6 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     elif kind is str:
         if value is None:
             value = ""
-        if isinstance(value, bool) and name in ("cache_latents", "cache_text_encoder_outputs"):
-            value = {"cache_latents": ("memory", "off"), "cache_text_encoder_outputs": ("on", "off")}[name][not value]
-            # kohya / lora-scripts write `cache_latents: true`
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where} must be text, got {value!r}.")
         value = str(value)
