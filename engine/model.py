@@ -142,11 +142,12 @@ class TrainableModel(ABC):
         return self.info.family == "sdxl"
 
     token_windows: int = 1  # 75-token caption windows `encode_text` joins (kohya's max_token_length / 75)
+    max_token_windows: int = 1  # what this adapter's `encode_text` can join (3 = max_token_length 225)
 
     def set_token_windows(self, windows: int) -> None:
-        """Encode captions in `windows` 75-token windows from now on. Hosts whose own text encoding
-        this trainer reuses support one window (75 tokens, as kohya trains by default)."""
-        if windows != 1:
+        """Encode captions in `windows` 75-token windows from now on. Adapters that can join windows
+        raise `max_token_windows`; the others keep one (75 tokens, as kohya trains by default)."""
+        if not 1 <= windows <= self.max_token_windows:
             raise ConfigError(f"max_token_length {75 * windows} is not supported when training inside this "
                               f"host yet; set it to 75 (longer captions are cut after 75 tokens), or train with "
                               f"the command line (python -m engine train) or in ComfyUI, which support 150 "

@@ -77,6 +77,8 @@ def escape_caption(text: str) -> str:
 class ComfyModel(TrainableModel):
     """ComfyUI's MODEL (ModelPatcher), CLIP and VAE as a `TrainableModel`."""
 
+    max_token_windows = 3  # max_token_length up to 225, in ComfyUI's own 77-token chunks (`_windows`)
+
     def __init__(self, model, clip, vae, *, name: str = ""):
         if model is None or clip is None or vae is None:
             raise ModelError("LoRA Trainer needs MODEL, CLIP and VAE connected (from Load Checkpoint).")
@@ -130,12 +132,6 @@ class ComfyModel(TrainableModel):
         images = ((pixels.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
         latents = self.vae.encode(images)
         return self.mp.model.latent_format.process_in(latents.float()).to(self.device)
-
-    def set_token_windows(self, windows: int) -> None:
-        """max_token_length 75 / 150 / 225: ComfyUI's own 77-token chunks, 1 to 3 of them."""
-        if windows not in (1, 2, 3):
-            raise ValueError(f"token windows must be 1, 2 or 3, got {windows}")
-        self.token_windows = windows
 
     def _windows(self, tokens: dict) -> dict:
         """Exactly `token_windows` of ComfyUI's chunks per encoder (cut, or padded with the empty

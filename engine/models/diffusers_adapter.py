@@ -45,6 +45,8 @@ def _param(module: nn.Module) -> torch.Tensor:
 class DiffusersModel(TrainableModel):
     """SD1.x / SD2.x / SDXL as diffusers components, driven through the `TrainableModel` seam."""
 
+    max_token_windows = 3  # max_token_length up to 225, windows joined as kohya joins them
+
     def __init__(self, *, unet, vae, text_encoders, tokenizers, info: ModelInfo, owns_weights: bool = False,
                  device=None, dtype: torch.dtype | None = None, attention: str = "sdpa", sampler: str = "ddim",
                  zero_terminal_snr: bool = False, notes: list[str] | None = None, source_path: Path | None = None,
@@ -199,12 +201,6 @@ class DiffusersModel(TrainableModel):
             stack.enter_context(_gc_and_mode(gc_roots))
             stack.enter_context(attention_kernel(self.unet, self.attention))
             yield self
-
-    def set_token_windows(self, windows: int) -> None:
-        """1, 2 or 3 windows: max_token_length 75, 150 or 225, joined as kohya joins them."""
-        if windows not in (1, 2, 3):
-            raise ValueError(f"token windows must be 1, 2 or 3, got {windows}")
-        self.token_windows = windows
 
     # --- previews --------------------------------------------------------------------------------------
     def _sampling_scheduler(self):

@@ -73,11 +73,8 @@ def test_training_with_max_token_length_150_writes_it_into_the_metadata(sd1, tmp
 
 
 def test_a_host_without_long_caption_support_refuses_before_writing_anything(tmp_path):
-    class HostLike(type(tiny_sd1(seed=0))):
-        set_token_windows = TrainableModel.set_token_windows  # what the A1111 adapter inherits
-
-    host = HostLike.__new__(HostLike)
-    host.__dict__.update(tiny_sd1(seed=0).__dict__)
+    host = tiny_sd1(seed=0)
+    host.max_token_windows = TrainableModel.max_token_windows  # what the A1111 adapter inherits: one window
     data = pattern_dataset(tmp_path / "data")
     with pytest.raises(ConfigError, match="max_token_length 225 is not supported.*set it to 75"):
         train(quick_config(data, tmp_path / "out", max_train_steps=2, max_token_length=225), host)
