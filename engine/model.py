@@ -154,6 +154,13 @@ class TrainableModel(ABC):
                               f"and 225.")
         self.token_windows = windows
 
+    def computes_in(self, dtype: torch.dtype, *, text_encoder: bool) -> bool:
+        """True when every floating weight the training forward runs through (the denoiser, and the
+        text encoders when they are trained) already is `dtype`: then the step needs no autocast."""
+        roots = self.trainable_roots()
+        return all(t.dtype == dtype for root in (roots if text_encoder else roots[:1])
+                   for t in [*root.parameters(), *root.buffers()] if t.is_floating_point())
+
     # --- lifetime ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def session(self, gradient_checkpointing: bool, train_text_encoder: bool):

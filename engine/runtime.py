@@ -47,8 +47,8 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "no":
+def autocast(device: torch.device, precision: str, enabled: bool = True):
+    if precision == "no" or not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=compute_dtype(precision))
 

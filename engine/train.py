@@ -25,6 +25,7 @@ from .distributed import Distributed, ShardedData
 from .errors import NonFiniteLoss, TrainingStopped, UserError
 from .events import Callbacks
 from .encoder_parking import EncoderParking
+from .data.prefetch import Prefetch
 from .fast_step import FastStep, host_lrs, unsupported_reason
 from .lora.kohya_io import read_lora, save_lora, to_network_keys
 from .lora.metadata import build_metadata
@@ -209,7 +210,12 @@ class Trainer:
         info, d = self.model.info, self.data
         return (f"{info.family} ({info.prediction_type}), {len(self.network)} LoRA modules, "
                 f"{d.num_train_images} images ({d.num_reg_images} reg), {self.bpe} batches/epoch, "
-                f"{self.total_steps} steps, {'fp32' if self.precision == 'no' else self.precision}")
+                f"{self.total_steps} steps, {self._precision_text()}")
+
+    def _precision_text(self) -> str:
+        if self.precision == "no":
+            return "fp32"
+        return self.precision + ("" if self.use_autocast else " (native, no autocast)")
 
     def _cache_progress(self, i: int, total: int) -> None:
         self.events.emit("info", message=f"caching {i}/{total}")
@@ -227,6 +233,10 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.dist.rank)
         self.acp = self.model.alphas_cumprod().to(self.device, torch.float32)
         self.compute_dtype = compute_dtype(self.precision) if self.precision != "no" else None
+        self.data.step_encode_dtype = torch.bfloat16 if self.precision == "bf16" and not cfg.no_half_vae else None
+        # bf16 weights need no autocast: it would only add casts and float32 copies of activations
+        self.use_autocast = not (cfg.autocast == "auto" and self.precision == "bf16" and self.model.computes_in(
+            torch.bfloat16, text_encoder=bool(te_params)))
 
     def _setup_fast_step(self) -> None:
         """The CUDA-graphed step where the config allows it (engine/fast_step.py says when)."""
@@ -258,6 +268,22 @@ class Trainer:
         self.events.emit("info", message=f"resumed from {folder} at step {self.position.step}")
 
     def _loop(self) -> None:
+        prefetch = Prefetch(self.data, enabled=self.device.type == "cuda" and self.data.reads_per_step())
+        try:
+            self._steps(prefetch)
+        finally:
+            prefetch.close()
+
+    def _batch(self, prefetch: Prefetch, plan, epoch: int, index: int):
+        """This micro-batch on the device; the next one's host work starts in the background first."""
+        host = prefetch.get(plan, epoch, index)
+        following = self.position.micro + 1
+        if following < self.total_micro:
+            e, i = divmod(following, self.bpe)
+            prefetch.ahead(plan if e == epoch else self.data.epoch_plan(e), e, i)
+        return self.data.to_device(host, self.model)
+
+    def _steps(self, prefetch: Prefetch) -> None:
         cfg, pos = self.cfg, self.position
         accum = cfg.gradient_accumulation_steps
         plan_epoch, plan = -1, []
@@ -269,7 +295,7 @@ class Trainer:
             epoch, index = divmod(pos.micro, self.bpe)
             if epoch != plan_epoch:
                 plan, plan_epoch = self.data.epoch_plan(epoch), epoch
-            batch = self.data.materialize(plan[index], self.model, epoch=epoch)
+            batch = self._batch(prefetch, plan, epoch, index)
             loss = self.fast.step(batch) if self.fast is not None else None
             stepped = loss is not None
             if not stepped:
@@ -316,7 +342,7 @@ class Trainer:
         """The diffusion loss of one batch: shared by the plain and the CUDA-graphed step."""
         model = self.model
         noisy = add_noise(latents, noise, t, self.acp)
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision, self.use_autocast):
             if model.size_conditioning():
                 cond = {**cond, "time_ids": time_ids.to(self.device)}
             prediction = model.predict(noisy.to(model.dtype), t, cond)
@@ -329,7 +355,7 @@ class Trainer:
         with self.network.cast_weights(self.compute_dtype):
             cond = batch.cond
             if cond is None:
-                with autocast(self.device, self.precision):
+                with autocast(self.device, self.precision, self.use_autocast):
                     cond = self.model.encode_text(batch.captions)
             loss = self._loss(latents, noise, t, cond, batch.time_ids, batch.loss_weights)
             scaled = loss / accum
@@ -429,6 +455,9 @@ class Trainer:
         from .plot import loss_plot
 
         loss_plot(self.losses, title=f"{self.cfg.output_name}: loss per step").save(self.out / "loss.png")
+        # the LoRA is on disk: free the optimizer and graphs before the encoders come back to the GPU
+        # (final preview, unparking), or that moment would be the run's memory peak
+        self._release()
         if self.cfg.sample_prompts and not self._preview_due(self.position.step, True, 0):
             self._preview(self.position.step)
         self.events.emit("done", step=self.position.step, total_steps=self.total_steps, path=str(path))
