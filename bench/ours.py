@@ -5,7 +5,8 @@ data pipeline (bucketing, in-memory latent and text caches), loop, hooks and opt
 
 Tool "ours-eager" is the same with `cuda_graph: false` (the plain step), to show what the graph buys;
 "ours-attn" puts LoRA on the attention projections only (`target_modules: attention`, the layers
-diffusers-peft adapts), for a like-for-like comparison with that peer.
+diffusers-peft adapts), for a like-for-like comparison with that peer; "ours-autocast" runs every
+forward under autocast (`autocast: always`), as the engine did before bf16 weights ran natively.
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
 reset when the loop starts, after caching, so it covers the training steps.
@@ -21,10 +22,11 @@ from .common import ALPHA, RANK, SEED, StepClock, device, emit, error_row, finis
 from .workload import engine_model, image_folder
 
 
-VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules": "attention"}}
+VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules": "attention"},
+            "ours-autocast": {"autocast": "always"}}
 
 
-def run_config(model, cfg, root: Path, extra: dict | None = None):
+def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None, on_last_step=None):
     import torch
 
     from engine.config import TrainConfig
@@ -33,13 +35,20 @@ def run_config(model, cfg, root: Path, extra: dict | None = None):
 
     clock = StepClock()
     infos: list[str] = []
+    training_peak: list[int] = []
 
     def on_event(event):
         if event.kind == "start":
             reset_memory()
+            if on_start is not None:
+                on_start()
             clock.start()
         elif event.kind == "step":
             clock.tick()
+            if event.step == event.total_steps and torch.cuda.is_available():
+                training_peak.append(torch.cuda.max_memory_allocated())
+                if on_last_step is not None:
+                    on_last_step()
         elif event.kind == "info" and event.message and not event.message.startswith("caching"):
             infos.append(event.message)
 
@@ -51,7 +60,13 @@ def run_config(model, cfg, root: Path, extra: dict | None = None):
                      device=device(), **(extra or {}))
     train(tc, model, callbacks=[FunctionCallback(on_event)])
     notes = [m for m in infos if "CUDA-graphed" in m or "moved to the CPU" in m]
-    return finish_row(cfg, clock.step_times(cfg.warmup), cfg.batch, notes=notes)
+    row = finish_row(cfg, clock.step_times(cfg.warmup), cfg.batch, notes=notes)
+    if training_peak and row.peak_gib is not None:
+        # the training peak (first step to last, as the peers are measured); the run's end, which puts
+        # the parked VAE and text encoders back on the GPU after freeing the optimizer, is noted apart
+        row.notes.append(f"whole run including the end (encoders back on the GPU): {row.peak_gib:.2f} GiB")
+        row.peak_gib = training_peak[0] / 2**30
+    return row
 
 
 def run_rows(configs, build_model, run_row, prefix: str) -> None:

@@ -59,8 +59,9 @@ def run_config(unet, vae, cfg):
     clock = StepClock()
     train_loss = 0.0
     for step in range(cfg.warmup + cfg.steps + 1):
-        if step == 1:
+        if step == 0:  # peak over every training step, the first included, as for the other tools
             reset_memory()
+        elif step == 1:
             clock.start()
         elif step > 1:
             clock.tick()

@@ -12,6 +12,9 @@ TOOL_NOTES = {
                   "is what replaying the step as one CUDA graph buys.",
     "ours-attn": "- ours-attn is our engine with LoRA on the attention projections only (the layers "
                  "diffusers-peft adapts): the like-for-like speed and memory comparison with that peer.",
+    "ours-autocast": "- ours-autocast is our engine with `autocast: always` (every forward under autocast, as "
+                     "diffusers' and kohya's scripts run): the difference to ours is what computing the bf16 "
+                     "model natively buys.",
     "ours-comfyui": "- ours-comfyui is our engine through the ComfyUI adapter (ComfyUI's ModelPatcher, CLIP and "
                     "VAE, as the LoRA Trainer node runs it). ComfyUI keeps CLIP and the VAE on the GPU while "
                     "training (its model management loads all three), hence the higher peak. Its rows record the "
@@ -49,6 +52,10 @@ def _ok(r) -> bool:
     return r is not None and not r.get("error") and r.get("images_per_s")
 
 
+def workload_sort(r) -> tuple:
+    return (r["model"], not r["cached"], r["gradient_checkpointing"], r["batch"])
+
+
 def workload_keys(rows):
     keys = sorted({(r["model"], r["batch"], r["gradient_checkpointing"], r["cached"]) for r in rows},
                   key=lambda k: (k[0], not k[3], k[2], k[1]))
@@ -72,10 +79,16 @@ def targets(rows) -> list[str]:
             least = min(p["peak_gib"] for p in peers)
             mem_hit = ours["peak_gib"] <= least + 1e-9
             mem_ok &= mem_hit
+            attn, peft = (_get(rows, t, model, batch, gc, cached) for t in ("ours-attn", "diffusers-peft"))
+            like = "–"
+            if _ok(attn) and _ok(peft):
+                like = (f"{attn['peak_gib']:.3f} vs {peft['peak_gib']:.3f} GiB "
+                        f"{'✅' if attn['peak_gib'] <= peft['peak_gib'] + 1e-9 else '❌'}")
             lines.append(f"| {model} b{batch} gc={'on' if gc else 'off'}{'' if cached else ' uncached'} | "
                          f"{ratio:.2f}x vs {best['tool']} (need {need:g}x) {'✅' if hit else '❌'} | "
-                         f"{ours['peak_gib']:.2f} vs {least:.2f} GiB {'✅' if mem_hit else '❌'} |")
-    head = ["| row | speed: ours / fastest peer | memory: ours vs lowest peer |", "|---|---|---|"]
+                         f"{ours['peak_gib']:.2f} vs {least:.2f} GiB {'✅' if mem_hit else '❌'} | {like} |")
+    head = ["| row | speed: ours / fastest peer | memory: ours vs lowest peer | same modules as diffusers-peft: "
+            "ours-attn vs diffusers-peft |", "|---|---|---|---|"]
     extra = []
     for model, pub in PUBLISHED_GIB.items():
         r = _get(rows, "ours", model, 1, True, True)
@@ -103,7 +116,7 @@ def targets(rows) -> list[str]:
 
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
-    tools = ["ours"] + [t for t in ("ours-eager", "ours-attn", "ours-comfyui") + PEERS if any(r["tool"] == t for r in rows)]
+    tools = ["ours"] + [t for t in ("ours-eager", "ours-autocast", "ours-attn", "ours-comfyui") + PEERS if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
     out = ["# Benchmark results", "",
            f"GPU: {gpu.get('name')} (dense bf16 peak {gpu.get('dense_bf16_tflops')} TFLOP/s, driver "
@@ -121,7 +134,10 @@ def write_report(data: dict, folder: Path) -> None:
         cells = [_get(rows, t, model, batch, gc, cached) for t in tools]
         ratios = []
         for c in cells[1:]:
-            ratios.append(f"{cells[0]['images_per_s'] / c['images_per_s']:.2f}x" if _ok(cells[0]) and _ok(c) else "–")
+            if _ok(c) and c.get("paired_ours"):  # ours timed in the same run as this row
+                ratios.append(f"{c['paired_ours']['images_per_s'] / c['images_per_s']:.2f}x*")
+            else:
+                ratios.append(f"{cells[0]['images_per_s'] / c['images_per_s']:.2f}x" if _ok(cells[0]) and _ok(c) else "–")
         out.append(f"| {model} | {batch} | {'on' if gc else 'off'} | {'yes' if cached else 'no'} | "
                    + " | ".join(_cell(c) for c in cells) + " | " + " | ".join(ratios) + " |")
     out += ["", "## Reading the numbers", "",
@@ -137,15 +153,23 @@ def write_report(data: dict, folder: Path) -> None:
             "VAE and text encoders in CPU memory while it trains from caches; peers that keep them on the "
             "GPU would show them in their peak, those fed cached tensors here (diffusers-peft, comfyui-native) "
             "never load them.",
+            "- Peak memory is over the training steps, first to last, for every tool. Ours also notes the "
+            "whole run: at its end it frees the optimizer and graphs, then puts the parked encoders back on "
+            "the GPU (to leave a host's model as it was), so the end stays below what the loaded model used "
+            "before training; each ours row's notes give that figure.",
+            "- A ratio marked * compares with the ours row timed in the same run as that tool's row (its "
+            "notes say which run); unmarked ratios compare with the ours column.",
             "", "## Targets (issue 5)", ""] + targets(rows)
     errors = [r for r in rows if r.get("error")]
     if errors:
         out += ["", "## Rows without a number", ""]
         out += [f"- {r['tool']} {r['model']} b{r['batch']} ckpt={'on' if r['gradient_checkpointing'] else 'off'} "
                 f"cached={r['cached']}: {r['error']}" for r in errors]
-    notes = sorted({(r["tool"], n) for r in rows for n in (r.get("notes") or [])})
-    if notes:
-        out += ["", "## Notes from the runs", ""] + [f"- {t}: {n}" for t, n in notes]
+    noted = [r for r in sorted(rows, key=lambda r: (r["tool"], *workload_sort(r))) if r.get("notes")]
+    if noted:
+        out += ["", "## Notes from the runs", ""] + [
+            f"- {r['tool']} {r['model']} b{r['batch']} ckpt={'on' if r['gradient_checkpointing'] else 'off'}"
+            f"{'' if r['cached'] else ' uncached'}: " + "; ".join(r["notes"]) for r in noted]
     if _plot(rows, tools, folder / "results.png"):
         out += ["", "![images/s per row](results.png)"]
     (folder / "RESULTS.md").write_text("\n".join(out) + "\n", encoding="utf-8")

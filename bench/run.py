@@ -27,6 +27,7 @@ TOOLS = {  # tool -> module that runs its rows
     "ours": "bench.ours",
     "ours-eager": "bench.ours",
     "ours-attn": "bench.ours",
+    "ours-autocast": "bench.ours",
     "diffusers-peft": "bench.peer_diffusers",
     "comfyui-native": "bench.peer_comfy",
     "kohya": "bench.peer_kohya",

@@ -1,0 +1,93 @@
+"""Where our peak GPU memory goes: the tensors alive at the peak of a short training run, by origin.
+
+    python -m bench.memory_breakdown [sd15|sdxl] [batch] [on|off] [key=value ...]
+
+Runs the engine as `bench.ours` does (extra config keys after the row, e.g. `cuda_graph=false`) with
+PyTorch's allocator history on, replays the history to the moment of the highest allocated total,
+and prints the live bytes grouped by the innermost Python frame from the engine, diffusers or
+torch.nn that allocated them. For finding what to cut, not a benchmark row.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import tempfile
+from pathlib import Path
+
+from .common import Config, reset_memory
+from .ours import run_config
+from .workload import engine_model
+
+KEEP = ("/engine/", "/diffusers/", "/torch/nn/", "/torch/optim/", "/torch/utils/checkpoint", "/bench/")
+
+
+def _where(f) -> str:
+    return f"{f.get('filename', '').split('/site-packages/')[-1].split('/main/')[-1]}:{f.get('line')} {f.get('name')}"
+
+
+def _origin(frames) -> str:
+    """The innermost frame from KEEP, and the engine/diffusers frame that called into it."""
+    frames = list(frames or [])
+    for i, f in enumerate(frames):
+        if any(k in f.get("filename", "") for k in KEEP):
+            caller = next((g for g in frames[i + 1:] if "/diffusers/" in g.get("filename", "")
+                           or "/engine/" in g.get("filename", "")), None)
+            return _where(f) + (f" <- {_where(caller)}" if caller is not None else "")
+    return "(no python frame: cuBLAS/cuDNN workspace or allocator internals)"
+
+
+def live_at_peak(trace) -> tuple[int, dict[str, int]]:
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    best: dict[int, tuple[int, str]] = {}
+    for ev in trace:
+        action, addr, size = ev.get("action"), ev.get("addr"), ev.get("size", 0)
+        if action == "alloc":
+            live[addr] = (size, _origin(ev.get("frames")))
+            total += size
+            if total > peak:
+                peak, best = total, dict(live)
+        elif action in ("free_requested",) and addr in live:
+            total -= live.pop(addr)[0]
+    groups: dict[str, int] = collections.Counter()
+    for size, origin in best.values():
+        groups[origin] += size
+    return peak, groups
+
+
+def main(argv=None) -> int:
+    import torch
+
+    argv = sys.argv[1:] if argv is None else argv
+    model_name = argv[0] if argv else "sd15"
+    batch = int(argv[1]) if len(argv) > 1 else 1
+    gc = (argv[2] if len(argv) > 2 else "on") == "on"
+    extra = {}
+    for kv in argv[3:]:
+        k, v = kv.split("=", 1)
+        extra[k] = {"true": True, "false": False}.get(v, v)
+    model = engine_model(model_name)
+    cfg = Config("ours", model_name, batch, gc, steps=3, warmup=3)
+    reset_memory()
+    resident = []
+
+    def on_start():  # after caching, optimizer and parking: what is allocated now stays for the run
+        resident.append(torch.cuda.memory_allocated())
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+    snaps = []
+    row = run_config(model, cfg, Path(tempfile.mkdtemp(prefix="bench_mem_")), extra, on_start=on_start,
+                     on_last_step=lambda: snaps.append(torch.cuda.memory._snapshot()))
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak, groups = live_at_peak(snaps[0]["device_traces"][0])  # first step to last (the end of the run apart)
+    print(f"{model_name} b{batch} gc={'on' if gc else 'off'} {extra}: training peak {row.peak_gib:.3f} GiB = "
+          f"{resident[0] / 2**30:.3f} GiB resident when the loop starts (weights, LoRA, grads, caches) + "
+          f"{peak / 2**30:.3f} GiB allocated by the steps at their peak:")
+    for origin, size in sorted(groups.items(), key=lambda kv: -kv[1])[:30]:
+        print(f"  {size / 2**20:9.1f} MiB  {origin}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
