@@ -439,9 +439,22 @@ class Trainer:
         if not self.dist.is_main:
             return
         prompts = load_prompts(self.cfg)
-        with self.parking.awake() if getattr(self, "parking", None) is not None else contextlib.nullcontext():
-            images = render_previews(self.model, prompts, self.cfg,
-                                     self.data.summary().get("resolution", (512, 512)), self.cfg.trigger_word)
+        try:
+            with self.parking.awake() if getattr(self, "parking", None) is not None else contextlib.nullcontext():
+                images = render_previews(self.model, prompts, self.cfg,
+                                         self.data.summary().get("resolution", (512, 512)), self.cfg.trigger_word)
+        except torch.OutOfMemoryError:
+            # sampling needs the encoders back and its own activations on top of the training state; a
+            # preview that does not fit is skipped, the run goes on (nothing of the training is lost)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            message = (f"preview at step {step} skipped: out of memory on {self.device} while sampling (training "
+                       f"goes on). Lower the preview size or steps (--w/--h/--s in the prompt), or preview less "
+                       f"often.")
+            if not any(w.startswith("preview at step") for w in self.warnings):  # the first one is enough
+                self.warnings.append(message)
+            self.events.emit("info", message=message)
+            return
         if images:
             save_previews(images, self.out / "samples", step)
             self.events.emit("preview", step=step, images=images, prompts=[p.prompt for p in prompts])

@@ -82,6 +82,29 @@ def test_previews_and_tensorboard(data, tmp_path):
     assert "preview/0" in acc.Tags()["images"]
 
 
+def test_preview_out_of_memory_skips_the_preview_and_training_goes_on(data, tmp_path, monkeypatch):
+    """Sampling needs more memory than training (encoders back, its own activations): a preview that
+    does not fit must not end a run that fits."""
+    import engine.train as train_module
+    from engine.events import FunctionCallback
+
+    calls = []
+
+    def oom(*args, **kwargs):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "render_previews", oom)
+    events = []
+    cfg = quick_config(data, tmp_path, max_train_steps=4, sample_prompts=["stripes"], sample_every_n_steps=2)
+    result = train(cfg, tiny_sd1(), callbacks=[FunctionCallback(on_event=events.append)])
+    assert len(calls) == 2 and result.steps == 4 and result.lora_path.exists()
+    skipped = [e.message for e in events if e.kind == "info" and "skipped: out of memory" in (e.message or "")]
+    assert [m.split(" skipped")[0] for m in skipped] == ["preview at step 2", "preview at step 4"]
+    assert sum("preview at step" in w for w in result.warnings) == 1
+    assert not [e for e in events if e.kind in ("error", "preview")]
+
+
 def test_ctrl_c_keeps_a_checkpoint_and_prints_how_to_resume(data, tmp_path, monkeypatch, capsys):
     from engine import progress
 
