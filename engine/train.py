@@ -57,6 +57,11 @@ def train(cfg: TrainConfig, model: TrainableModel | None = None, *, callbacks=()
     return Trainer(cfg, model, Callbacks(callbacks), data).run()
 
 
+def _every(step: int, crossed_epoch: bool, epochs_done: int, n_steps: int, n_epochs: int) -> bool:
+    """Every `n_steps` steps, or every `n_epochs` epochs when this step ended one (0: never)."""
+    return bool(n_steps and step % n_steps == 0) or bool(n_epochs and crossed_epoch and epochs_done % n_epochs == 0)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: TrainableModel | None, events: Callbacks, data):
         self.dist = Distributed()
@@ -393,18 +398,12 @@ class Trainer:
 
     # --- saving -------------------------------------------------------------------------------------
     def _save_due(self, step: int, crossed_epoch: bool, epochs_done: int) -> bool:
-        cfg = self.cfg
-        if cfg.save_steps and step % cfg.save_steps == 0:
-            return True
-        return bool(cfg.save_every_n_epochs and crossed_epoch and epochs_done % cfg.save_every_n_epochs == 0)
+        return _every(step, crossed_epoch, epochs_done, self.cfg.save_steps, self.cfg.save_every_n_epochs)
 
     def _preview_due(self, step: int, crossed_epoch: bool, epochs_done: int) -> bool:
         cfg = self.cfg
-        if not cfg.sample_prompts:
-            return False
-        if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
-            return True
-        return bool(cfg.sample_every_n_epochs and crossed_epoch and epochs_done % cfg.sample_every_n_epochs == 0)
+        return bool(cfg.sample_prompts) and _every(step, crossed_epoch, epochs_done, cfg.sample_every_n_steps,
+                                                   cfg.sample_every_n_epochs)
 
     def _metadata(self) -> dict[str, str]:
         summary = self.data.summary()
