@@ -238,7 +238,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.dist.rank)
         self.acp = self.model.alphas_cumprod().to(self.device, torch.float32)
         self.compute_dtype = compute_dtype(self.precision) if self.precision != "no" else None
-        self.data.step_encode_dtype = torch.bfloat16 if self.precision == "bf16" and not cfg.no_half_vae else None
+        self.data.step_encode_precision = "bf16" if self.precision == "bf16" and not cfg.no_half_vae else "no"
         # bf16 weights need no autocast: it would only add casts and float32 copies of activations
         self.use_autocast = not (cfg.autocast == "auto" and self.precision == "bf16" and self.model.computes_in(
             torch.bfloat16, text_encoder=bool(te_params)))

@@ -8,7 +8,6 @@ device (`materialize`). Every random choice is seeded by (seed, epoch, slot): re
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 from ..config import TrainConfig
 from ..errors import DatasetError
 from ..model import Conditioning, TrainableModel
+from ..runtime import autocast
 from .augment import color_jitter, flip_where, jitter_params
 from .buckets import BucketAssigner, Placement
 from .cache import CachedLatent, LatentStore, TextCache, file_digest
@@ -55,14 +55,6 @@ class HostBatch:
     records: list[int] = field(default_factory=list)  # their record indices
     pixels: torch.Tensor | None = None  # [len(missing), 3, h, w] in [0, 1], cropped, before flip/jitter
     jitter: list | None = None
-
-
-def step_encode_autocast(device: torch.device, dtype: torch.dtype | None):
-    """Latents encoded during training (not cached) run under autocast in `dtype` when one is set
-    (bf16 training: 2-3x faster than an fp32 VAE, and bf16 has fp32's range, so no fp16 overflow)."""
-    if dtype is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
 
 
 class TrainData:
@@ -101,7 +93,9 @@ class TrainData:
         self._used = sorted({s.record for s in self.samples})
 
         self.latent_cache_mode = self._latent_mode()
-        self.step_encode_dtype: torch.dtype | None = None  # the trainer sets bf16 (see step_encode_autocast)
+        # latents encoded during training (not cached) run under autocast in this precision on CUDA; the
+        # trainer sets "bf16" when it trains in bf16 (bf16 has fp32's range: no fp16 VAE overflow)
+        self.step_encode_precision = "no"
         self.text_cache_enabled = self._text_cache_ok(train_text_encoder)
         self._store: LatentStore | None = None
         self._text = TextCache()
@@ -313,7 +307,7 @@ class TrainData:
             if host.jitter:
                 pixels = color_jitter(pixels, host.jitter)
             pixels = flip_where(pixels, [host.flips[k] for k in host.missing])
-            with step_encode_autocast(model.device, self.step_encode_dtype):
+            with autocast(model.device, self.step_encode_precision, enabled=model.device.type == "cuda"):
                 encoded = self._encode(model, pixels, host.records)
             for k, lat in zip(host.missing, encoded):
                 latents[k] = lat

@@ -46,11 +46,11 @@ def test_bf16_training_encodes_uncached_latents_under_autocast_unless_no_half_va
 
     def record(self, network):
         original(self, network)
-        seen.append(self.data.step_encode_dtype)
+        seen.append(self.data.step_encode_precision)
 
     monkeypatch.setattr(train_module.Trainer, "_setup_optimization", record)
     for extra in ({}, {"no_half_vae": True}):
         train(quick_config(data, tmp_path / str(len(seen)), max_train_steps=1, mixed_precision="bf16",
                            cache_latents="off", **extra), tiny_sd1())
     train(quick_config(data, tmp_path / "fp32", max_train_steps=1, cache_latents="off"), tiny_sd1())
-    assert seen == [torch.bfloat16, None, None]
+    assert seen == ["bf16", "no", "no"]
