@@ -37,6 +37,21 @@ def _origin(frames) -> str:
     return "(no python frame: cuBLAS/cuDNN workspace or allocator internals)"
 
 
+def live_now(snapshot) -> dict[str, int]:
+    """Bytes allocated right now, grouped by origin (blocks carry their frames while history is on)."""
+    groups: dict[str, int] = collections.Counter()
+    for segment in snapshot["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] == "active_allocated":
+                groups[_origin(block.get("frames"))] += block["size"]
+    return groups
+
+
+def _print_groups(groups: dict[str, int], limit: int) -> None:
+    for origin, size in sorted(groups.items(), key=lambda kv: -kv[1])[:limit]:
+        print(f"  {size / 2**20:9.1f} MiB  {origin}")
+
+
 def live_at_peak(trace) -> tuple[int, dict[str, int]]:
     live: dict[int, tuple[int, str]] = {}
     total = peak = 0
@@ -67,25 +82,28 @@ def main(argv=None) -> int:
     for kv in argv[3:]:
         k, v = kv.split("=", 1)
         extra[k] = {"true": True, "false": False}.get(v, v)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")  # before the model
     model = engine_model(model_name)
     cfg = Config("ours", model_name, batch, gc, steps=3, warmup=3)
     reset_memory()
-    resident = []
+    start = []
 
     def on_start():  # after caching, optimizer and parking: what is allocated now stays for the run
-        resident.append(torch.cuda.memory_allocated())
-        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+        start.append(torch.cuda.memory._snapshot())
 
     snaps = []
     row = run_config(model, cfg, Path(tempfile.mkdtemp(prefix="bench_mem_")), extra, on_start=on_start,
                      on_last_step=lambda: snaps.append(torch.cuda.memory._snapshot()))
     torch.cuda.memory._record_memory_history(enabled=None)
-    peak, groups = live_at_peak(snaps[0]["device_traces"][0])  # first step to last (the end of the run apart)
+    resident = live_now(start[0])
+    # first step to last (the end of the run apart): the events after the loop started
+    peak, groups = live_at_peak(snaps[0]["device_traces"][0][len(start[0]["device_traces"][0]):])
     print(f"{model_name} b{batch} gc={'on' if gc else 'off'} {extra}: training peak {row.peak_gib:.3f} GiB = "
-          f"{resident[0] / 2**30:.3f} GiB resident when the loop starts (weights, LoRA, grads, caches) + "
-          f"{peak / 2**30:.3f} GiB allocated by the steps at their peak:")
-    for origin, size in sorted(groups.items(), key=lambda kv: -kv[1])[:30]:
-        print(f"  {size / 2**20:9.1f} MiB  {origin}")
+          f"{sum(resident.values()) / 2**30:.3f} GiB resident when the loop starts + "
+          f"{peak / 2**30:.3f} GiB allocated by the steps at their peak.\nResident:")
+    _print_groups(resident, 12)
+    print("Allocated by the steps, alive at their peak:")
+    _print_groups(groups, 30)
     return 0
 
 

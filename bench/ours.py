@@ -26,7 +26,7 @@ VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules":
             "ours-autocast": {"autocast": "always"}}
 
 
-def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None, on_last_step=None):
+def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None, on_last_step=None, on_step=None):
     import torch
 
     from engine.config import TrainConfig
@@ -45,6 +45,8 @@ def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None,
             clock.start()
         elif event.kind == "step":
             clock.tick()
+            if on_step is not None:
+                on_step(event.step)
             if event.step == event.total_steps and torch.cuda.is_available():
                 training_peak.append(torch.cuda.max_memory_allocated())
                 if on_last_step is not None:

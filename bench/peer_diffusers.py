@@ -2,10 +2,13 @@
 
 `examples/text_to_image/train_text_to_image_lora.py` (SD1.x) and `train_text_to_image_lora_sdxl.py`:
 frozen UNet cast to the mixed-precision dtype, PEFT `LoraConfig(r, lora_alpha=r,
-init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])` added with
-`unet.add_adapter`, LoRA parameters upcast to fp32 (`cast_training_params`), `Accelerator(
-mixed_precision="bf16")` (autocast), `torch.optim.AdamW` with its defaults, `clip_grad_norm_(1.0)`,
-`F.mse_loss` on eps, `accelerator.gather(loss).mean().item()` every step. The scripts encode images
+init_lora_weights="gaussian", target_modules=...)` added with `unet.add_adapter`. Tool `diffusers-peft`
+targets the workload's layers, kohya's defaults (attention, feed-forward and proj_in/out of every
+transformer block: the same 192 / 722 modules ours trains); `diffusers-peft-attn` keeps the scripts'
+own `["to_k", "to_q", "to_v", "to_out.0"]` (128 / 560). LoRA parameters upcast to fp32
+(`cast_training_params`), `Accelerator(mixed_precision="bf16")` (autocast), `torch.optim.AdamW` with
+its defaults, `clip_grad_norm_(1.0)`, `F.mse_loss` on eps, `accelerator.gather(loss).mean().item()`
+every step. The scripts encode images
 with the VAE every step (bf16 for SD1.x, fp32 for SDXL); the cached rows feed latents and text
 conditioning directly, the uncached row runs the VAE on a fresh pixel batch every step.
 """
@@ -17,7 +20,10 @@ import sys
 from .common import RANK, SEED, StepClock, WORKLOADS, emit, error_row, finish_row, log, parse_configs, reset_memory
 from .workload import build_unet, build_vae, random_cond, random_latents
 
-TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TARGETS = {  # tool -> PEFT target_modules
+    "diffusers-peft": ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+    "diffusers-peft-attn": ["to_k", "to_q", "to_v", "to_out.0"],
+}
 
 
 def run_config(unet, vae, cfg):
@@ -33,7 +39,8 @@ def run_config(unet, vae, cfg):
     sdxl = w["family"] == "sdxl"
     accelerator = Accelerator(mixed_precision="bf16")
     weight_dtype = torch.bfloat16
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
+    targets = TARGETS[cfg.tool]
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets))
     cast_training_params(unet, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -90,7 +97,7 @@ def run_config(unet, vae, cfg):
             optimizer.zero_grad()
     # steps 1..N+W: the first interval starts after step 0 (CUDA/cuBLAS warm-up), warm-up dropped
     row = finish_row(cfg, clock.step_times(cfg.warmup - 1), b,
-                     notes=[f"PEFT on {'/'.join(TARGETS)} ({len(lora_layers) // 2} modules)"])
+                     notes=[f"PEFT on {'/'.join(targets)} ({len(lora_layers) // 2} modules)"])
     accelerator.free_memory()
     return row
 

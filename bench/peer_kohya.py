@@ -101,8 +101,15 @@ def run_config(cfg, root: Path, pipe: Path, data: Path):
         import train_network as script
 
         trainer_cls = script.NetworkTrainer
-    from library import train_util
+    from accelerate.state import AcceleratorState
+    from library import strategy_base, train_util
 
+    # kohya keeps its strategies and accelerate its state in class-level singletons: clear the previous
+    # row's, as a fresh process would start (kohya refuses to set a strategy twice)
+    for cls in vars(strategy_base).values():
+        if isinstance(cls, type) and "_strategy" in vars(cls):
+            cls._strategy = None
+    AcceleratorState._reset_state(reset_partial_state=True)
     parser = script.setup_parser()
     args = parser.parse_args(kohya_args(cfg, root, pipe, data))
     train_util.verify_command_line_training_args(args)

@@ -164,7 +164,7 @@ class FastStep:
         for p, g in zip(self.params, self.grads):
             p.grad = g
         torch._foreach_zero_(self.grads)
-        with t.network.cast_weights(t.compute_dtype):
+        with t.network.cast_weights(t.step_cast_dtype):
             loss = t._loss(inp["latents"], inp["noise"], inp["t"], inp["cond"], inp["time_ids"], inp["weights"])
             loss.backward()
         if t.cfg.max_grad_norm > 0:

@@ -85,3 +85,28 @@ def test_trained_text_encoder_in_another_dtype_keeps_autocast(data, tmp_path, mo
     calls.clear()
     train(quick_config(data, tmp_path / "te", train_text_encoder=True, **opts), mixed())
     assert calls and all(calls)
+
+
+def test_checkpointing_casts_lora_weights_per_layer_on_the_same_curve(data, tmp_path, monkeypatch):
+    """Without checkpointing every LoRA weight is cast to bf16 once per step and held; with it, each
+    layer casts as it runs, so backward holds only the recomputed block's casts. Same training."""
+    from engine.lora.network import LoRANetwork
+
+    casts = []
+    original = LoRANetwork.cast_weights
+
+    def recording(self, dtype):
+        casts.append(dtype)
+        return original(self, dtype)
+
+    monkeypatch.setattr(LoRANetwork, "cast_weights", recording)
+    opts = dict(max_train_steps=4, batch_size=2, mixed_precision="bf16", device="cpu", seed=3)
+    held = train(quick_config(data, tmp_path / "held", **opts), _bf16(tiny_sd1))
+    assert casts and all(d == torch.bfloat16 for d in casts)
+    casts.clear()
+    per_layer = train(quick_config(data, tmp_path / "gc", gradient_checkpointing=True, **opts), _bf16(tiny_sd1))
+    assert casts and all(d is None for d in casts)
+    for a, b in zip(held.losses, per_layer.losses, strict=True):
+        assert a == pytest.approx(b, rel=RTOL), (held.losses, per_layer.losses)
+    for key, value in held.tensors.items():
+        assert torch.equal(value, per_layer.tensors[key]), key

@@ -1,0 +1,100 @@
+"""Where the GPU time of our training step goes: kernel time over the timed steps, by kind.
+
+    python -m bench.kernel_breakdown [sd15|sdxl] [batch] [on|off] [key=value ...]
+
+Runs the engine as `bench.ours` does (extra config keys after the row, e.g. `cuda_graph=false`),
+profiles the steps after the warm-up with torch.profiler (the kernels of CUDA-graph replays included)
+and sums kernel time by kind (matmul, convolution, attention, normalisation, optimizer, the rest:
+elementwise, copies, reductions), with each kind's largest kernels, against the wall time of the
+same steps. For deciding what to fuse, not a benchmark row.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from .common import Config, env_flag, reset_memory
+from .ours import run_config
+from .workload import engine_model
+
+# first match wins: cuDNN's implicit-GEMM convolutions would otherwise count as matmuls
+KINDS = (("convolution", r"conv|fprop|dgrad|wgrad|winograd|implicit_gemm|cudnn"),
+         ("attention", r"flash|fmha|attention|sdpa|mem_eff"),
+         ("matmul", r"gemm|cutlass|nvjet|cublas|xmma|splitk"),
+         ("normalisation", r"norm"),
+         ("optimizer", r"adam|multi_tensor|foreach"))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, low)), "other")
+
+
+def main(argv=None) -> int:
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    argv = sys.argv[1:] if argv is None else argv
+    model_name = argv[0] if argv else "sd15"
+    batch = int(argv[1]) if len(argv) > 1 else 8
+    gc = (argv[2] if len(argv) > 2 else "off") == "on"
+    extra = {}
+    for kv in argv[3:]:
+        k, v = kv.split("=", 1)
+        extra[k] = {"true": True, "false": False}.get(v, v)
+    warmup, steps = 5, 10
+    model = engine_model(model_name)
+    cfg = Config("ours", model_name, batch, gc, steps=steps, warmup=warmup)
+    reset_memory()
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    wall = []
+
+    def on_step(step):  # each step event follows a device sync
+        if step == warmup:
+            prof.__enter__()
+            wall.append(time.perf_counter())
+        elif step == warmup + steps:
+            torch.cuda.synchronize()
+            wall.append(time.perf_counter())
+            prof.__exit__(None, None, None)
+
+    # torch switches to try against the defaults: BENCH_CUDNN_BENCHMARK=1, BENCH_SDPA=flash|cudnn|efficient
+    torch.backends.cudnn.benchmark = env_flag("BENCH_CUDNN_BENCHMARK")
+    backend = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}.get(
+        os.environ.get("BENCH_SDPA", ""))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
+        run_config(model, cfg, Path(tempfile.mkdtemp(prefix="bench_kern_")), extra, on_step=on_step)
+    print(f"cudnn.benchmark={torch.backends.cudnn.benchmark} sdpa={backend or 'default'} "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    by_kind: dict[str, float] = collections.Counter()
+    top: dict[str, list] = collections.defaultdict(list)
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or 0
+        if us <= 0:
+            continue
+        kind = kind_of(e.key)
+        by_kind[kind] += us
+        top[kind].append((us, e.count, e.key))
+    kernel_ms = sum(by_kind.values()) / 1e3 / steps
+    wall_ms = (wall[1] - wall[0]) * 1e3 / steps
+    print(f"{model_name} b{batch} gc={'on' if gc else 'off'} {extra}: {wall_ms:.1f} ms/step wall, "
+          f"{kernel_ms:.1f} ms/step in kernels ({100 * kernel_ms / wall_ms:.0f}% of the wall time)")
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:14} {us / 1e3 / steps:8.2f} ms/step  {100 * us / sum(by_kind.values()):5.1f}%")
+        for t, n, name in sorted(top[kind], reverse=True)[:4]:
+            print(f"      {t / 1e3 / steps:7.2f} ms  x{n // steps:<5} {name[:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
