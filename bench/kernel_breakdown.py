@@ -12,20 +12,19 @@ same steps. For deciding what to fuse, not a benchmark row.
 from __future__ import annotations
 
 import collections
-import contextlib
-import os
 import re
 import sys
 import tempfile
 from pathlib import Path
 
-from .common import Config, env_flag, reset_memory
+from .common import Config, reset_memory
 from .ours import run_config
 from .workload import engine_model
 
-# first match wins: cuDNN's implicit-GEMM convolutions would otherwise count as matmuls
-KINDS = (("convolution", r"conv|fprop|dgrad|wgrad|winograd|implicit_gemm|cudnn"),
-         ("attention", r"flash|fmha|attention|sdpa|mem_eff"),
+# first match wins: cuDNN's attention kernels (…_sdpa_…_flash_…) before its convolutions, and those
+# (implicit-GEMM, layout transposes) before the matmuls
+KINDS = (("attention", r"flash|fmha|attention|sdpa|mem_eff"),
+         ("convolution", r"conv|fprop|dgrad|wgrad|winograd|implicit_gemm|cudnn"),
          ("matmul", r"gemm|cutlass|nvjet|cublas|xmma|splitk"),
          ("normalisation", r"norm"),
          ("optimizer", r"adam|multi_tensor|foreach"))
@@ -66,16 +65,7 @@ def main(argv=None) -> int:
             wall.append(time.perf_counter())
             prof.__exit__(None, None, None)
 
-    # torch switches to try against the defaults: BENCH_CUDNN_BENCHMARK=1, BENCH_SDPA=flash|cudnn|efficient
-    torch.backends.cudnn.benchmark = env_flag("BENCH_CUDNN_BENCHMARK")
-    backend = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}.get(
-        os.environ.get("BENCH_SDPA", ""))
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
-        run_config(model, cfg, Path(tempfile.mkdtemp(prefix="bench_kern_")), extra, on_step=on_step)
-    print(f"cudnn.benchmark={torch.backends.cudnn.benchmark} sdpa={backend or 'default'} "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    run_config(model, cfg, Path(tempfile.mkdtemp(prefix="bench_kern_")), extra, on_step=on_step)
     by_kind: dict[str, float] = collections.Counter()
     top: dict[str, list] = collections.defaultdict(list)
     for e in prof.key_averages():

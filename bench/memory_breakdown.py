@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import Config, reset_memory
+from .common import Config, env_flag, reset_memory
 from .ours import run_config
 from .workload import engine_model
 
@@ -102,6 +102,16 @@ def main(argv=None) -> int:
           f"{sum(resident.values()) / 2**30:.3f} GiB resident when the loop starts + "
           f"{peak / 2**30:.3f} GiB allocated by the steps at their peak.\nResident:")
     _print_groups(resident, 12)
+    if env_flag("BENCH_STACKS"):  # the whole allocation stack of resident blocks outside weights and LoRA
+        for segment in start[0]["segments"]:
+            for block in segment["blocks"]:
+                frames = block.get("frames") or []
+                if block["state"] == "active_allocated" and block["size"] >= 2**20 and not any(
+                        "module.py" in f.get("filename", "") and f.get("name") == "convert" for f in frames):
+                    print(f"  block {block['size'] / 2**20:.1f} MiB:")
+                    for f in frames[:40]:
+                        if "/torch/" not in f.get("filename", "") or "/nn/" in f.get("filename", ""):
+                            print(f"      {_where(f)}")
     print("Allocated by the steps, alive at their peak:")
     _print_groups(groups, 30)
     return 0

@@ -27,7 +27,7 @@ TOOL_NOTES = {
                     "from another run (each row's notes say which).",
 }
 # SimpleTuner H100, bf16, cached, batch 1, checkpointing: (GiB, what it trained)
-PUBLISHED_GIB = {"sd15": (1.98, "LoRA r16 on to_q/k/v/out.0, adamw_bf16 (bf16 weights and states)"),
+PUBLISHED_GIB = {"sd15": (1.98, "LoRA r16 on to_q/k/v/out.0 with adamw_bf16, which keeps LoRA weights and optimizer states in bf16"),
                  "sdxl": (6.53, "LyCORIS LoKr")}
 
 
