@@ -81,7 +81,9 @@ class TrainConfig:
     color_jitter: float = _f(0.0, "Strength of random colour jitter, 0-1 (disables latent caching).",
                              group="data", aliases=("color_aug",), minimum=0, from_bool=(0.1, 0.0))
     cache_latents: str = _f("auto", "auto (memory when valid), memory, disk, off (true/false as kohya "
-                            "writes them mean memory/off).",
+                            "writes them mean memory/off). Disk latents are keyed on the image's content "
+                            "and the VAE's weights: a later run with the same VAE reuses them, an edited "
+                            "image or another VAE is encoded again.",
                             choices=("auto", "memory", "disk", "off"), group="data", from_bool=("memory", "off"))
     cache_text_encoder_outputs: str = _f("auto", "auto (when the text encoder is frozen and captions "
                                          "are fixed), on, off.", choices=("auto", "on", "off"), group="data",

@@ -172,6 +172,11 @@ class TrainableModel(ABC):
             yield self
 
     # --- optional ----------------------------------------------------------------------------------
+    def vae_module(self) -> nn.Module | None:
+        """The VAE as a module, so the disk latent cache can key on its weights (None: the host hides
+        it, and the cache keys on the checkpoint's name or hash instead)."""
+        return None
+
     def idle_encoders(self, *, vae: bool, text: bool) -> list[nn.Module]:
         """Frozen encoder modules the loop may park in CPU memory while it trains from caches
         (`vae`: every latent is cached; `text`: every caption's conditioning is cached and the text

@@ -25,6 +25,7 @@ from .distributed import Distributed, ShardedData
 from .errors import NonFiniteLoss, TrainingStopped, UserError
 from .events import Callbacks
 from .encoder_parking import EncoderParking
+from .data.cache import weights_digest
 from .data.prefetch import Prefetch
 from .fast_step import FastStep, host_lrs, unsupported_reason
 from .lora.kohya_io import read_lora, save_lora, to_network_keys
@@ -124,8 +125,14 @@ class Trainer:
                 self.data = ShardedData(self.data, self.dist.rank, self.dist.world)
 
     def _model_key(self) -> str:
-        """Identifies the model for the disk latent cache: a changed model must not reuse latents."""
+        """Identifies the model for the disk latent cache: a changed model must not reuse latents.
+        Latents depend on the VAE alone, so its weights key them where the adapter reaches them (a
+        host's VAE may be swapped under the same checkpoint name: A1111's SD VAE setting, ComfyUI's
+        VAE Loader)."""
         info = self.model.info
+        vae = self.model.vae_module()
+        if vae is not None:
+            return f"{info.family}-vae-{weights_digest(vae)}"
         source = getattr(self.model, "source_path", None)
         if info.sha256:
             return f"{info.family}-{info.sha256[:16]}"

@@ -168,6 +168,9 @@ class A1111Model(TrainableModel):
     def alphas_cumprod(self) -> torch.Tensor:
         return exact_alphas_cumprod(self.sd)
 
+    def vae_module(self):
+        return getattr(self.sd, "first_stage_model", None)  # the VAE A1111 encodes with, a swapped one too
+
     # --- compute -------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,9 @@ class ComfyModel(TrainableModel):
     def alphas_cumprod(self) -> torch.Tensor:
         return 1.0 / (1.0 + self._sigmas.double() ** 2).float()
 
+    def vae_module(self):
+        return getattr(self.vae, "first_stage_model", None)
+
     # --- compute ------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

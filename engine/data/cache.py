@@ -42,6 +42,19 @@ class CachedLatent:
     flipped: torch.Tensor | None = None  # the latent of the mirrored image (with flip_aug)
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short fingerprint of a module's weights (dtype, shapes and the first values of every tensor):
+    what the disk latent cache keys on when no checkpoint file names the model, so two VAEs never
+    share latents and the same VAE finds them again in a later session. Cheap: a few KiB per tensor."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            head = tensor.detach().reshape(-1)[:64].float().cpu()
+            h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            h.update(head.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class LatentStore:
     """Latents by key, in RAM (`memory`) or as one safetensors file per key in `folder` (`disk`)."""
 

@@ -120,6 +120,9 @@ class DiffusersModel(TrainableModel):
     def trainable_roots(self) -> list[nn.Module]:
         return [self.unet, *self.text_encoders]
 
+    def vae_module(self) -> nn.Module | None:
+        return self.vae
+
     def idle_encoders(self, *, vae: bool, text: bool) -> list[nn.Module]:
         return ([self.vae] if vae and self.vae is not None else []) + (list(self.text_encoders) if text else [])
 
