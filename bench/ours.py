@@ -6,7 +6,8 @@ data pipeline (bucketing, in-memory latent and text caches), loop, hooks and opt
 Tool "ours-eager" is the same with `cuda_graph: false` (the plain step), to show what the graph buys;
 "ours-attn" puts LoRA on the attention projections only (`target_modules: attention`, the layers
 diffusers-peft adapts), for a like-for-like comparison with that peer; "ours-autocast" runs every
-forward under autocast (`autocast: always`), as the engine did before bf16 weights ran natively.
+forward under autocast (`autocast: always`), as the engine did before bf16 weights ran natively;
+"ours-fp8" keeps the UNet's Linear/Conv2d weights in fp8 (what `fp8_base: true` does).
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
 reset when the loop starts, after caching, so it covers the training steps.
@@ -23,7 +24,18 @@ from .workload import engine_model, image_folder
 
 
 VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules": "attention"},
-            "ours-autocast": {"autocast": "always"}}
+            "ours-autocast": {"autocast": "always"}, "ours-fp8": {}}
+
+
+def build_model(cfg):
+    """The row's model; ours-fp8 stores the UNet's Linear/Conv2d weights in fp8 as `fp8_base: true` does
+    for a base_model the engine loads (the benchmark builds its model, so it converts it here)."""
+    model = engine_model(cfg.model)
+    if cfg.tool == "ours-fp8":
+        from engine.models.fp8 import store_in_fp8
+
+        store_in_fp8(model.unet)
+    return model
 
 
 def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None, on_last_step=None, on_step=None):
@@ -72,7 +84,7 @@ def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None,
 
 
 def run_rows(configs, build_model, run_row, prefix: str) -> None:
-    """One model for all rows (built on the first), each row emitted as it finishes; a failed row is
+    """One model for all rows (built from the first row's config), each row emitted as it finishes; a failed row is
     a result too (an OOM is reported as such even when the engine wrapped it in its own error)."""
     import torch
 
@@ -82,7 +94,7 @@ def run_rows(configs, build_model, run_row, prefix: str) -> None:
         reset_memory()
         try:
             if model is None:
-                model = build_model(cfg.model)
+                model = build_model(cfg)
             row = run_row(model, cfg, root)
         except Exception as exc:  # noqa: BLE001 - a failed row is a result too
             log(f"{cfg}: {type(exc).__name__}: {exc}")
@@ -92,7 +104,7 @@ def run_rows(configs, build_model, run_row, prefix: str) -> None:
 
 def main(argv=None):
     configs = parse_configs(sys.argv[1:] if argv is None else argv)
-    run_rows(configs, engine_model, lambda model, cfg, root: run_config(model, cfg, root, VARIANTS.get(cfg.tool)),
+    run_rows(configs, build_model, lambda model, cfg, root: run_config(model, cfg, root, VARIANTS.get(cfg.tool)),
              prefix="bench_ours_")
 
 

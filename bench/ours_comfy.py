@@ -73,7 +73,8 @@ def run_row(model, cfg, root):
 
 
 def main(argv=None):
-    run_rows(parse_configs(sys.argv[1:] if argv is None else argv), comfy_model, run_row, prefix="bench_ours_comfy_")
+    run_rows(parse_configs(sys.argv[1:] if argv is None else argv), lambda cfg: comfy_model(cfg.model), run_row,
+             prefix="bench_ours_comfy_")
 
 
 if __name__ == "__main__":

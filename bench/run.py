@@ -28,6 +28,7 @@ TOOLS = {  # tool -> module that runs its rows
     "ours-eager": "bench.ours",
     "ours-attn": "bench.ours",
     "ours-autocast": "bench.ours",
+    "ours-fp8": "bench.ours",
     "diffusers-peft": "bench.peer_diffusers",
     "diffusers-peft-attn": "bench.peer_diffusers",
     "comfyui-native": "bench.peer_comfy",

@@ -140,6 +140,11 @@ class TrainConfig:
                        "autocast every forward, as diffusers' and kohya's scripts do.", choices=("auto", "always"))
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: about 35% "
                                       "slower, far less memory. Turn on for SDXL on cards under 16 GB.")
+    fp8_base: bool = _f(False, "Store the frozen UNet's Linear and Conv2d weights in float8 (e4m3fn): about "
+                        "half the UNet's memory with gradient_checkpointing on. Layers compute in bf16/fp16 "
+                        "under autocast; LoRA and optimizer stay float32 (kohya's --fp8_base). Only for a "
+                        "base_model the engine loads itself (the command line): a host's model is never "
+                        "converted. Needs mixed_precision bf16 or fp16.")
     cuda_graph: bool = _f(True, "Replay each training step as one CUDA graph (CUDA, bf16/fp32, AdamW, no "
                           "gradient accumulation; otherwise the plain step runs). Removes the per-step "
                           "Python and launch overhead: 2-8x faster on an H100 (bench/RESULTS.md), for "

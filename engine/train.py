@@ -22,7 +22,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_config
 from .distributed import Distributed, ShardedData
-from .errors import NonFiniteLoss, TrainingStopped, UserError
+from .errors import ConfigError, NonFiniteLoss, TrainingStopped, UserError
 from .events import Callbacks
 from .encoder_parking import EncoderParking
 from .data.cache import weights_digest
@@ -92,12 +92,25 @@ class Trainer:
 
             device = self.dist.device(resolve_device(cfg.device))
             self.precision = resolve_precision(cfg.mixed_precision, device)
+            if cfg.fp8_base and self.precision not in ("bf16", "fp16"):
+                raise ConfigError(f"fp8_base computes each layer in bf16 or fp16; set mixed_precision: bf16 "
+                                  f"(on {device} '{cfg.mixed_precision}' means {self.precision}).")
             self.model = load_base_model(cfg.base_model, device=device, dtype=compute_dtype(self.precision),
                                          prediction_type=cfg.prediction_type, clip_skip=cfg.clip_skip)
+            if cfg.fp8_base:
+                from .models.fp8 import store_in_fp8
+
+                before, after = store_in_fp8(self.model.unet)
+                self.events.emit("info", message=f"UNet Linear/Conv2d weights stored in fp8: "
+                                                 f"{before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
             if self.model.info.resolution != native and str(cfg.resolution) == "auto":
                 self.data = None  # an SD2-768 model without a v marker: buckets at its real size
                 self._build_data(self.model.info.resolution, self._model_key())
         else:
+            if cfg.fp8_base:
+                raise ConfigError("fp8_base converts the weights of a base_model the engine loads itself; this "
+                                  "model comes from the host, whose weights the trainer never changes. Turn "
+                                  "fp8_base off.")
             self.precision = resolve_precision(cfg.mixed_precision, self.model.device)
             if cfg.prediction_type != "auto":
                 self.model.info.prediction_type = cfg.prediction_type

@@ -73,6 +73,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_network_args": network_args or None,
         "ss_mixed_precision": mixed_precision,
         "ss_full_fp16": False,
+        "ss_fp8_base": cfg.fp8_base,
         "ss_v2": info.family == "sd2",
         "ss_base_model_version": version,
         "ss_clip_skip": cfg.clip_skip or None,

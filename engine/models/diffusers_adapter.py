@@ -21,6 +21,7 @@ from torch import nn
 
 from ..model import Conditioning, ModelInfo, TrainableModel, UNetLayout, preserve_module_state
 from .clip_tokenizer import family_pad_ids, join_windows, window_ids
+from .fp8 import holds_fp8
 from .module_state import attention_kernel, gradient_checkpointing, placed_on, temporarily_float32
 
 logger = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ class DiffusersModel(TrainableModel):
         p = _param(self.unet)
         factor = pipe.vae_scale_factor
         images = []
+        fp8 = holds_fp8(self.unet)  # fp8_base weights run only under autocast
         with preserve_module_state(self.trainable_roots()):
             for root in self.trainable_roots():
                 root.eval()
@@ -254,7 +256,8 @@ class DiffusersModel(TrainableModel):
                 if self.info.family == "sdxl":
                     kwargs.update(pooled_prompt_embeds=cond["pooled"], negative_pooled_prompt_embeds=uncond["pooled"],
                                   original_size=(height, width), target_size=(height, width))
-                latents = pipe(**kwargs).images
+                with torch.autocast(p.device.type, dtype=self.dtype, enabled=fp8):
+                    latents = pipe(**kwargs).images
                 images.extend(self.decode_latents(latents))
         return images
 
