@@ -144,7 +144,8 @@ class TrainConfig:
                         "half the UNet's memory with gradient_checkpointing on. Layers compute in bf16/fp16 "
                         "under autocast; LoRA and optimizer stay float32 (kohya's --fp8_base). Only for a "
                         "base_model the engine loads itself (the command line): a host's model is never "
-                        "converted. Needs mixed_precision bf16 or fp16.")
+                        "converted (in ComfyUI, a UNet loaded in fp8 by Load Diffusion Model trains as it "
+                        "is). Needs mixed_precision bf16 or fp16.")
     cuda_graph: bool = _f(True, "Replay each training step as one CUDA graph (CUDA, bf16/fp32, AdamW, no "
                           "gradient accumulation; otherwise the plain step runs). Removes the per-step "
                           "Python and launch overhead: 2-8x faster on an H100 (bench/RESULTS.md), for "

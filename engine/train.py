@@ -110,7 +110,8 @@ class Trainer:
             if cfg.fp8_base:
                 raise ConfigError("fp8_base converts the weights of a base_model the engine loads itself; this "
                                   "model comes from the host, whose weights the trainer never changes. Turn "
-                                  "fp8_base off.")
+                                  "fp8_base off (in ComfyUI, load the UNet in fp8 with Load Diffusion Model, "
+                                  "weight_dtype fp8_e4m3fn, and train that MODEL as it is).")
             self.precision = resolve_precision(cfg.mixed_precision, self.model.device)
             if cfg.prediction_type != "auto":
                 self.model.info.prediction_type = cfg.prediction_type

@@ -5,6 +5,7 @@ It first unloads all models: ComfyUI applies LoRA patches of a loaded clone in p
 modules (keeping backups), so a fair "host unchanged" hash needs no patched clone loaded.
 Linked into custom_nodes/ by the test harness only; it is not part of the node pack.
 """
+import collections
 import hashlib
 import json
 
@@ -14,6 +15,7 @@ import torch
 def fingerprint(root):
     values, flags = hashlib.sha1(), hashlib.sha1()
     hooks = forwards = tensors = 0
+    dtypes = collections.Counter(str(p.dtype) for p in root.parameters())
     for name, mod in root.named_modules():
         hooks += len(mod._forward_hooks) + len(mod._forward_pre_hooks) + len(mod._backward_hooks)
         forwards += "forward" in mod.__dict__
@@ -28,7 +30,7 @@ def fingerprint(root):
                 data = t.detach().to("cpu").contiguous().reshape(-1)
                 values.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return {"values": values.hexdigest(), "flags": flags.hexdigest(), "hooks": hooks, "forwards": forwards,
-            "tensors": tensors}
+            "tensors": tensors, "dtypes": dict(dtypes)}
 
 
 class HostFingerprint:
