@@ -21,11 +21,10 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_config
-from .distributed import Distributed, ShardedData
-from .errors import ConfigError, NonFiniteLoss, TrainingStopped, UserError
+from .distributed import Distributed
+from .errors import NonFiniteLoss, TrainingStopped, UserError
 from .events import Callbacks
 from .encoder_parking import EncoderParking
-from .data.cache import weights_digest
 from .data.prefetch import Prefetch
 from .fast_step import FastStep, host_lrs, unsupported_reason
 from .lora.kohya_io import read_lora, save_lora, to_network_keys
@@ -35,7 +34,8 @@ from .lora.targets import build_network
 from .loss import add_noise, diffusion_loss
 from .model import TrainableModel
 from .optim import build_optimizer, build_scheduler, param_groups
-from .runtime import autocast, compute_dtype, grad_scaler, resolve_device, resolve_precision
+from .run_inputs import load_inputs
+from .runtime import autocast, compute_dtype, grad_scaler
 from .sample import load_prompts, render_previews, save_previews
 
 logger = logging.getLogger(__name__)
@@ -77,45 +77,9 @@ class Trainer:
 
     # --- setup --------------------------------------------------------------------------------------
     def _load(self) -> None:
-        """Dataset first (a wrong folder should not wait for a 7 GB model load), then the model."""
         cfg = self.cfg
-        cfg.check_paths(need_base_model=self.model is None)
-        if self.model is None:
-            from .models.detect import detect_path
-
-            found = detect_path(Path(cfg.base_model).expanduser())  # refuses other families and broken files
-            v_hint = found.v_pred_marker or found.scheduler_prediction_type == "v_prediction"
-            native = {"sd1": 512, "sd2": 768 if v_hint else 512, "sdxl": 1024}[found.family]
-            stat = Path(cfg.base_model).expanduser().stat()
-            self._build_data(native, f"{found.family}-{Path(cfg.base_model).name}-{stat.st_size}-{int(stat.st_mtime)}")
-            from .models.load import load_base_model
-
-            device = self.dist.device(resolve_device(cfg.device))
-            self.precision = resolve_precision(cfg.mixed_precision, device)
-            if cfg.fp8_base and self.precision not in ("bf16", "fp16"):
-                raise ConfigError(f"fp8_base computes each layer in bf16 or fp16; set mixed_precision: bf16 "
-                                  f"(on {device} '{cfg.mixed_precision}' means {self.precision}).")
-            self.model = load_base_model(cfg.base_model, device=device, dtype=compute_dtype(self.precision),
-                                         prediction_type=cfg.prediction_type, clip_skip=cfg.clip_skip)
-            if cfg.fp8_base:
-                from .models.fp8 import store_in_fp8
-
-                before, after = store_in_fp8(self.model.unet)
-                self.events.emit("info", message=f"UNet Linear/Conv2d weights stored in fp8: "
-                                                 f"{before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
-            if self.model.info.resolution != native and str(cfg.resolution) == "auto":
-                self.data = None  # an SD2-768 model without a v marker: buckets at its real size
-                self._build_data(self.model.info.resolution, self._model_key())
-        else:
-            if cfg.fp8_base:
-                raise ConfigError("fp8_base converts the weights of a base_model the engine loads itself; this "
-                                  "model comes from the host, whose weights the trainer never changes. Turn "
-                                  "fp8_base off (in ComfyUI, load the UNet in fp8 with Load Diffusion Model, "
-                                  "weight_dtype fp8_e4m3fn, and train that MODEL as it is).")
-            self.precision = resolve_precision(cfg.mixed_precision, self.model.device)
-            if cfg.prediction_type != "auto":
-                self.model.info.prediction_type = cfg.prediction_type
-            self._build_data(self.model.info.resolution, self._model_key())
+        inputs = load_inputs(cfg, self.model, self.data, self.dist, self.events)
+        self.model, self.data, self.precision = inputs.model, inputs.data, inputs.precision
         self.device = self.model.device
         self.warnings += list(getattr(self.data, "warnings", []))
         for w in self.warnings:
@@ -128,32 +92,6 @@ class Trainer:
             self.total_steps = max(1, math.ceil(cfg.epochs * bpe / accum))
         self.total_micro = self.total_steps * accum if cfg.max_train_steps > 0 else cfg.epochs * bpe
         self.bpe = bpe
-
-    def _build_data(self, native_resolution: int, model_key: str) -> None:
-        if self.data is None:
-            from .data.train_data import TrainData
-
-            self.data = TrainData(self.cfg, native_resolution=native_resolution, model_key=model_key,
-                                  train_text_encoder=self.cfg.train_text_encoder)
-            if self.dist.enabled:
-                self.data = ShardedData(self.data, self.dist.rank, self.dist.world)
-
-    def _model_key(self) -> str:
-        """Identifies the model for the disk latent cache: a changed model must not reuse latents.
-        Latents depend on the VAE alone, so its weights key them where the adapter reaches them (a
-        host's VAE may be swapped under the same checkpoint name: A1111's SD VAE setting, ComfyUI's
-        VAE Loader)."""
-        info = self.model.info
-        vae = self.model.vae_module()
-        if vae is not None:
-            return f"{info.family}-vae-{weights_digest(vae)}"
-        source = getattr(self.model, "source_path", None)
-        if info.sha256:
-            return f"{info.family}-{info.sha256[:16]}"
-        if source and Path(source).exists():
-            stat = Path(source).stat()
-            return f"{info.family}-{Path(source).name}-{stat.st_size}-{int(stat.st_mtime)}"
-        return f"{info.family}-{info.name or 'model'}-{id(self.model)}"
 
     def _init_network(self) -> LoRANetwork:
         cfg = self.cfg
