@@ -39,7 +39,8 @@ def load_inputs(cfg: TrainConfig, model: TrainableModel | None, data, dist, even
     precision = resolve_precision(cfg.mixed_precision, model.device)
     if cfg.prediction_type != "auto":
         model.info.prediction_type = cfg.prediction_type
-    data = data or _dataset(cfg, dist, model.info.resolution, model_key(model))
+    if data is None:
+        data = _dataset(cfg, dist, model.info.resolution, model_key(model))
     return RunInputs(model, data, precision)
 
 
@@ -52,7 +53,8 @@ def _load_from_disk(cfg: TrainConfig, data, dist, events) -> RunInputs:
     v_hint = found.v_pred_marker or found.scheduler_prediction_type == "v_prediction"
     native = {"sd1": 512, "sd2": 768 if v_hint else 512, "sdxl": 1024}[found.family]
     stat = path.stat()
-    data = data or _dataset(cfg, dist, native, f"{found.family}-{path.name}-{stat.st_size}-{int(stat.st_mtime)}")
+    if data is None:
+        data = _dataset(cfg, dist, native, f"{found.family}-{path.name}-{stat.st_size}-{int(stat.st_mtime)}")
     device = dist.device(resolve_device(cfg.device))
     precision = resolve_precision(cfg.mixed_precision, device)
     if cfg.fp8_base and precision not in ("bf16", "fp16"):
