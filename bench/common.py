@@ -146,6 +146,19 @@ def parse_configs(argv: list[str]) -> list[Config]:
     return [Config(**c) for c in json.loads(args.configs)]
 
 
+def row_args(argv: list[str], *, batch: int, gc: bool) -> tuple[str, int, bool, dict]:
+    """`[sd15|sdxl] [batch] [on|off] [key=value ...]` of the breakdown tools: model, batch,
+    checkpointing and extra engine config keys (true/false become booleans)."""
+    model = argv[0] if argv else "sd15"
+    batch = int(argv[1]) if len(argv) > 1 else batch
+    gc = (argv[2] == "on") if len(argv) > 2 else gc
+    extra = {}
+    for kv in argv[3:]:
+        k, v = kv.split("=", 1)
+        extra[k] = {"true": True, "false": False}.get(v, v)
+    return model, batch, gc, extra
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

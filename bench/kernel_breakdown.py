@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import Config, reset_memory
+from .common import Config, reset_memory, row_args
 from .ours import run_config
 from .workload import engine_model
 
@@ -41,14 +41,7 @@ def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    argv = sys.argv[1:] if argv is None else argv
-    model_name = argv[0] if argv else "sd15"
-    batch = int(argv[1]) if len(argv) > 1 else 8
-    gc = (argv[2] if len(argv) > 2 else "off") == "on"
-    extra = {}
-    for kv in argv[3:]:
-        k, v = kv.split("=", 1)
-        extra[k] = {"true": True, "false": False}.get(v, v)
+    model_name, batch, gc, extra = row_args(sys.argv[1:] if argv is None else argv, batch=8, gc=False)
     warmup, steps = 5, 10
     model = engine_model(model_name)
     cfg = Config("ours", model_name, batch, gc, steps=steps, warmup=warmup)

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import Config, env_flag, reset_memory
+from .common import Config, env_flag, reset_memory, row_args
 from .ours import run_config
 from .workload import engine_model
 
@@ -74,14 +74,7 @@ def live_at_peak(trace) -> tuple[int, dict[str, int]]:
 def main(argv=None) -> int:
     import torch
 
-    argv = sys.argv[1:] if argv is None else argv
-    model_name = argv[0] if argv else "sd15"
-    batch = int(argv[1]) if len(argv) > 1 else 1
-    gc = (argv[2] if len(argv) > 2 else "on") == "on"
-    extra = {}
-    for kv in argv[3:]:
-        k, v = kv.split("=", 1)
-        extra[k] = {"true": True, "false": False}.get(v, v)
+    model_name, batch, gc, extra = row_args(sys.argv[1:] if argv is None else argv, batch=1, gc=True)
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")  # before the model
     model = engine_model(model_name)
     cfg = Config("ours", model_name, batch, gc, steps=3, warmup=3)
