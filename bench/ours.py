@@ -7,7 +7,8 @@ Tool "ours-eager" is the same with `cuda_graph: false` (the plain step), to show
 "ours-attn" puts LoRA on the attention projections only (`target_modules: attention`, the layers
 diffusers-peft adapts), for a like-for-like comparison with that peer; "ours-autocast" runs every
 forward under autocast (`autocast: always`), as the engine did before bf16 weights ran natively;
-"ours-fp8" keeps the UNet's Linear/Conv2d weights in fp8 (what `fp8_base: true` does).
+"ours-fp8" keeps the UNet's Linear/Conv2d weights in fp8 (what `fp8_base: true` does); "ours-compile"
+compiles the step with torch.compile (`torch_compile: true`; the compile runs in the warm-up steps).
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
 reset when the loop starts, after caching, so it covers the training steps.
@@ -24,7 +25,8 @@ from .workload import engine_model, image_folder
 
 
 VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules": "attention"},
-            "ours-autocast": {"autocast": "always"}, "ours-fp8": {}}
+            "ours-autocast": {"autocast": "always"}, "ours-fp8": {},
+            "ours-compile": {"torch_compile": True}}
 
 
 def build_model(cfg):

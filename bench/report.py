@@ -21,6 +21,8 @@ TOOL_NOTES = {
                      "model natively buys.",
     "ours-fp8": "- ours-fp8 is our engine with the UNet's Linear/Conv2d weights stored in fp8 (`fp8_base: true`; "
                 "each layer computes in bf16 under autocast): the optional low-memory mode.",
+    "ours-compile": "- ours-compile is our engine with `torch_compile: true` (the step compiled by inductor, "
+                    "inside the CUDA graph; compiling happens in the warm-up steps, which are not timed).",
     "ours-comfyui": "- ours-comfyui is our engine through the ComfyUI adapter (ComfyUI's ModelPatcher, CLIP and "
                     "VAE, as the LoRA Trainer node runs it). ComfyUI keeps CLIP and the VAE on the GPU while "
                     "training (its model management loads all three), hence the higher peak. Its rows record the "
@@ -126,7 +128,7 @@ def targets(rows) -> list[str]:
 
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
-    tools = ["ours"] + [t for t in ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-comfyui") + PEERS if any(r["tool"] == t for r in rows)]
+    tools = ["ours"] + [t for t in ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-comfyui") + PEERS if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
     out = ["# Benchmark results", "",
            f"GPU: {gpu.get('name')} (dense bf16 peak {gpu.get('dense_bf16_tflops')} TFLOP/s, driver "

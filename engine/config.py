@@ -151,6 +151,11 @@ class TrainConfig:
                           "Python and launch overhead: 2-8x faster on an H100 (bench/RESULTS.md), for "
                           "0.1-0.4 GiB more memory (SD1.5). The first step of each bucket shape runs "
                           "eagerly, the second captures.")
+    torch_compile: bool = _f(False, "Compile the training step with torch.compile (inductor), inside the CUDA "
+                             "graph: fuses its elementwise kernels and keeps convolutions channels-last "
+                             "(bench/RESULTS.md has the speed-up). Each bucket shape compiles at its first step, "
+                             "1-3 minutes (SDXL longer), so it pays off on long runs. CUDA only (needs Triton); "
+                             "elsewhere, or for a model it cannot compile, the run trains without it (logged).")
     seed: int = _f(42, "Random seed (data order, noise, timesteps).", minimum=0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", minimum=0)
     min_snr_gamma: float = _f(5.0, "Min-SNR loss weighting gamma; 0 turns it off.", minimum=0)

@@ -6,9 +6,13 @@ run no faster on an H100 than on a far smaller card. Here every step of one inpu
 bucket) is captured once (forward, backward, gradient clipping, fused AdamW) and replayed with a
 single launch; the host only copies the batch into static buffers and draws the noise.
 
-The math is the plain step's (`Trainer._loss` is called by both), with two differences that do not
-change results: gradients are zeroed in place (`_foreach_zero_`) instead of set to None, and the
-learning rate lives in a device tensor the scheduler fills, so a replay sees the current value.
+The math is the plain step's (`Trainer._loss` is called by both); the one difference, which does not
+change results, is that the learning rate lives in a device tensor the scheduler fills, so a replay
+sees the current value. Gradients are created by backward and dropped after the optimizer step, in
+the graph as in the plain step (PyTorch's whole-network capture pattern): they live only from the
+layer that makes them to the step, so the graph's memory peak (mid-backward, activations still
+held) does not carry a full set of gradients (162 MiB for SDXL on kohya's layers). Buffers dropped
+in a capture stay in the graphs' private pool, where only later captures reuse them.
 What the graph cannot hold falls back to the plain step with the reason logged: fp16 (the grad
 scaler decides on the host), gradient accumulation, optimizers other than AdamW, text-encoder
 training (captions are tokenised on the host each step), and any capture that fails. A shape is
@@ -96,7 +100,6 @@ class FastStep:
         self.t = trainer
         self.capture = capture
         self.params = [p for p in trainer.params if p.requires_grad]
-        self.grads = [torch.zeros_like(p) for p in self.params]
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: set[tuple] = set()
         self.eager_only: set[tuple] = set()
@@ -130,8 +133,7 @@ class FastStep:
         for group, lr in zip(opt.param_groups, host_lrs(self.t.scheduler, opt)):
             group["lr"] = lr
             group["capturable"] = False
-        for p in self.params:
-            p.grad = None
+        self._drop_grads()
         self.graphs.clear()
 
     def lr(self) -> float:
@@ -161,16 +163,19 @@ class FastStep:
 
     def _body(self, inp: dict) -> torch.Tensor:
         t = self.t
-        for p, g in zip(self.params, self.grads):
-            p.grad = g
-        torch._foreach_zero_(self.grads)
+        self._drop_grads()
         with t.network.cast_weights(t.step_cast_dtype):
             loss = t._loss(inp["latents"], inp["noise"], inp["t"], inp["cond"], inp["time_ids"], inp["weights"])
             loss.backward()
         if t.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, t.cfg.max_grad_norm, foreach=True)
         t.optimizer.step()
+        self._drop_grads()
         return loss.detach()
+
+    def _drop_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
 
     def step(self, batch) -> torch.Tensor | None:
         """Train one step on `batch` and return its loss (on the device), or None when this batch
@@ -245,6 +250,5 @@ class FastStep:
         if why not in getattr(self, "_declined", set()):
             self.__dict__.setdefault("_declined", set()).add(why)
             logger.info("plain training step for some batches: %s", why)
-        for p in self.params:
-            p.grad = None
+        self._drop_grads()
         return None

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .compiled_loss import loss_for_run
 from .config import TrainConfig, dump_config
 from .distributed import Distributed
 from .errors import NonFiniteLoss, TrainingStopped, UserError
@@ -197,13 +198,16 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.dist.rank)
         self.acp = self.model.alphas_cumprod().to(self.device, torch.float32)
         # LoRA weights cast once per step and held to its end, unless checkpointing: then each layer casts
-        # as it runs, so only the recomputed block's casts are alive in backward (SDXL: 81 MiB less)
+        # as it runs, so only the recomputed block's casts are alive in backward (SDXL: 81 MiB less).
+        # A compiled step casts inside its graph (the compiler decides what to keep for backward).
         self.step_cast_dtype = (compute_dtype(self.precision) if self.precision != "no"
-                                and not cfg.gradient_checkpointing else None)
+                                and not cfg.gradient_checkpointing and not cfg.torch_compile else None)
         self.data.step_encode_precision = "bf16" if self.precision == "bf16" and not cfg.no_half_vae else "no"
         # bf16 weights need no autocast: it would only add casts and float32 copies of activations
         self.use_autocast = not (cfg.autocast == "auto" and self.precision == "bf16" and self.model.computes_in(
             torch.bfloat16, text_encoder=bool(te_params)))
+        if cfg.torch_compile:
+            self._loss = loss_for_run(self._loss, self.device, lambda text: self.events.emit("info", message=text))
 
     def _setup_fast_step(self) -> None:
         """The CUDA-graphed step where the config allows it (engine/fast_step.py says when)."""
@@ -465,7 +469,7 @@ class Trainer:
     def _release(self) -> None:
         if getattr(self, "fast", None) is not None:
             self.fast.close()
-        for name in ("fast", "optimizer", "scheduler", "scaler", "params", "acp"):
+        for name in ("fast", "optimizer", "scheduler", "scaler", "params", "acp", "_loss"):
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

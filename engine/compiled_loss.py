@@ -1,0 +1,63 @@
+"""The diffusion loss compiled by torch.compile (inductor), for `torch_compile: true`.
+
+A third of an SD1.5 step's GPU time is small elementwise kernels (GroupNorm + SiLU, residual adds,
+GEGLU, LoRA adds, casts) and another tenth is cuDNN reordering NCHW activations for its convolutions
+(bench/kernel_breakdown.py). Inductor fuses the elementwise chains into the kernels around them and
+keeps convolution activations channels-last, in the forward and the backward it derives. The CUDA
+graph then replays the compiled kernels as it replays the plain ones.
+
+The loss is compiled once per input shape (one per bucket), at that shape's first step: minutes for
+an SDXL UNet, so it pays off on long runs. A model torch.compile cannot trace is trained as it is, with
+the reason logged; the host's modules are traced, never changed.
+
+CUDA only: torch 2.13's CPU inductor returns wrong LoRA gradients through diffusers' ResnetBlock2D +
+Upsample2D (`python -m bench.compile_check tiny` on a CPU: gradient cosines near 0), while the loss
+itself looks right, so a CPU run would silently train badly. `bench.compile_check` checks a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+BACKEND = "inductor"
+DEVICES = ("cuda",)
+
+
+def loss_for_run(loss: Callable[..., torch.Tensor], device: torch.device,
+                 say: Callable[[str], None]) -> Callable[..., torch.Tensor]:
+    """The loss a `torch_compile: true` run trains with: compiled on CUDA, the plain one elsewhere."""
+    if device.type not in DEVICES:
+        say(f"torch_compile: runs on CUDA only (on {device.type}, torch's inductor can return wrong "
+            f"gradients for SD UNets); training without it")
+        return loss
+    return CompiledLoss(loss, lambda why: say(f"torch_compile: could not compile the step ({why}); "
+                                              f"training without it"))
+
+
+class CompiledLoss:
+    """Call the compiled loss; on a compile failure, say why once and call the plain loss from then on."""
+
+    def __init__(self, loss: Callable[..., torch.Tensor], on_fallback: Callable[[str], None] | None = None):
+        self.plain = loss
+        self.compiled = torch.compile(loss, dynamic=False, backend=BACKEND)
+        self.on_fallback = on_fallback
+        self.failed: str | None = None
+
+    def __call__(self, *args) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                return self.compiled(*args)
+            except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or code generation, not the run
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                self.failed = f"{type(exc).__name__}: {first}"[:300]
+                logger.warning("torch.compile could not compile the training step (%s); training without it",
+                               self.failed)
+                if self.on_fallback is not None:
+                    self.on_fallback(self.failed)
+        return self.plain(*args)
