@@ -154,7 +154,7 @@ class TrainConfig:
     torch_compile: bool = _f(False, "Compile the training step with torch.compile (inductor), inside the CUDA "
                              "graph: fuses its elementwise kernels and keeps convolutions channels-last "
                              "(bench/RESULTS.md has the speed-up). Each bucket shape compiles at its first step, "
-                             "1-3 minutes (SDXL longer), so it pays off on long runs. CUDA only (needs Triton); "
+                             "a few minutes (SDXL longer), so it pays off on long runs. CUDA only (needs Triton); "
                              "elsewhere, or for a model it cannot compile, the run trains without it (logged).")
     seed: int = _f(42, "Random seed (data order, noise, timesteps).", minimum=0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", minimum=0)
