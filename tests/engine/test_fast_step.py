@@ -1,8 +1,8 @@
 """The fast training step trains exactly like the plain one.
 
 On a GPU the fast step is a CUDA graph; here on the CPU it runs the same static-buffer step without
-the graph (`FastStep(capture=False)`), which is everything the graph replays: the shared loss, in-place
-grad zeroing, foreach clipping, the learning rate in a tensor the scheduler fills, and the per-step
+the graph (`FastStep(capture=False)`), which is everything the graph replays: the shared loss,
+gradients created in backward and dropped after the step, foreach clipping, the learning rate in a tensor the scheduler fills, and the per-step
 LoRA weight casts. Tolerance: losses and final weights agree to 1e-5 relative (fp32 on the CPU; the
 only differences are the order of float additions in clipping and AdamW's tensor-lr arithmetic).
 """
@@ -115,3 +115,20 @@ def test_scheduler_keeps_filling_the_lr_tensor():
     assert seen == pytest.approx(expected)
     fast.close()
     assert isinstance(opt2.param_groups[0]["lr"], float)
+
+
+def test_no_gradients_are_held_between_steps(data, tmp_path, fast_on_cpu, monkeypatch):
+    """Gradients live from backward to the optimizer step only: nothing keeps them between steps (on the
+    GPU that keeps a full set of them out of the next step's peak, mid-backward)."""
+    held = []
+    original = FastStep.step
+
+    def step(self, batch):
+        loss = original(self, batch)
+        held.append([p.grad is not None for p in self.params])
+        return loss
+
+    monkeypatch.setattr(FastStep, "step", step)
+    train(quick_config(data, tmp_path, max_train_steps=3), tiny_sd1())
+    assert fast_on_cpu and len(held) == 3
+    assert not any(any(flags) for flags in held)
