@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from .fast_step import MAX_GRAPHS
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,7 +54,10 @@ class CompiledLoss:
     def __call__(self, *args) -> torch.Tensor:
         if self.failed is None:
             try:
-                return self.compiled(*args)
+                # one compiled graph per bucket shape, as many as the CUDA graphs (torch's default stops at 8
+                # and runs later shapes uncompiled); set only around this call, the host's setting stays
+                with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+                    return self.compiled(*args)
             except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or code generation, not the run
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 self.failed = f"{type(exc).__name__}: {first}"[:300]

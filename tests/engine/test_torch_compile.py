@@ -86,3 +86,18 @@ def test_on_the_cpu_it_says_cuda_only_and_trains_plain(data, tmp_path):
     cpu, said = _run(data, tmp_path / "cpu", torch_compile=True)
     assert len(said) == 1 and "CUDA only" in said[0]
     assert plain.losses == cpu.losses
+
+
+def test_every_bucket_shape_is_compiled_past_torchs_default_limit(monkeypatch):
+    """torch stops compiling a function after 8 input shapes; a run with more buckets keeps compiling
+    (up to the 16 shapes the fast step graphs), and the host's own limit is left as it was."""
+    monkeypatch.setattr(compiled_loss, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    limit = torch._dynamo.config.recompile_limit
+    loss = compiled_loss.CompiledLoss(lambda x: (x * 2).square().mean())
+    for side in range(1, 13):
+        assert float(loss(torch.ones(side, side + 1))) == 4.0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 12
+    assert loss.failed is None
+    assert torch._dynamo.config.recompile_limit == limit
