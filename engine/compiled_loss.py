@@ -17,6 +17,7 @@ itself looks right, so a CPU run would silently train badly. `bench.compile_chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable
 
@@ -25,7 +26,6 @@ import torch
 from .fast_step import MAX_GRAPHS
 
 logger = logging.getLogger(__name__)
-
 
 BACKEND = "inductor"
 DEVICES = ("cuda",)
@@ -54,15 +54,36 @@ class CompiledLoss:
     def __call__(self, *args) -> torch.Tensor:
         if self.failed is None:
             try:
-                # one compiled graph per bucket shape, as many as the CUDA graphs (torch's default stops at 8
-                # and runs later shapes uncompiled); set only around this call, the host's setting stays
-                with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+                with _compile_settings():
                     return self.compiled(*args)
             except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or code generation, not the run
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                self.failed = f"{type(exc).__name__}: {first}"[:300]
+                self.failed = _reason(exc)
                 logger.warning("torch.compile could not compile the training step (%s); training without it",
                                self.failed)
                 if self.on_fallback is not None:
                     self.on_fallback(self.failed)
         return self.plain(*args)
+
+
+def _compile_settings():
+    """Set only around our call, so the host's settings stay: one compiled graph per bucket shape, as many
+    as the CUDA graphs (torch's default stops at 8 and runs later shapes uncompiled); and the backward
+    compiled with the forward (torch defers it to the first backward, where a failure would end the
+    run instead of falling back here)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS))
+    functorch_config = torch._functorch.config
+    if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        stack.enter_context(functorch_config.patch(force_non_lazy_backward_lowering=True))
+    return stack
+
+
+def _reason(exc: Exception) -> str:
+    """One line: the wrapper's name and the first line of what went wrong inside it (a backend
+    failure wraps the compiler's own exception)."""
+    inner = getattr(exc, "inner_exception", None)
+    cause = inner if inner is not None else exc
+    text = str(cause).strip()
+    first = text.splitlines()[0] if text else ""
+    where = f"{type(exc).__name__}: {type(inner).__name__}: " if inner is not None else f"{type(exc).__name__}: "
+    return (where + first)[:300]

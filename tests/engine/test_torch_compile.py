@@ -101,3 +101,19 @@ def test_every_bucket_shape_is_compiled_past_torchs_default_limit(monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 12
     assert loss.failed is None
     assert torch._dynamo.config.recompile_limit == limit
+
+
+def test_a_backward_that_cannot_compile_falls_back_too(data, tmp_path, compiles_on_cpu, monkeypatch):
+    """torch compiles the backward lazily, at the first backward; a failure there would end the run. The
+    engine compiles it with the forward, so it is caught like a forward failure."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def refuse_backward(gm, example_inputs):
+        raise RuntimeError("no kernel for this backward")
+
+    monkeypatch.setattr(compiled_loss, "BACKEND", aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=refuse_backward))
+    torch._dynamo.reset()
+    plain, _ = _run(data, tmp_path / "plain")
+    fallback, said = _run(data, tmp_path / "fallback", torch_compile=True)
+    assert len(said) == 1 and "no kernel for this backward" in said[0], said
+    assert plain.losses == fallback.losses
