@@ -16,7 +16,7 @@ from engine.fast_step import FastStep, host_lrs
 from engine.models import tiny_sd1, tiny_sdxl
 from engine.train import train
 
-from train_fixtures import pattern_dataset, quick_config
+from train_fixtures import fast_step_on_cpu, pattern_dataset, quick_config
 
 RTOL = 1e-5
 
@@ -29,16 +29,7 @@ def data(tmp_path_factory):
 @pytest.fixture
 def fast_on_cpu(monkeypatch):
     """Let the trainer take the fast path on the CPU; record that it did."""
-    made = []
-
-    class Recording(FastStep):
-        def __init__(self, trainer, **kw):
-            super().__init__(trainer, capture=False)
-            made.append(self)
-
-    monkeypatch.setattr(train_module, "unsupported_reason", lambda *a, **k: None)
-    monkeypatch.setattr(train_module, "FastStep", Recording)
-    return made
+    return fast_step_on_cpu(monkeypatch)
 
 
 def _close(a: list[float], b: list[float]) -> bool:

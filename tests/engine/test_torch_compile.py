@@ -13,13 +13,11 @@ import torch
 from torch._dynamo.exc import Unsupported
 
 import engine.compiled_loss as compiled_loss
-import engine.train as train_module
 from engine.events import FunctionCallback
-from engine.fast_step import FastStep
 from engine.models import tiny_sd1
 from engine.train import train
 
-from train_fixtures import pattern_dataset, quick_config
+from train_fixtures import fast_step_on_cpu, pattern_dataset, quick_config
 
 OPTS = dict(max_train_steps=5, batch_size=2, lr_scheduler="cosine", warmup_steps=2, max_grad_norm=0.05)
 RTOL = 1e-5
@@ -33,12 +31,7 @@ def data(tmp_path_factory):
 @pytest.fixture
 def compiles_on_cpu(monkeypatch):
     """The fast step and the compiled loss on the CPU (aot_eager kernels)."""
-    class OnCpu(FastStep):
-        def __init__(self, trainer, **kw):
-            super().__init__(trainer, capture=False)
-
-    monkeypatch.setattr(train_module, "unsupported_reason", lambda *a, **k: None)
-    monkeypatch.setattr(train_module, "FastStep", OnCpu)
+    fast_step_on_cpu(monkeypatch)
     monkeypatch.setattr(compiled_loss, "DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(compiled_loss, "BACKEND", "aot_eager")
 

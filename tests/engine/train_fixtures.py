@@ -32,6 +32,24 @@ def quick_config(data: Path, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def fast_step_on_cpu(monkeypatch) -> list:
+    """Let the trainer take the fast step on the CPU (everything the CUDA graph replays, run without the
+    graph); returns the list of FastStep objects made, so a test can check the fast path was taken."""
+    import engine.train as train_module
+    from engine.fast_step import FastStep
+
+    made = []
+
+    class OnCpu(FastStep):
+        def __init__(self, trainer, **kw):
+            super().__init__(trainer, capture=False)
+            made.append(self)
+
+    monkeypatch.setattr(train_module, "unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(train_module, "FastStep", OnCpu)
+    return made
+
+
 def eval_loss(model, folder: Path, n: int = 4) -> float:
     """Noise-prediction error on fixed latents, noise and timesteps: comparable before/after training."""
     g = torch.Generator().manual_seed(1)
