@@ -52,9 +52,8 @@ def _load_from_disk(cfg: TrainConfig, data, dist, events) -> RunInputs:
     found = detect_path(path)  # refuses other families and broken files
     v_hint = found.v_pred_marker or found.scheduler_prediction_type == "v_prediction"
     native = {"sd1": 512, "sd2": 768 if v_hint else 512, "sdxl": 1024}[found.family]
-    stat = path.stat()
     if data is None:
-        data = _dataset(cfg, dist, native, f"{found.family}-{path.name}-{stat.st_size}-{int(stat.st_mtime)}")
+        data = _dataset(cfg, dist, native, _file_key(found.family, path))
     device = dist.device(resolve_device(cfg.device))
     precision = resolve_precision(cfg.mixed_precision, device)
     if cfg.fp8_base and precision not in ("bf16", "fp16"):
@@ -94,6 +93,11 @@ def model_key(model: TrainableModel) -> str:
     if info.sha256:
         return f"{info.family}-{info.sha256[:16]}"
     if source and Path(source).exists():
-        stat = Path(source).stat()
-        return f"{info.family}-{Path(source).name}-{stat.st_size}-{int(stat.st_mtime)}"
+        return _file_key(info.family, Path(source))
     return f"{info.family}-{info.name or 'model'}-{id(model)}"
+
+
+def _file_key(family: str, path: Path) -> str:
+    """A checkpoint file by name, size and modification time (a rewritten file gets a new key)."""
+    stat = path.stat()
+    return f"{family}-{path.name}-{stat.st_size}-{int(stat.st_mtime)}"
