@@ -18,8 +18,9 @@ from torch import nn
 
 from ..engine.errors import ModelError
 from ..engine.model import Conditioning, ModelInfo, TrainableModel
+from ..engine.models.module_state import checkpointed_forwards
 from .comfy_names import layout_from_unet_config, text_encoder_layers, text_encoders, unet_layers
-from .host_state import borrowed_weights, checkpointed_blocks, clip_backprop_guard, unet_blocks
+from .host_state import borrowed_weights, clip_backprop_guard, unet_blocks
 
 NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
@@ -187,7 +188,7 @@ class ComfyModel(TrainableModel):
         with contextlib.ExitStack() as stack:
             stack.enter_context(borrowed_weights(self.trainable_roots(), swap))
             if gradient_checkpointing:
-                stack.enter_context(checkpointed_blocks(unet_blocks(unet)))
+                stack.enter_context(checkpointed_forwards(unet_blocks(unet)))
             if train_text_encoder:
                 stack.enter_context(clip_backprop_guard(self.text_models()))
             yield self

@@ -1,6 +1,6 @@
 """Borrowing ComfyUI's loaded modules for training and giving them back exactly as they were.
 
-Three things stand between ComfyUI's modules and backprop, and each is undone in `finally`:
+Two things stand between ComfyUI's modules and backprop, and each is undone in `finally`:
 
 - Weights loaded by ComfyUI are *inference tensors* (made under `torch.inference_mode()`); autograd
   cannot save them for backward. `borrowed_weights` swaps each one for a normal-tensor clone, one
@@ -9,9 +9,6 @@ Three things stand between ComfyUI's modules and backprop, and each is undone in
   it True). Values are copied bit for bit both ways.
 - ComfyUI's `CLIPLayer.forward` adds in place onto a tensor its LayerNorm saved for backward.
   `clip_backprop_guard` gives each `layer_norm1`/`layer_norm2` a cloned input through a pre-hook.
-- Gradient checkpointing: `checkpointed_blocks` wraps the `forward` of every block inside
-  `input_blocks` / `middle_block` / `output_blocks` in a non-reentrant checkpoint (ComfyUI's UNet
-  iterates the children of its sequential blocks, so the children are what gets wrapped).
 Pure torch: no comfy import, so the guarantees are unit-tested without a ComfyUI install.
 """
 
@@ -123,7 +120,8 @@ def clip_backprop_guard(text_models: list[nn.Module]):
 
 
 def unet_blocks(diffusion_model: nn.Module) -> list[nn.Module]:
-    """The blocks inside ComfyUI's `input_blocks`, `middle_block` and `output_blocks`."""
+    """The blocks inside ComfyUI's `input_blocks`, `middle_block` and `output_blocks`: what gradient
+    checkpointing wraps, since ComfyUI's UNet iterates the children of its sequential blocks."""
     blocks = []
     for attr in ("input_blocks", "output_blocks"):
         for seq in getattr(diffusion_model, attr, []):
@@ -132,30 +130,6 @@ def unet_blocks(diffusion_model: nn.Module) -> list[nn.Module]:
     if middle is not None:
         blocks.extend(middle.children())
     return blocks
-
-
-@contextlib.contextmanager
-def checkpointed_blocks(modules: list[nn.Module]):
-    """Recompute each module's activations in backward (non-reentrant checkpoint); restore `forward`."""
-    saved = []
-    try:
-        for mod in modules:
-            saved.append((mod, mod.__dict__.get("forward", _MISSING)))
-            original = mod.forward
-
-            def run(*args, _f=original, **kwargs):
-                if not torch.is_grad_enabled():
-                    return _f(*args, **kwargs)
-                return torch.utils.checkpoint.checkpoint(_f, *args, use_reentrant=False, **kwargs)
-
-            mod.forward = run
-        yield len(saved)
-    finally:
-        for mod, previous in saved:
-            if previous is _MISSING:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = previous
 
 
 def state_fingerprint(roots: list[nn.Module]) -> dict:

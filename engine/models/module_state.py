@@ -50,21 +50,36 @@ def _checkpoint(function, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
+def _whole(mod: nn.Module) -> bool:
+    """A diffusers Transformer2DModel with a single block (every one in SD1.x/SD2.x) is checkpointed
+    whole: its own flag only checkpoints the block, which leaves the group norm, proj_in, proj_out and
+    the layout copies between them (with their LoRA) saved for backward in every transformer, about
+    a third of what an SD1.5 step holds at batch 1. Recomputing them costs a norm and two 1x1
+    projections. Transformers with more blocks (SDXL's 2 and 10) keep block-by-block checkpointing,
+    so a recompute never holds more than one block's activations."""
+    blocks = getattr(mod, "transformer_blocks", None)
+    return isinstance(blocks, nn.ModuleList) and len(blocks) == 1 and hasattr(mod, "proj_in")
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(roots: list[nn.Module]):
     """Turn on activation checkpointing in diffusers and transformers modules (both read the
-    `gradient_checkpointing` flag and call `_gradient_checkpointing_func`), then restore both
-    attributes exactly: values that were set are set back, attributes that were absent are deleted."""
-    saved = []
+    `gradient_checkpointing` flag and call `_gradient_checkpointing_func`; single-block transformers
+    are wrapped whole instead, see `_whole`), then restore both attributes exactly: values that were
+    set are set back, attributes that were absent are deleted."""
+    saved, whole = [], []
     for root in roots:
         for mod in root.modules():
             if hasattr(mod, "gradient_checkpointing"):
                 saved.append((mod, {a: mod.__dict__.get(a, _MISSING) for a in _GC_ATTRS}))
+                if _whole(mod):
+                    whole.append(mod)
     try:
         for mod, _ in saved:
             mod._gradient_checkpointing_func = _checkpoint
-            mod.gradient_checkpointing = True
-        yield len(saved)
+            mod.gradient_checkpointing = not any(mod is w for w in whole)
+        with checkpointed_forwards(whole):
+            yield len(saved)
     finally:
         for mod, attrs in saved:
             for name, value in attrs.items():
@@ -72,6 +87,31 @@ def gradient_checkpointing(roots: list[nn.Module]):
                     mod.__dict__.pop(name, None)
                 else:
                     setattr(mod, name, value)
+
+
+@contextlib.contextmanager
+def checkpointed_forwards(modules: list[nn.Module]):
+    """Recompute each module's activations in backward (non-reentrant checkpoint, only while grad is
+    enabled) by wrapping its `forward`; the instance attribute is restored (or removed) afterwards.
+    For modules whose callers do not checkpoint them (ComfyUI's blocks, diffusers' whole transformers)."""
+    saved = []
+    try:
+        for mod in modules:
+            saved.append((mod, mod.__dict__.get("forward", _MISSING)))
+
+            def run(*args, _f=mod.forward, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _f(*args, **kwargs)
+                return _checkpoint(_f, *args, **kwargs)
+
+            mod.forward = run
+        yield len(saved)
+    finally:
+        for mod, previous in saved:
+            if previous is _MISSING:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = previous
 
 
 @contextlib.contextmanager

@@ -122,7 +122,8 @@ def test_layers_schedule_and_info(sd1, sdxl):
 
 
 def _snapshot(model):
-    """Everything a host would notice: values, dtypes, devices, grad flags, modes, GC attributes."""
+    """Everything a host would notice: values, dtypes, devices, grad flags, modes, GC attributes,
+    `forward` overrides."""
     state = []
     for root in (model.unet, model.vae, *model.text_encoders):
         digest = hashlib.sha256()
@@ -132,7 +133,7 @@ def _snapshot(model):
             digest.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         state.append(digest.hexdigest())
         state.append([(n, p.requires_grad, id(p)) for n, p in root.named_parameters()])
-        state.append([(n, m.training, {a: m.__dict__[a] for a in ("gradient_checkpointing",
+        state.append([(n, m.training, {a: m.__dict__[a] for a in ("gradient_checkpointing", "forward",
                                                                    "_gradient_checkpointing_func") if a in m.__dict__})
                       for n, m in root.named_modules()])
     state.append(sorted((k, type(v).__name__) for k, v in model.unet.attn_processors.items()))
@@ -149,7 +150,14 @@ def _borrowed(build):
     return model
 
 
-def _train_step(model, hooked: nn.Linear, delta: nn.Linear):
+def _delta_for(layer: nn.Module) -> nn.Module:
+    """A trainable layer whose output is added to `layer`'s (a stand-in for a LoRA module)."""
+    if isinstance(layer, nn.Conv2d):
+        return nn.Conv2d(layer.in_channels, layer.out_channels, 1, bias=False)
+    return nn.Linear(layer.in_features, layer.out_features, bias=False)
+
+
+def _train_step(model, hooked: nn.Module, delta: nn.Module):
     handle = hooked.register_forward_hook(lambda mod, args, out: out + delta(args[0]))
     try:
         latents = model.encode_images(torch.rand(1, 3, 64, 64) * 2 - 1)
@@ -168,7 +176,9 @@ def test_borrowed_model_comes_back_bit_identical_after_a_crash(build):
     delta = nn.Linear(te_linear.in_features, te_linear.out_features, bias=False)
     with pytest.raises(RuntimeError, match="boom"):
         with model.session(gradient_checkpointing=True, train_text_encoder=True):
-            gc_flags = [m.gradient_checkpointing for m in model.unet.modules() if hasattr(m, "gradient_checkpointing")]
+            # each module with the flag is checkpointed: by its flag, or whole through its forward
+            gc_flags = [m.gradient_checkpointing or "forward" in m.__dict__
+                        for m in model.unet.modules() if hasattr(m, "gradient_checkpointing")]
             assert gc_flags and all(gc_flags)
             assert not any(p.requires_grad for r in model.trainable_roots() for p in r.parameters())
             _train_step(model, te_linear, delta)
@@ -177,17 +187,64 @@ def test_borrowed_model_comes_back_bit_identical_after_a_crash(build):
     assert _snapshot(model) == before
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(sd1):
-    target = sd1.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v")
+@pytest.mark.parametrize("layer", ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+                                   "down_blocks.0.attentions.0.proj_in", "up_blocks.1.attentions.0.proj_out"])
+def test_gradient_checkpointing_gives_the_same_gradients(sd1, layer):
+    target = sd1.unet.get_submodule(layer)
     grads = []
     for gc in (False, True):
         torch.manual_seed(0)
-        delta = nn.Linear(target.in_features, target.out_features, bias=False)
+        delta = _delta_for(target)
         with sd1.session(gradient_checkpointing=gc, train_text_encoder=False):
             torch.manual_seed(1)
             _train_step(sd1, target, delta)
         grads.append(delta.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("build", [tiny_sd1, tiny_sdxl])
+def test_checkpointing_holds_nothing_inside_a_single_block_transformer(build):
+    """A one-block transformer (all of SD1's) is recomputed whole: with checkpointing on, nothing it
+    makes (norm, projections, their LoRA) is held for backward, only its inputs. Multi-block ones
+    (SDXL's) are still checkpointed block by block, so their norm and projections are held."""
+    model = build(seed=0)
+    transformers = [m for m in model.unet.modules() if hasattr(m, "transformer_blocks")]
+    target = transformers[0].proj_in
+    inside: dict[int, int] = {}
+    current = []  # (index, data pointers of its inputs) of the transformer running now
+
+    def pack(t):
+        if current and t.data_ptr() not in current[-1][1]:
+            inside[current[-1][0]] = inside.get(current[-1][0], 0) + t.numel()
+        return t
+
+    def enter(_mod, args, kwargs, i):
+        current.append((i, {a.data_ptr() for a in (*args, *kwargs.values()) if torch.is_tensor(a)}))
+
+    def leave(*_):
+        current.pop()
+
+    hooks = [h for i, m in enumerate(transformers) for h in (
+        m.register_forward_pre_hook(lambda *a, i=i: enter(*a, i), with_kwargs=True), m.register_forward_hook(leave))]
+    held = {}
+    for gc in (False, True):
+        inside.clear()
+        delta = _delta_for(target)
+        with model.session(gradient_checkpointing=gc, train_text_encoder=False):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                _train_step(model, target, delta)
+        assert delta.weight.grad.abs().sum() > 0
+        held[gc] = dict(inside)
+    for h in hooks:
+        h.remove()
+    assert all(held[False].get(i) for i in range(len(transformers)))  # the probe sees what is held
+    for i, m in enumerate(transformers):
+        if len(m.transformer_blocks) == 1:
+            assert i not in held[True], f"transformer {i} held {held[True][i]} values for backward"
+        else:
+            assert held[True].get(i), "a multi-block transformer is not recomputed whole"
+    blocks = {len(m.transformer_blocks) for m in transformers}
+    assert blocks == ({1} if build is tiny_sd1 else {2}), blocks  # both kinds are exercised
 
 
 def test_fp16_sdxl_vae_is_encoded_in_fp32_and_given_back_unchanged():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from inplace_lora_pack.nodes.host_state import (borrowed_weights, checkpointed_blocks, clip_backprop_guard,
-                                                state_fingerprint)
+from inplace_lora_pack.engine.models.module_state import checkpointed_forwards
+from inplace_lora_pack.nodes.host_state import borrowed_weights, clip_backprop_guard, state_fingerprint
 
 
 def inference_model(seed=0):
@@ -101,14 +101,14 @@ def test_clip_guard_makes_in_place_layers_trainable_and_leaves_no_hooks():
     assert up.grad is not None and state_fingerprint([layer])["hooks"] == 0
 
 
-def test_checkpointed_blocks_give_the_same_gradients_and_restore_forward():
+def test_checkpointed_forwards_give_the_same_gradients_and_restore_forward():
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).requires_grad_(False)
     (down, up), handle = lora_hook(model[0])
     x = torch.randn(3, 8)
     model(x).sum().backward()
     plain = up.grad.clone()
     up.grad = down.grad = None
-    with checkpointed_blocks(list(model.children())) as n:
+    with checkpointed_forwards(list(model.children())) as n:
         assert n == 3
         model(x).sum().backward()
     handle.remove()
