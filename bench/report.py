@@ -29,6 +29,8 @@ TOOL_NOTES = {
                     "ours row timed in the same run (`paired_ours`); the ComfyUI-path lines under Targets compare "
                     "with that, while the table's ratio column compares with the ours column, which may come "
                     "from another run (each row's notes say which).",
+    "ours-comfyui-compile": "- ours-comfyui-compile is ours-comfyui with `torch_compile: true` (Dynamo traces "
+                            "ComfyUI's own UNet); the ComfyUI-path lines under Targets compare it with ours-compile.",
 }
 # SimpleTuner H100, bf16, cached, batch 1, checkpointing: (GiB, what it trained)
 PUBLISHED_GIB = {"sd15": (1.98, "LoRA r16 on to_q/k/v/out.0 with adamw_bf16, which keeps LoRA weights and optimizer states in bf16"),
@@ -112,24 +114,25 @@ def targets(rows) -> list[str]:
         if _ok(r) and r.get("mfu") is not None:
             extra.append(f"- SD1.5 batch 8, no checkpointing, {tool} ({how}): MFU {100 * r['mfu']:.1f}% "
                          f"(target 35%) {'✅' if r['mfu'] >= 0.35 else '❌'}")
-    for model in ("sd15", "sdxl"):
-        for b in (1, 4, 8):
-            a, c = _get(rows, "ours", model, b, False, True), _get(rows, "ours-comfyui", model, b, False, True)
-            if _ok(c) and c.get("paired_ours"):  # ours timed in the same run as this row: compare with that
-                a, same_run = c["paired_ours"], " (both in one run)"
-            else:
-                same_run = ""
-            if _ok(a) and _ok(c):
-                extra.append(f"- ComfyUI path vs standalone, {model} b{b}{same_run}: "
-                             f"{c['images_per_s'] / a['images_per_s']:.2f}x (target >= 0.90) "
-                             f"{'✅' if c['images_per_s'] >= 0.9 * a['images_per_s'] else '❌'}; peak "
-                             f"{c['peak_gib']:.2f} vs {a['peak_gib']:.2f} GiB")
+    for alone, comfy in (("ours", "ours-comfyui"), ("ours-compile", "ours-comfyui-compile")):
+        for model in ("sd15", "sdxl"):
+            for b in (1, 4, 8):
+                a, c = _get(rows, alone, model, b, False, True), _get(rows, comfy, model, b, False, True)
+                if _ok(c) and c.get("paired_ours"):  # ours timed in the same run as this row: compare with that
+                    a, same_run = c["paired_ours"], " (both in one run)"
+                else:
+                    same_run = ""
+                if _ok(a) and _ok(c):
+                    extra.append(f"- ComfyUI path vs standalone{' (compiled)' if alone != 'ours' else ''}, "
+                                 f"{model} b{b}{same_run}: {c['images_per_s'] / a['images_per_s']:.2f}x "
+                                 f"(target >= 0.90) {'✅' if c['images_per_s'] >= 0.9 * a['images_per_s'] else '❌'}; "
+                                 f"peak {c['peak_gib']:.2f} vs {a['peak_gib']:.2f} GiB")
     return head + lines + [""] + extra
 
 
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
-    tools = ["ours"] + [t for t in ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-comfyui") + PEERS if any(r["tool"] == t for r in rows)]
+    tools = ["ours"] + [t for t in ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-comfyui", "ours-comfyui-compile") + PEERS if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
     out = ["# Benchmark results", "",
            f"GPU: {gpu.get('name')} (dense bf16 peak {gpu.get('dense_bf16_tflops')} TFLOP/s, driver "

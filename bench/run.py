@@ -35,6 +35,7 @@ TOOLS = {  # tool -> module that runs its rows
     "comfyui-native": "bench.peer_comfy",
     "kohya": "bench.peer_kohya",
     "ours-comfyui": "bench.ours_comfy",
+    "ours-comfyui-compile": "bench.ours_comfy",
 }
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1,
                      "RTX 4090": 165.2}
@@ -52,7 +53,7 @@ def plan(tools, models, batches, steps, warmup, uncached_batch, checkpointing=(F
         for model in models:
             cfgs = [dict(tool=tool, model=model, batch=b, gradient_checkpointing=gc, cached=True, steps=steps,
                          warmup=warmup) for gc in checkpointing for b in batches]
-            if uncached_batch and tool not in ("comfyui-native", "ours-comfyui"):
+            if uncached_batch and tool not in ("comfyui-native", "ours-comfyui", "ours-comfyui-compile"):
                 cfgs.append(dict(tool=tool, model=model, batch=uncached_batch, gradient_checkpointing=False,
                                  cached=False, steps=steps, warmup=warmup))
             out[(tool, model)] = cfgs
