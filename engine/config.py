@@ -140,8 +140,9 @@ class TrainConfig:
                        "autocast every forward, as diffusers' and kohya's scripts do.", choices=("auto", "always"))
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: about 35% "
                                       "slower, far less memory. Turn on for SDXL on cards under 16 GB.")
-    fp8_base: bool = _f(False, "Store the frozen UNet's Linear and Conv2d weights in float8 (e4m3fn): about "
-                        "half the UNet's memory with gradient_checkpointing on. Layers compute in bf16/fp16 "
+    fp8_base: bool = _f(False, "Store the frozen UNet's Linear and Conv2d weights in float8 (e4m3fn): on an "
+                        "H100 at batch 1 with gradient_checkpointing, SD1.5 1.30 instead of 1.93 GiB and SDXL "
+                        "3.93 instead of 6.04 GiB, about 20% slower, loss curve within 0.6% of bf16's. Layers compute in bf16/fp16 "
                         "under autocast; LoRA and optimizer stay float32 (kohya's --fp8_base). Only for a "
                         "base_model the engine loads itself (the command line): a host's model is never "
                         "converted (in ComfyUI, a UNet loaded in fp8 by Load Diffusion Model trains as it "
