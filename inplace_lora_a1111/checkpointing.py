@@ -7,38 +7,48 @@ differentiates the parameters it is given). So each `BasicTransformerBlock` / `R
 per-instance `forward` that runs the block's `_forward` under `torch.utils.checkpoint` with
 `use_reentrant=False`; deleting the instance attribute afterwards restores the class method, so no
 other loaded model (and no other extension's class patch) is touched.
+
+A `SpatialTransformer` with a single block (all of SD1's and SD2's) is recomputed whole instead, as
+the engine does for diffusers' transformers (engine/models/module_state.py): its norm, proj_in,
+layout copies and proj_out (and their LoRA) are then not held for backward either. Its block runs
+its `_forward` plainly inside that recompute. SDXL's 2- and 10-block transformers keep
+block-by-block checkpointing, so a recompute never holds more than one block.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch import nn
+
+from engine.models.module_state import checkpointed_forwards
 
 BLOCK_TYPES = ("BasicTransformerBlock", "ResBlock")
 
 
-def _checkpointed(inner):
-    def forward(*args, **kwargs):
-        if not torch.is_grad_enabled():  # previews and caching: nothing to save memory for
-            return inner(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
+def _free(module: nn.Module) -> bool:
+    """Not already given an instance `forward` (by another extension, or by us)."""
+    return "forward" not in module.__dict__
 
-    return forward
+
+def _ldm_block(module: nn.Module) -> bool:
+    return type(module).__name__ in BLOCK_TYPES and callable(getattr(module, "_forward", None)) and _free(module)
+
+
+def _whole(module: nn.Module) -> bool:
+    blocks = getattr(module, "transformer_blocks", None)
+    return (type(module).__name__ == "SpatialTransformer" and isinstance(blocks, nn.ModuleList)
+            and len(blocks) == 1 and _free(module))
 
 
 @contextlib.contextmanager
 def block_checkpointing(root: nn.Module):
-    """Checkpoint every ldm/sgm transformer and residual block under `root`; yields how many."""
-    patched = []
-    try:
-        for module in root.modules():
-            if (type(module).__name__ in BLOCK_TYPES and callable(getattr(module, "_forward", None))
-                    and "forward" not in module.__dict__):
-                module.forward = _checkpointed(module._forward)
-                patched.append(module)
-        yield len(patched)
-    finally:
-        for module in patched:
-            module.__dict__.pop("forward", None)
+    """Checkpoint every ldm/sgm transformer and residual block under `root`; yields how many modules
+    are recomputed (whole transformers and blocks)."""
+    whole = [m for m in root.modules() if _whole(m)]
+    inside = {id(b) for m in whole for b in m.transformer_blocks}
+    blocks = [m for m in root.modules() if _ldm_block(m) and id(m) not in inside]
+    plain = [b for w in whole for b in w.transformer_blocks if _ldm_block(b)]
+    with checkpointed_forwards(whole), checkpointed_forwards(blocks, inner="_forward"), \
+            checkpointed_forwards(plain, inner="_forward", recompute=False):
+        yield len(whole) + len(blocks)

@@ -90,17 +90,20 @@ def gradient_checkpointing(roots: list[nn.Module]):
 
 
 @contextlib.contextmanager
-def checkpointed_forwards(modules: list[nn.Module]):
+def checkpointed_forwards(modules: list[nn.Module], inner: str = "forward", recompute: bool = True):
     """Recompute each module's activations in backward (non-reentrant checkpoint, only while grad is
-    enabled) by wrapping its `forward`; the instance attribute is restored (or removed) afterwards.
-    For modules whose callers do not checkpoint them (ComfyUI's blocks, diffusers' whole transformers)."""
+    enabled) by giving it an instance `forward` that runs its `inner` method; the instance attribute
+    is restored (or removed) afterwards. For modules whose callers do not checkpoint them (ComfyUI's
+    blocks, diffusers' and ldm's whole transformers). `inner="_forward"` runs the body of ldm's
+    blocks without their own reentrant checkpoint (which drops LoRA gradients); `recompute=False`
+    runs it plainly, for blocks inside a module that is recomputed whole."""
     saved = []
     try:
         for mod in modules:
             saved.append((mod, mod.__dict__.get("forward", _MISSING)))
 
-            def run(*args, _f=mod.forward, **kwargs):
-                if not torch.is_grad_enabled():
+            def run(*args, _f=getattr(mod, inner), **kwargs):
+                if not (recompute and torch.is_grad_enabled()):
                     return _f(*args, **kwargs)
                 return _checkpoint(_f, *args, **kwargs)
 

@@ -1,6 +1,9 @@
 """The two temporary patches the adapter applies: LoRA on OpenCLIP's fused attention, and gradient
 checkpointing of ldm/sgm blocks. Both must compute the right thing and leave no trace."""
 
+import contextlib
+
+import pytest
 import torch
 from torch import nn
 
@@ -98,3 +101,64 @@ def test_checkpointing_keeps_lora_gradients_and_restores_the_class_forward():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checked))
     assert all("forward" not in m.__dict__ for m in root.modules())
     assert BasicTransformerBlock.forward.__qualname__ == "BasicTransformerBlock.forward"
+
+
+class SpatialTransformer(nn.Module):
+    """Shaped like ldm's: group norm, 1x1 proj_in, the blocks over (b, h*w, c) tokens, 1x1 proj_out,
+    plus the input."""
+
+    def __init__(self, dim, depth):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, dim)
+        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(dim) for _ in range(depth))
+        self.proj_out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x, context=None):
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c).contiguous()
+        for block in self.transformer_blocks:
+            x = block(x, context=context)
+        return self.proj_out(x.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()) + x_in
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_single_block_transformer_is_recomputed_whole(depth):
+    """SD1/SD2's one-block SpatialTransformers hold nothing for backward but their inputs (norm and
+    projection outputs are recomputed too); SDXL's deeper ones are checkpointed block by block. LoRA
+    gradients stay those of the plain run, and no instance forward is left behind."""
+    torch.manual_seed(0)
+    st = SpatialTransformer(8, depth).requires_grad_(False)
+    net = LoRANetwork()
+    for i, m in enumerate(m for m in st.modules() if isinstance(m, (nn.Linear, nn.Conv2d))):
+        net.add(f"m{i}", m, rank=2, alpha=2)
+        nn.init.normal_(net.loras[f"m{i}"].lora_up.weight)
+    x, ctx = torch.randn(2, 8, 4, 4), torch.randn(2, 1, 8)
+
+    def run(use_checkpointing):
+        held = []
+
+        def pack(t):
+            if t.data_ptr() not in (x.data_ptr(), ctx.data_ptr()):
+                held.append(t.numel())
+            return t
+
+        net.zero_grad(set_to_none=True)
+        with block_checkpointing(st) if use_checkpointing else contextlib.nullcontext(0) as patched:
+            net.attach()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = st(x, context=ctx)
+            out.square().sum().backward()
+            net.detach()
+        return [p.grad.clone() for p in net.parameters()], patched, sum(held)
+
+    plain, _, held_plain = run(False)
+    checked, patched, held = run(True)
+    assert held_plain > 0 and all(g.abs().sum() > 0 for g in checked)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, checked))
+    if depth == 1:
+        assert patched == 1 and held == 0  # the transformer, recomputed whole
+    else:
+        assert patched == 2 and held > 0  # its two blocks; norm and projections stay held
+    assert all("forward" not in m.__dict__ for m in st.modules())
