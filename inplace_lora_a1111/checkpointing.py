@@ -9,10 +9,9 @@ per-instance `forward` that runs the block's `_forward` under `torch.utils.check
 other loaded model (and no other extension's class patch) is touched.
 
 A `SpatialTransformer` with a single block (all of SD1's and SD2's) is recomputed whole instead, as
-the engine does for diffusers' transformers (engine/models/module_state.py): its norm, proj_in,
-layout copies and proj_out (and their LoRA) are then not held for backward either. Its block runs
-its `_forward` plainly inside that recompute. SDXL's 2- and 10-block transformers keep
-block-by-block checkpointing, so a recompute never holds more than one block.
+the engine does for diffusers' transformers (`one_block_transformer` in engine/models/module_state.py
+says why); its block runs its `_forward` plainly inside that recompute. SDXL's 2- and 10-block
+transformers keep block-by-block checkpointing.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import contextlib
 
 from torch import nn
 
-from engine.models.module_state import checkpointed_forwards
+from engine.models.module_state import checkpointed_forwards, one_block_transformer
 
 BLOCK_TYPES = ("BasicTransformerBlock", "ResBlock")
 
@@ -36,9 +35,7 @@ def _ldm_block(module: nn.Module) -> bool:
 
 
 def _whole(module: nn.Module) -> bool:
-    blocks = getattr(module, "transformer_blocks", None)
-    return (type(module).__name__ == "SpatialTransformer" and isinstance(blocks, nn.ModuleList)
-            and len(blocks) == 1 and _free(module))
+    return type(module).__name__ == "SpatialTransformer" and one_block_transformer(module) and _free(module)
 
 
 @contextlib.contextmanager

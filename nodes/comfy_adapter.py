@@ -18,7 +18,7 @@ from torch import nn
 
 from ..engine.errors import ModelError
 from ..engine.model import Conditioning, ModelInfo, TrainableModel
-from ..engine.models.module_state import checkpointed_forwards
+from ..engine.models.module_state import checkpointed_forwards, recompute_units
 from .comfy_names import layout_from_unet_config, text_encoder_layers, text_encoders, unet_layers
 from .host_state import borrowed_weights, clip_backprop_guard, unet_blocks
 
@@ -188,7 +188,7 @@ class ComfyModel(TrainableModel):
         with contextlib.ExitStack() as stack:
             stack.enter_context(borrowed_weights(self.trainable_roots(), swap))
             if gradient_checkpointing:
-                stack.enter_context(checkpointed_forwards(unet_blocks(unet)))
+                stack.enter_context(checkpointed_forwards(recompute_units(unet_blocks(unet)), copy_dict_args=True))
             if train_text_encoder:
                 stack.enter_context(clip_backprop_guard(self.text_models()))
             yield self

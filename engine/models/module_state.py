@@ -50,29 +50,42 @@ def _checkpoint(function, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
-def _whole(mod: nn.Module) -> bool:
-    """A diffusers Transformer2DModel with a single block (every one in SD1.x/SD2.x) is checkpointed
-    whole: its own flag only checkpoints the block, which leaves the group norm, proj_in, proj_out and
-    the layout copies between them (with their LoRA) saved for backward in every transformer, about
-    a third of what an SD1.5 step holds at batch 1. Recomputing them costs a norm and two 1x1
-    projections. Transformers with more blocks (SDXL's 2 and 10) keep block-by-block checkpointing,
-    so a recompute never holds more than one block's activations."""
+def one_block_transformer(mod: nn.Module) -> bool:
+    """A transformer (diffusers' Transformer2DModel, ldm's SpatialTransformer) with a single block, as
+    in every SD1.x/SD2.x UNet. Checkpointing recomputes these whole: checkpointing only the block
+    leaves the group norm, proj_in, proj_out and the layout copies between them (with their LoRA)
+    held for backward in every transformer, about a third of what an SD1.5 step holds at batch 1;
+    recomputing them costs a norm and two 1x1 projections. Transformers with more blocks (SDXL's 2
+    and 10) are checkpointed block by block, so a recompute never holds more than one block."""
     blocks = getattr(mod, "transformer_blocks", None)
     return isinstance(blocks, nn.ModuleList) and len(blocks) == 1 and hasattr(mod, "proj_in")
+
+
+def recompute_units(modules: list[nn.Module]) -> list[nn.Module]:
+    """`modules` with each transformer of several blocks replaced by its blocks (see
+    `one_block_transformer`): what a host that checkpoints whole blocks should wrap."""
+    out = []
+    for mod in modules:
+        blocks = getattr(mod, "transformer_blocks", None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 1:
+            out.extend(blocks)
+        else:
+            out.append(mod)
+    return out
 
 
 @contextlib.contextmanager
 def gradient_checkpointing(roots: list[nn.Module]):
     """Turn on activation checkpointing in diffusers and transformers modules (both read the
     `gradient_checkpointing` flag and call `_gradient_checkpointing_func`; single-block transformers
-    are wrapped whole instead, see `_whole`), then restore both attributes exactly: values that were
-    set are set back, attributes that were absent are deleted."""
+    are wrapped whole instead, see `one_block_transformer`), then restore both attributes exactly:
+    values that were set are set back, attributes that were absent are deleted."""
     saved, whole = [], []
     for root in roots:
         for mod in root.modules():
             if hasattr(mod, "gradient_checkpointing"):
                 saved.append((mod, {a: mod.__dict__.get(a, _MISSING) for a in _GC_ATTRS}))
-                if _whole(mod):
+                if one_block_transformer(mod):
                     whole.append(mod)
     try:
         for mod, _ in saved:
@@ -90,13 +103,17 @@ def gradient_checkpointing(roots: list[nn.Module]):
 
 
 @contextlib.contextmanager
-def checkpointed_forwards(modules: list[nn.Module], inner: str = "forward", recompute: bool = True):
+def checkpointed_forwards(modules: list[nn.Module], inner: str = "forward", recompute: bool = True,
+                          copy_dict_args: bool = False):
     """Recompute each module's activations in backward (non-reentrant checkpoint, only while grad is
     enabled) by giving it an instance `forward` that runs its `inner` method; the instance attribute
     is restored (or removed) afterwards. For modules whose callers do not checkpoint them (ComfyUI's
     blocks, diffusers' and ldm's whole transformers). `inner="_forward"` runs the body of ldm's
     blocks without their own reentrant checkpoint (which drops LoRA gradients); `recompute=False`
-    runs it plainly, for blocks inside a module that is recomputed whole."""
+    runs it plainly, for blocks inside a module that is recomputed whole. `copy_dict_args` passes
+    each dict argument as a shallow copy taken at the call, so the recompute sees what the forward
+    saw: ComfyUI's UNet hands every block one `transformer_options` dict and keeps changing it
+    ("block", "transformer_index"), and attention patches are looked up by those keys."""
     saved = []
     try:
         for mod in modules:
@@ -105,6 +122,9 @@ def checkpointed_forwards(modules: list[nn.Module], inner: str = "forward", reco
             def run(*args, _f=getattr(mod, inner), **kwargs):
                 if not (recompute and torch.is_grad_enabled()):
                     return _f(*args, **kwargs)
+                if copy_dict_args:
+                    args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+                    kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
                 return _checkpoint(_f, *args, **kwargs)
 
             mod.forward = run

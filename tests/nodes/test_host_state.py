@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from inplace_lora_pack.engine.models.module_state import checkpointed_forwards
+from inplace_lora_pack.engine.models.module_state import checkpointed_forwards, recompute_units
 from inplace_lora_pack.nodes.host_state import borrowed_weights, clip_backprop_guard, state_fingerprint
 
 
@@ -114,3 +114,49 @@ def test_checkpointed_forwards_give_the_same_gradients_and_restore_forward():
     handle.remove()
     assert torch.allclose(up.grad, plain)
     assert state_fingerprint([model])["forwards"] == 0
+
+
+class PatchedBlock(nn.Module):
+    """Like ComfyUI's blocks: the options dict its UNet passes (and keeps changing between blocks)
+    selects an attention patch by block."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, transformer_options):
+        scale = transformer_options["patches"][transformer_options["block"]]
+        return torch.tanh(self.lin(x) * scale)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_the_recompute_sees_the_options_the_forward_saw_only_when_they_are_copied(copy):
+    torch.manual_seed(0)
+    block = PatchedBlock().requires_grad_(False)
+    (down, up), handle = lora_hook(block.lin)
+    x = torch.randn(3, 8)
+    grads = []
+    for ctx in (contextlib.nullcontext(), checkpointed_forwards([block], copy_dict_args=copy)):
+        options = {"patches": {"input": 2.0, "output": -3.0}, "block": "input"}
+        down.grad = up.grad = None
+        with ctx:
+            out = block(x, options)
+            options["block"] = "output"  # the UNet moves on before backward recomputes this block
+            out.square().sum().backward()
+        grads.append((down.grad.clone(), up.grad.clone()))
+    handle.remove()
+    same = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert same == copy  # without the copy the recompute applies the other block's patch
+
+
+class Transformer(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        self.proj_in = nn.Linear(4, 4)
+        self.transformer_blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(depth))
+
+
+def test_a_transformer_of_several_blocks_is_checkpointed_block_by_block():
+    res, one, two = nn.Linear(4, 4), Transformer(1), Transformer(2)
+    units = recompute_units([res, one, two])
+    assert [id(u) for u in units] == [id(res), id(one), *map(id, two.transformer_blocks)]
