@@ -52,10 +52,15 @@ def _print_groups(groups: dict[str, int], limit: int) -> None:
         print(f"  {size / 2**20:9.1f} MiB  {origin}")
 
 
-def live_at_peak(trace) -> tuple[int, dict[str, int]]:
+def live_at_peak(trace, resident: dict[int, int] | None = None) -> tuple[int, dict[str, int]]:
+    """The peak of the bytes allocated since the loop started, net of the resident blocks freed since
+    (`resident`: address -> size at the start, e.g. a cuBLAS workspace dropped at the first warm-up),
+    and what was alive at that peak, grouped by origin."""
     live: dict[int, tuple[int, str]] = {}
+    resident = dict(resident or {})
     total = peak = 0
     best: dict[int, tuple[int, str]] = {}
+    freed_resident = 0
     for ev in trace:
         action, addr, size = ev.get("action"), ev.get("addr"), ev.get("size", 0)
         if action == "alloc":
@@ -63,12 +68,23 @@ def live_at_peak(trace) -> tuple[int, dict[str, int]]:
             total += size
             if total > peak:
                 peak, best = total, dict(live)
-        elif action in ("free_requested",) and addr in live:
+                if freed_resident:
+                    best[-1] = (-freed_resident, "(resident blocks freed before this peak)")
+        elif action == "free_requested" and addr in live:
             total -= live.pop(addr)[0]
+        elif action == "free_requested" and addr in resident:
+            size = resident.pop(addr)
+            total -= size
+            freed_resident += size
     groups: dict[str, int] = collections.Counter()
     for size, origin in best.values():
         groups[origin] += size
     return peak, groups
+
+
+def _addresses(snapshot) -> dict[int, int]:
+    return {block["address"]: block["size"] for segment in snapshot["segments"] for block in segment["blocks"]
+            if block["state"] == "active_allocated" and "address" in block}
 
 
 def main(argv=None) -> int:
@@ -90,10 +106,12 @@ def main(argv=None) -> int:
     torch.cuda.memory._record_memory_history(enabled=None)
     resident = live_now(start[0])
     # first step to last (the end of the run apart): the events after the loop started
-    peak, groups = live_at_peak(snaps[0]["device_traces"][0][len(start[0]["device_traces"][0]):])
+    peak, groups = live_at_peak(snaps[0]["device_traces"][0][len(start[0]["device_traces"][0]):],
+                                _addresses(start[0]))
     print(f"{model_name} b{batch} gc={'on' if gc else 'off'} {extra}: training peak {row.peak_gib:.3f} GiB = "
           f"{sum(resident.values()) / 2**30:.3f} GiB resident when the loop starts + "
-          f"{peak / 2**30:.3f} GiB allocated by the steps at their peak.\nResident:")
+          f"{peak / 2**30:.3f} GiB allocated by the steps at their peak (net of resident blocks freed "
+          f"before it).\nResident:")
     _print_groups(resident, 12)
     if env_flag("BENCH_STACKS"):  # the whole allocation stack of resident blocks outside weights and LoRA
         for segment in start[0]["segments"]:
