@@ -142,9 +142,9 @@ class TrainConfig:
                                       "slower, far less memory. Turn on for SDXL on cards under 16 GB.")
     fp8_base: bool = _f(False, "Store the frozen UNet's Linear and Conv2d weights in float8 (e4m3fn): on an "
                         "H100 at batch 1 with gradient_checkpointing, SD1.5 1.30 instead of 1.93 GiB and SDXL "
-                        "3.93 instead of 6.04 GiB, about 20% slower, loss curve within 0.6% of bf16's. Layers compute in bf16/fp16 "
-                        "under autocast; LoRA and optimizer stay float32 (kohya's --fp8_base). Only for a "
-                        "base_model the engine loads itself (the command line): a host's model is never "
+                        "3.93 instead of 6.04 GiB, about 20% slower, loss curve within 0.6% of bf16's. "
+                        "Layers compute in bf16/fp16 under autocast; LoRA and optimizer stay float32 "
+                        "(kohya's --fp8_base). Only for a base_model the engine loads itself (the command line): a host's model is never "
                         "converted (in ComfyUI, a UNet loaded in fp8 by Load Diffusion Model trains as it "
                         "is). Needs mixed_precision bf16 or fp16.")
     cuda_graph: bool = _f(True, "Replay each training step as one CUDA graph (CUDA, bf16/fp32, AdamW, no "
@@ -153,9 +153,9 @@ class TrainConfig:
                           "0.1-0.4 GiB more memory (SD1.5). The first step of each bucket shape runs "
                           "eagerly, the second captures.")
     torch_compile: bool = _f(False, "Compile the training step with torch.compile (inductor), inside the CUDA "
-                             "graph: fuses its elementwise kernels and keeps convolutions channels-last "
-                             "(bench/RESULTS.md has the speed-up). Each bucket shape compiles at its first step, "
-                             "a few minutes (SDXL longer), so it pays off on long runs. CUDA only (needs Triton); "
+                             "graph: fuses its elementwise kernels (bench/RESULTS.md has the speed-up). Each "
+                             "bucket shape compiles at its first step, a few minutes (SDXL longer), so it pays "
+                             "off on long runs. CUDA only (needs Triton); "
                              "elsewhere, or for a model it cannot compile, the run trains without it (logged).")
     seed: int = _f(42, "Random seed (data order, noise, timesteps).", minimum=0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", minimum=0)

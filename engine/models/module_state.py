@@ -57,8 +57,13 @@ def one_block_transformer(mod: nn.Module) -> bool:
     held for backward in every transformer, about a third of what an SD1.5 step holds at batch 1;
     recomputing them costs a norm and two 1x1 projections. Transformers with more blocks (SDXL's 2
     and 10) are checkpointed block by block, so a recompute never holds more than one block."""
+    blocks = _transformer_blocks(mod)
+    return blocks is not None and len(blocks) == 1 and hasattr(mod, "proj_in")
+
+
+def _transformer_blocks(mod: nn.Module) -> nn.ModuleList | None:
     blocks = getattr(mod, "transformer_blocks", None)
-    return isinstance(blocks, nn.ModuleList) and len(blocks) == 1 and hasattr(mod, "proj_in")
+    return blocks if isinstance(blocks, nn.ModuleList) else None
 
 
 def recompute_units(modules: list[nn.Module]) -> list[nn.Module]:
@@ -66,8 +71,8 @@ def recompute_units(modules: list[nn.Module]) -> list[nn.Module]:
     `one_block_transformer`): what a host that checkpoints whole blocks should wrap."""
     out = []
     for mod in modules:
-        blocks = getattr(mod, "transformer_blocks", None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 1:
+        blocks = _transformer_blocks(mod)
+        if blocks is not None and len(blocks) > 1:
             out.extend(blocks)
         else:
             out.append(mod)
@@ -87,10 +92,11 @@ def gradient_checkpointing(roots: list[nn.Module]):
                 saved.append((mod, {a: mod.__dict__.get(a, _MISSING) for a in _GC_ATTRS}))
                 if one_block_transformer(mod):
                     whole.append(mod)
+    whole_ids = {id(mod) for mod in whole}
     try:
         for mod, _ in saved:
             mod._gradient_checkpointing_func = _checkpoint
-            mod.gradient_checkpointing = not any(mod is w for w in whole)
+            mod.gradient_checkpointing = id(mod) not in whole_ids
         with checkpointed_forwards(whole):
             yield len(saved)
     finally:
