@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from .common import parse_configs
-from .ours import run_config, run_rows
+from .ours import VARIANTS, run_config, run_rows
 from .peer_comfy import import_comfy
 from .workload import build_text_encoders, build_unet, build_vae
 
@@ -69,7 +69,7 @@ def comfy_model(model: str):
 def run_row(model, cfg, root):
     import torch
 
-    extra = {"torch_compile": True} if cfg.tool.endswith("-compile") else None
+    extra = VARIANTS.get(cfg.tool.replace("-comfyui", ""))  # ours-comfyui-compile: ours-compile's keys
     with torch.inference_mode(False), torch.enable_grad():  # as the node runs the engine
         row = run_config(model, cfg, root, extra)
     row.notes.append("through ComfyUI's ModelPatcher/CLIP/VAE (nodes/comfy_adapter.py)")
