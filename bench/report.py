@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -88,20 +89,25 @@ def targets(rows) -> list[str]:
         need = 3.0 if batch == 1 else 1.5
         hit = ratio >= need
         same = [p for p in peers if p["tool"] in SAME_LAYER_PEERS]
-        mem = "–"
+        mem = speed_same = "–"
         if same:
+            fast = max(same, key=lambda p: p["images_per_s"])
+            r_same = ours["images_per_s"] / fast["images_per_s"]
+            speed_same = f"{r_same:.2f}x vs {fast['tool']} {'✅' if r_same >= need else '❌'}"
             low = min(same, key=lambda p: p["peak_gib"])
             mem = (f"{ours['peak_gib']:.2f} vs {low['peak_gib']:.2f} GiB ({low['tool']}) "
                    f"{'✅' if ours['peak_gib'] <= low['peak_gib'] + 1e-9 else '❌'}")
         attn, peft = (_get(rows, t, model, batch, gc, cached) for t in ("ours-attn", "diffusers-peft-attn"))
         like = "–"
         if _ok(attn) and _ok(peft):
-            like = (f"{attn['peak_gib']:.2f} vs {peft['peak_gib']:.2f} GiB "
-                    f"{'✅' if attn['peak_gib'] <= peft['peak_gib'] + 1e-9 else '❌'}")
+            r_attn = attn["images_per_s"] / peft["images_per_s"]
+            like = (f"{r_attn:.2f}x {'✅' if r_attn >= need else '❌'}; {attn['peak_gib']:.2f} vs "
+                    f"{peft['peak_gib']:.2f} GiB {'✅' if attn['peak_gib'] <= peft['peak_gib'] + 1e-9 else '❌'}")
         lines.append(f"| {model} b{batch} gc={'on' if gc else 'off'}{'' if cached else ' uncached'} | "
-                     f"{ratio:.2f}x vs {best['tool']} (need {need:g}x) {'✅' if hit else '❌'} | {mem} | {like} |")
-    head = ["| row | speed: ours / fastest peer (any layers) | memory: ours vs lowest peer on the same layers | "
-            "attention only: ours-attn vs diffusers-peft-attn |", "|---|---|---|---|"]
+                     f"{ratio:.2f}x vs {best['tool']} (need {need:g}x) {'✅' if hit else '❌'} | {speed_same} | {mem} | {like} |")
+    head = ["| row | speed: ours / fastest peer (any layers) | speed: ours / fastest peer on the same layers | "
+            "memory: ours vs lowest peer on the same layers | attention only: ours-attn vs diffusers-peft-attn "
+            "(speed; memory) |", "|---|---|---|---|---|"]
     extra = []
     for model, (pub, what) in PUBLISHED_GIB.items():
         for tool in ("ours", "ours-attn"):
@@ -115,18 +121,18 @@ def targets(rows) -> list[str]:
             extra.append(f"- SD1.5 batch 8, no checkpointing, {tool} ({how}): MFU {100 * r['mfu']:.1f}% "
                          f"(target 35%) {'✅' if r['mfu'] >= 0.35 else '❌'}")
     for alone, comfy in (("ours", "ours-comfyui"), ("ours-compile", "ours-comfyui-compile")):
-        for model in ("sd15", "sdxl"):
-            for b in (1, 4, 8):
-                a, c = _get(rows, alone, model, b, False, True), _get(rows, comfy, model, b, False, True)
-                if _ok(c) and c.get("paired_ours"):  # ours timed in the same run as this row: compare with that
-                    a, same_run = c["paired_ours"], " (both in one run)"
-                else:
-                    same_run = ""
-                if _ok(a) and _ok(c):
-                    extra.append(f"- ComfyUI path vs standalone{' (compiled)' if alone != 'ours' else ''}, "
-                                 f"{model} b{b}{same_run}: {c['images_per_s'] / a['images_per_s']:.2f}x "
-                                 f"(target >= 0.90) {'✅' if c['images_per_s'] >= 0.9 * a['images_per_s'] else '❌'}; "
-                                 f"peak {c['peak_gib']:.2f} vs {a['peak_gib']:.2f} GiB")
+        for model, gc, b in itertools.product(("sd15", "sdxl"), (False, True), (1, 4, 8)):
+            a, c = _get(rows, alone, model, b, gc, True), _get(rows, comfy, model, b, gc, True)
+            if _ok(c) and c.get("paired_ours"):  # ours timed in the same run as this row: compare with that
+                a, same_run = c["paired_ours"], " (both in one run)"
+            else:
+                same_run = ""
+            if _ok(a) and _ok(c):
+                extra.append(f"- ComfyUI path vs standalone{' (compiled)' if alone != 'ours' else ''}, "
+                             f"{model} b{b}{' checkpointing' if gc else ''}{same_run}: "
+                             f"{c['images_per_s'] / a['images_per_s']:.2f}x "
+                             f"(target >= 0.90) {'✅' if c['images_per_s'] >= 0.9 * a['images_per_s'] else '❌'}; "
+                             f"peak {c['peak_gib']:.2f} vs {a['peak_gib']:.2f} GiB")
     return head + lines + [""] + extra
 
 
