@@ -34,6 +34,7 @@ from .lora.network import LoRANetwork
 from .lora.targets import build_network
 from .loss import add_noise, diffusion_loss
 from .model import TrainableModel
+from .models.geglu import lean_geglu
 from .optim import build_optimizer, build_scheduler, param_groups
 from .run_inputs import load_inputs
 from .runtime import autocast, compute_dtype, grad_scaler
@@ -140,7 +141,9 @@ class Trainer:
             from .tensorboard_log import TensorBoardLogger
 
             self.events.add(TensorBoardLogger(self.out / "logs"))
-        with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder):
+        # a compiled step fuses GEGLU itself (and decides what to keep): the lean one is for eager steps
+        denoiser = None if cfg.torch_compile else model.trainable_roots()[0]
+        with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder), lean_geglu(denoiser):
             with torch.random.fork_rng(devices=[]):  # the host's own random state is left alone
                 torch.manual_seed(cfg.seed)  # the LoRA's initial weights: the same for a seed, on every process
                 network = self._init_network()
