@@ -8,7 +8,9 @@ Tool "ours-eager" is the same with `cuda_graph: false` (the plain step), to show
 diffusers-peft adapts), for a like-for-like comparison with that peer; "ours-autocast" runs every
 forward under autocast (`autocast: always`), as the engine did before bf16 weights ran natively;
 "ours-fp8" keeps the UNet's Linear/Conv2d weights in fp8 (what `fp8_base: true` does); "ours-compile"
-compiles the step with torch.compile (`torch_compile: true`; the compile runs in the warm-up steps).
+compiles the step with torch.compile (`torch_compile: true`; the compile runs in the warm-up steps);
+"ours-host-geglu" runs each GEGLU's own forward instead of the engine's lean one (engine/models/geglu.py),
+to measure what that buys.
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
 reset when the loop starts, after caching, so it covers the training steps.
@@ -106,6 +108,12 @@ def run_rows(configs, build_model, run_row, prefix: str) -> None:
 
 def main(argv=None):
     configs = parse_configs(sys.argv[1:] if argv is None else argv)
+    if any(cfg.tool == "ours-host-geglu" for cfg in configs):
+        import contextlib
+
+        import engine.train
+
+        engine.train.lean_geglu = lambda root: contextlib.nullcontext(0)
     run_rows(configs, build_model, lambda model, cfg, root: run_config(model, cfg, root, VARIANTS.get(cfg.tool)),
              prefix="bench_ours_")
 

@@ -24,6 +24,9 @@ TOOL_NOTES = {
                 "each layer computes in bf16 under autocast): the optional low-memory mode.",
     "ours-compile": "- ours-compile is our engine with `torch_compile: true` (the step compiled by inductor, "
                     "inside the CUDA graph; compiling happens in the warm-up steps, which are not timed).",
+    "ours-host-geglu": "- ours-host-geglu is our engine with each GEGLU running the model's own forward instead of "
+                       "the lean one (engine/models/geglu.py): the difference to ours is what holding only the "
+                       "projection buys.",
     "ours-comfyui": "- ours-comfyui is our engine through the ComfyUI adapter (ComfyUI's ModelPatcher, CLIP and "
                     "VAE, as the LoRA Trainer node runs it). ComfyUI keeps CLIP and the VAE on the GPU while "
                     "training (its model management loads all three), hence the higher peak. Its rows record the "
@@ -138,7 +141,9 @@ def targets(rows) -> list[str]:
 
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
-    tools = ["ours"] + [t for t in ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-comfyui", "ours-comfyui-compile") + PEERS if any(r["tool"] == t for r in rows)]
+    variants = ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-host-geglu", "ours-comfyui",
+                "ours-comfyui-compile")
+    tools = ["ours"] + [t for t in variants + PEERS if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
     out = ["# Benchmark results", "",
            f"GPU: {gpu.get('name')} (dense bf16 peak {gpu.get('dense_bf16_tflops')} TFLOP/s, driver "

@@ -30,6 +30,7 @@ TOOLS = {  # tool -> module that runs its rows
     "ours-autocast": "bench.ours",
     "ours-fp8": "bench.ours",
     "ours-compile": "bench.ours",
+    "ours-host-geglu": "bench.ours",
     "diffusers-peft": "bench.peer_diffusers",
     "diffusers-peft-attn": "bench.peer_diffusers",
     "comfyui-native": "bench.peer_comfy",
