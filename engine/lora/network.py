@@ -90,6 +90,23 @@ class LoRAModule(nn.Module):
         return torch.addmm(output.reshape(-1, n), h.reshape(-1, r), up_w.t(), alpha=scale).view(output.shape)
 
 
+def cast_together(weights: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """`[w.to(dtype) for w in weights]`, the same values and gradients, in a few kernels instead of one
+    cast per weight forward and another per gradient backward: the weights of each device are
+    concatenated, cast once and split into views (backward gathers their gradients the same way).
+    An SDXL network has 1444 LoRA weights; each tiny cast costs a few microseconds of GPU time even
+    inside a CUDA graph, about a tenth of a batch-1 step."""
+    out: list[torch.Tensor | None] = [None] * len(weights)
+    groups: dict[torch.device, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault(w.device, []).append(i)
+    for idx in groups.values():
+        flat = torch.cat([weights[i].reshape(-1) for i in idx]).to(dtype)
+        for i, part in zip(idx, flat.split([weights[i].numel() for i in idx])):
+            out[i] = part.view(weights[i].shape)
+    return out
+
+
 class LoRANetwork(nn.Module):
     """All LoRA modules of one run, keyed by kohya module name, plus the hooks that apply them."""
 
@@ -171,9 +188,10 @@ class LoRANetwork(nn.Module):
             yield
             return
         try:
-            for lora in self.loras.values():
-                down, up = lora.lora_down.weight, lora.lora_up.weight
-                lora._cast = (down.to(dtype), up.to(dtype))
+            loras = list(self.loras.values())
+            casts = cast_together([w for lora in loras for w in (lora.lora_down.weight, lora.lora_up.weight)], dtype)
+            for i, lora in enumerate(loras):
+                lora._cast = (casts[2 * i], casts[2 * i + 1])
             yield
         finally:
             for lora in self.loras.values():

@@ -95,3 +95,28 @@ def test_load_rejects_wrong_rank_with_advice():
     other = _network(Block(), rank=2).kohya_state_dict(None)
     with pytest.raises(ValueError, match="lora_rank"):
         net.load_kohya_state_dict(other)
+
+
+def test_casting_the_weights_together_gives_the_per_weight_casts_values_and_gradients():
+    from engine.lora.network import cast_together
+
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 32, requires_grad=True), torch.randn(64, 16, requires_grad=True),
+               torch.randn(16, 8, 3, 3, requires_grad=True), torch.randn(4, 16, 1, 1)]
+    x = torch.randn(5, 32)
+
+    def grads(cast):
+        for w in weights:
+            w.grad = None
+        down, up, conv, frozen = cast(weights)
+        y = (x.bfloat16() @ down.t()) @ up.t()
+        (y.float().sum() + conv.float().square().sum() + frozen.float().sum()).backward()
+        return [down, up, conv, frozen], [w.grad for w in weights]
+
+    own, own_grads = grads(lambda ws: [w.to(torch.bfloat16) for w in ws])
+    together, together_grads = grads(lambda ws: cast_together(ws, torch.bfloat16))
+    for a, b in zip(own, together):
+        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape and torch.equal(a, b)
+    for a, b in zip(own_grads[:3], together_grads[:3]):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert together_grads[3] is None
