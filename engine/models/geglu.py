@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_MISSING = object()
-
 
 class LeanGEGLU(torch.autograd.Function):
     """`x * gelu(gate)` of a projection's two halves, holding only the projection for backward."""
