@@ -190,8 +190,8 @@ class LoRANetwork(nn.Module):
         try:
             loras = list(self.loras.values())
             casts = cast_together([w for lora in loras for w in (lora.lora_down.weight, lora.lora_up.weight)], dtype)
-            for i, lora in enumerate(loras):
-                lora._cast = (casts[2 * i], casts[2 * i + 1])
+            for lora, down, up in zip(loras, casts[0::2], casts[1::2]):
+                lora._cast = (down, up)
             yield
         finally:
             for lora in self.loras.values():

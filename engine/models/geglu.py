@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .module_state import instance_forwards
+
 
 class LeanGEGLU(torch.autograd.Function):
     """`x * gelu(gate)` of a projection's two halves, holding only the projection for backward."""
@@ -55,16 +57,14 @@ def lean_geglu(root: nn.Module | None):
     host's module comes back as it was. `proj` is still called as a module, so LoRA hooks and a host's
     own Linear (ComfyUI's weight casting, A1111's Lora patches) apply as before."""
     patched = [m for m in root.modules() if is_geglu(m)] if root is not None else []
-    try:
-        for mod in patched:
 
-            def forward(hidden_states, *args, _mod=mod, _own=mod.forward, **kwargs):
-                if args or kwargs or not torch.is_grad_enabled():
-                    return _own(hidden_states, *args, **kwargs)
-                return LeanGEGLU.apply(_mod.proj(hidden_states))
+    def lean(mod):
+        def forward(hidden_states, *args, _own=mod.forward, **kwargs):
+            if args or kwargs or not torch.is_grad_enabled():
+                return _own(hidden_states, *args, **kwargs)
+            return LeanGEGLU.apply(mod.proj(hidden_states))
 
-            mod.forward = forward
-        yield len(patched)
-    finally:
-        for mod in patched:
-            mod.__dict__.pop("forward", None)
+        return forward
+
+    with instance_forwards(patched, lean) as n:
+        yield n

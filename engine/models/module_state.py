@@ -120,20 +120,31 @@ def checkpointed_forwards(modules: list[nn.Module], inner: str = "forward", reco
     each dict argument as a shallow copy taken at the call, so the recompute sees what the forward
     saw: ComfyUI's UNet hands every block one `transformer_options` dict and keeps changing it
     ("block", "transformer_index"), and attention patches are looked up by those keys."""
+    def wrap(mod):
+        def run(*args, _f=getattr(mod, inner), **kwargs):
+            if not (recompute and torch.is_grad_enabled()):
+                return _f(*args, **kwargs)
+            if copy_dict_args:
+                args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+                kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+            return _checkpoint(_f, *args, **kwargs)
+
+        return run
+
+    with instance_forwards(modules, wrap) as n:
+        yield n
+
+
+@contextlib.contextmanager
+def instance_forwards(modules: list[nn.Module], make):
+    """Give each module the instance `forward` `make(module)` for the duration, then put back the
+    instance attribute it had (or remove it), also after an exception: how we reroute a host's
+    module without touching its class. Yields how many modules were given one."""
     saved = []
     try:
         for mod in modules:
             saved.append((mod, mod.__dict__.get("forward", _MISSING)))
-
-            def run(*args, _f=getattr(mod, inner), **kwargs):
-                if not (recompute and torch.is_grad_enabled()):
-                    return _f(*args, **kwargs)
-                if copy_dict_args:
-                    args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
-                    kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
-                return _checkpoint(_f, *args, **kwargs)
-
-            mod.forward = run
+            mod.forward = make(mod)
         yield len(saved)
     finally:
         for mod, previous in saved:
