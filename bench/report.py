@@ -107,7 +107,8 @@ def targets(rows) -> list[str]:
             like = (f"{r_attn:.2f}x {'✅' if r_attn >= need else '❌'}; {attn['peak_gib']:.2f} vs "
                     f"{peft['peak_gib']:.2f} GiB {'✅' if attn['peak_gib'] <= peft['peak_gib'] + 1e-9 else '❌'}")
         lines.append(f"| {model} b{batch} gc={'on' if gc else 'off'}{'' if cached else ' uncached'} | "
-                     f"{ratio:.2f}x vs {best['tool']} (need {need:g}x) {'✅' if hit else '❌'} | {speed_same} | {mem} | {like} |")
+                     f"{ratio:.2f}x vs {best['tool']} (need {need:g}x) {'✅' if hit else '❌'} | {speed_same} | "
+                     f"{mem} | {like} |")
     head = ["| row | speed: ours / fastest peer (any layers) | speed: ours / fastest peer on the same layers | "
             "memory: ours vs lowest peer on the same layers | attention only: ours-attn vs diffusers-peft-attn "
             "(speed; memory) |", "|---|---|---|---|---|"]
@@ -141,8 +142,8 @@ def targets(rows) -> list[str]:
 
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
-    variants = ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-host-geglu", "ours-comfyui",
-                "ours-comfyui-compile")
+    variants = ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-host-geglu",
+                "ours-comfyui", "ours-comfyui-compile")
     tools = ["ours"] + [t for t in variants + PEERS if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
     out = ["# Benchmark results", "",

@@ -4,8 +4,8 @@ A third of an SD1.5 step's GPU time is small elementwise kernels (GroupNorm + Si
 GEGLU, LoRA adds, casts) and another tenth is cuDNN reordering NCHW activations for its convolutions
 (bench/kernel_breakdown.py). Inductor fuses the elementwise chains into the kernels around them, in
 the forward and the backward it derives (on an H100, the kernel time outside matmuls, convolutions,
-attention and norms fell from 28.8 to 7.7 ms per SD1.5 batch-8 step; the cuDNN reordering stays). The CUDA graph then replays the compiled
-kernels as it replays the plain ones.
+attention and norms fell from 28.8 to 7.7 ms per SD1.5 batch-8 step; the cuDNN reordering stays).
+The CUDA graph then replays the compiled kernels as it replays the plain ones.
 
 The loss is compiled once per input shape (one per bucket), at that shape's first step: minutes for
 an SDXL UNet, so it pays off on long runs. A model torch.compile cannot trace is trained as it is, with

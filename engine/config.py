@@ -144,8 +144,8 @@ class TrainConfig:
                         "H100 at batch 1 with gradient_checkpointing, SD1.5 1.30 instead of 1.93 GiB and SDXL "
                         "3.93 instead of 6.04 GiB, about 20% slower, loss curve within 0.6% of bf16's. "
                         "Layers compute in bf16/fp16 under autocast; LoRA and optimizer stay float32 "
-                        "(kohya's --fp8_base). Only for a base_model the engine loads itself (the command line): a host's model is never "
-                        "converted (in ComfyUI, a UNet loaded in fp8 by Load Diffusion Model trains as it "
+                        "(kohya's --fp8_base). Only for a base_model the engine loads itself (the command "
+                        "line): a host's model is never converted (in ComfyUI, a UNet loaded in fp8 by Load Diffusion Model trains as it "
                         "is). Needs mixed_precision bf16 or fp16.")
     cuda_graph: bool = _f(True, "Replay each training step as one CUDA graph (CUDA, bf16/fp32, AdamW, no "
                           "gradient accumulation; otherwise the plain step runs). Removes the per-step "
