@@ -10,7 +10,8 @@ forward under autocast (`autocast: always`), as the engine did before bf16 weigh
 "ours-fp8" keeps the UNet's Linear/Conv2d weights in fp8 (what `fp8_base: true` does); "ours-compile"
 compiles the step with torch.compile (`torch_compile: true`; the compile runs in the warm-up steps);
 "ours-host-geglu" runs each GEGLU's own forward instead of the engine's lean one (engine/models/geglu.py),
-to measure what that buys.
+and "ours-cast-each" casts each LoRA weight on its own instead of all together (`cast_together` in
+engine/lora/network.py), to measure what each of those buys.
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
 reset when the loop starts, after caching, so it covers the training steps.
@@ -106,14 +107,25 @@ def run_rows(configs, build_model, run_row, prefix: str) -> None:
         emit(row)
 
 
-def main(argv=None):
-    configs = parse_configs(sys.argv[1:] if argv is None else argv)
-    if any(cfg.tool == "ours-host-geglu" for cfg in configs):
+def _switch_off(tool: str) -> None:
+    """Undo one engine optimisation in this process (each tool runs in its own process), for the tools
+    that measure what it buys."""
+    if tool == "ours-host-geglu":
         import contextlib
 
         import engine.train
 
         engine.train.lean_geglu = lambda root: contextlib.nullcontext(0)
+    elif tool == "ours-cast-each":
+        import engine.lora.network
+
+        engine.lora.network.cast_together = lambda weights, dtype: [w.to(dtype) for w in weights]
+
+
+def main(argv=None):
+    configs = parse_configs(sys.argv[1:] if argv is None else argv)
+    for tool in {cfg.tool for cfg in configs}:
+        _switch_off(tool)
     run_rows(configs, build_model, lambda model, cfg, root: run_config(model, cfg, root, VARIANTS.get(cfg.tool)),
              prefix="bench_ours_")
 

@@ -27,6 +27,8 @@ TOOL_NOTES = {
     "ours-host-geglu": "- ours-host-geglu is our engine with each GEGLU running the model's own forward instead of "
                        "the lean one (engine/models/geglu.py): the difference to ours is what holding only the "
                        "projection buys.",
+    "ours-cast-each": "- ours-cast-each is our engine casting each LoRA weight to bf16 on its own (two kernels per "
+                      "weight a step) instead of all together: the difference to ours is what `cast_together` buys.",
     "ours-comfyui": "- ours-comfyui is our engine through the ComfyUI adapter (ComfyUI's ModelPatcher, CLIP and "
                     "VAE, as the LoRA Trainer node runs it). ComfyUI keeps CLIP and the VAE on the GPU while "
                     "training (its model management loads all three), hence the higher peak. Its rows record the "
@@ -143,7 +145,7 @@ def targets(rows) -> list[str]:
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
     variants = ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-host-geglu",
-                "ours-comfyui", "ours-comfyui-compile")
+                "ours-cast-each", "ours-comfyui", "ours-comfyui-compile")
     tools = ["ours"] + [t for t in variants + PEERS if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
     out = ["# Benchmark results", "",
@@ -218,19 +220,21 @@ def _plot(rows, tools, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(2, 1, figsize=(max(8, len(keys) * 0.9), 8))
     width = 0.8 / len(tools)
+    colours = plt.get_cmap("tab20").colors  # more tools than the default cycle's ten colours
     for ax, metric, label in ((axes[0], "images_per_s", "images/s (log)"), (axes[1], "peak_gib", "peak GiB")):
         for i, tool in enumerate(tools):
             vals = []
             for k in keys:
                 r = _get(rows, tool, *k)
                 vals.append(r[metric] if _ok(r) else 0)
-            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=tool)
+            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=tool,
+                   color=colours[i % len(colours)])
         ax.set_ylabel(label)
         if metric == "images_per_s":
             ax.set_yscale("log")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
         ax.set_xticklabels([f"{m}\nb{b} {'gc' if gc else ''}{'' if c else ' nc'}" for m, b, gc, c in keys], fontsize=7)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: the bars fill the axes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -31,6 +31,7 @@ TOOLS = {  # tool -> module that runs its rows
     "ours-fp8": "bench.ours",
     "ours-compile": "bench.ours",
     "ours-host-geglu": "bench.ours",
+    "ours-cast-each": "bench.ours",
     "diffusers-peft": "bench.peer_diffusers",
     "diffusers-peft-attn": "bench.peer_diffusers",
     "comfyui-native": "bench.peer_comfy",
