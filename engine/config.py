@@ -154,8 +154,8 @@ class TrainConfig:
                           "eagerly, the second captures.")
     torch_compile: bool = _f(False, "Compile the training step with torch.compile (inductor), inside the CUDA "
                              "graph: fuses its elementwise kernels (bench/RESULTS.md has the speed-up). Each "
-                             "bucket shape compiles at its first step, a few minutes (SDXL: over 4 on an H100), "
-                             "so it pays off on long runs. CUDA only (needs Triton); "
+                             "bucket shape compiles at its first step, a few minutes (SDXL: about six on an H100, "
+                             "for 1.15x at batch 8), so it pays off on long runs. CUDA only (needs Triton); "
                              "elsewhere, or for a model it cannot compile, the run trains without it (logged).")
     seed: int = _f(42, "Random seed (data order, noise, timesteps).", minimum=0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", minimum=0)
