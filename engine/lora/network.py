@@ -17,6 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
+
+from .up_add import add_up
 
 
 class LoRAModule(nn.Module):
@@ -63,10 +66,12 @@ class LoRAModule(nn.Module):
         out = F.conv2d(h, up_w) if self.is_conv else F.linear(h, up_w)
         return out * (self.multiplier * self._scale)
 
-    def apply_to(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    def apply_to(self, x: torch.Tensor, output: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """`output + delta(x)` in the output's dtype with as few kernels as possible: the down/up
         weights come from the per-step cast cache when there is one, the scale rides on the
-        final GEMM (Linear: one addmm) or on the add (Conv2d), so no separate multiply or cast."""
+        final GEMM (Linear: one addmm) or on the add (Conv2d), so no separate multiply or cast.
+        `in_place`: nothing else holds `output`, so a Linear's up projection may be added into it
+        (engine/lora/up_add.py)."""
         dtype = output.dtype
         cached = self._cast
         if cached is not None and cached[0].dtype == dtype:
@@ -86,8 +91,7 @@ class LoRAModule(nn.Module):
             h = F.dropout(h, p=self.dropout)
         if not output.is_contiguous() or output.dim() < 2:
             return output.add(F.linear(h, up_w), alpha=scale)
-        n, r = output.shape[-1], h.shape[-1]
-        return torch.addmm(output.reshape(-1, n), h.reshape(-1, r), up_w.t(), alpha=scale).view(output.shape)
+        return add_up(output, h, up_w, scale, in_place)
 
 
 def cast_together(weights: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -155,8 +159,10 @@ class LoRANetwork(nn.Module):
         for key, base in self._bases.items():
             lora = self.loras[key]
 
-            def hook(_module, args, output, lora=lora):
-                return lora.apply_to(args[0], output)
+            def hook(module, args, output, lora=lora):
+                # in place only when ours is the module's one hook: no other hook has seen `output`
+                alone = len(module._forward_hooks) == 1 and not _global_forward_hooks
+                return lora.apply_to(args[0], output, in_place=alone)
 
             self._handles.append(base.register_forward_hook(hook))
 
