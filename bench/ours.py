@@ -10,8 +10,9 @@ forward under autocast (`autocast: always`), as the engine did before bf16 weigh
 "ours-fp8" keeps the UNet's Linear/Conv2d weights in fp8 (what `fp8_base: true` does); "ours-compile"
 compiles the step with torch.compile (`torch_compile: true`; the compile runs in the warm-up steps);
 "ours-host-geglu" runs each GEGLU's own forward instead of the engine's lean one (engine/models/geglu.py),
-and "ours-cast-each" casts each LoRA weight on its own instead of all together (`cast_together` in
-engine/lora/network.py), to measure what each of those buys.
+"ours-cast-each" casts each LoRA weight on its own instead of all together (`cast_together` in
+engine/lora/network.py), and "ours-copy-up" adds each Linear LoRA's up projection with the copying
+addmm instead of in place (engine/lora/up_add.py), to measure what each of those buys.
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
 reset when the loop starts, after caching, so it covers the training steps.
@@ -116,6 +117,11 @@ def _switch_off(tool: str) -> None:
         import engine.train
 
         engine.train.lean_geglu = lambda root: contextlib.nullcontext(0)
+    elif tool == "ours-copy-up":
+        import engine.lora.network
+        from engine.lora.up_add import add_up
+
+        engine.lora.network.add_up = lambda output, h, up, scale, in_place: add_up(output, h, up, scale, False)
     elif tool == "ours-cast-each":
         import engine.lora.network
 

@@ -29,6 +29,9 @@ TOOL_NOTES = {
                        "projection buys.",
     "ours-cast-each": "- ours-cast-each is our engine casting each LoRA weight to bf16 on its own (two kernels per "
                       "weight a step) instead of all together: the difference to ours is what `cast_together` buys.",
+    "ours-copy-up": "- ours-copy-up is our engine adding each Linear LoRA's up projection onto the base output with "
+                    "the copying addmm instead of in place: the difference to ours is what engine/lora/up_add.py "
+                    "buys.",
     "ours-comfyui": "- ours-comfyui is our engine through the ComfyUI adapter (ComfyUI's ModelPatcher, CLIP and "
                     "VAE, as the LoRA Trainer node runs it). ComfyUI keeps CLIP and the VAE on the GPU while "
                     "training (its model management loads all three), hence the higher peak. Its rows record the "
@@ -145,7 +148,7 @@ def targets(rows) -> list[str]:
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
     variants = ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-host-geglu",
-                "ours-cast-each", "ours-comfyui", "ours-comfyui-compile")
+                "ours-cast-each", "ours-copy-up", "ours-comfyui", "ours-comfyui-compile")
     tools = ["ours"] + [t for t in variants + PEERS if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
     out = ["# Benchmark results", "",

@@ -32,6 +32,7 @@ TOOLS = {  # tool -> module that runs its rows
     "ours-compile": "bench.ours",
     "ours-host-geglu": "bench.ours",
     "ours-cast-each": "bench.ours",
+    "ours-copy-up": "bench.ours",
     "diffusers-peft": "bench.peer_diffusers",
     "diffusers-peft-attn": "bench.peer_diffusers",
     "comfyui-native": "bench.peer_comfy",
