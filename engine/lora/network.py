@@ -3,7 +3,8 @@
 A hook adds `up(down(x)) * multiplier * alpha/rank` to a Linear/Conv2d output. Hooks leave the host's
 module tree, state-dict keys, weights and `forward` methods untouched (the hosts patch `forward`
 themselves: ComfyUI's weight functions, A1111's Lora extension), compose with gradient
-checkpointing, and are removed without a trace by `detach()`.
+checkpointing, and are removed without a trace by `detach()`. A Linear's hook adds into the output it
+receives when it is the module's only hook (nothing else has seen that tensor): up_add.py.
 
 The network's own state dict already has kohya's layout:
 `lora_unet_<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
