@@ -66,7 +66,7 @@ def add_up(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor, scale: float
     in place when the caller owns `output` (`in_place`) and its layout allows it (see the module doc),
     else with the copying addmm. Not in place under torch.compile, which plans its own buffers."""
     n, r = output.shape[-1], h.shape[-1]
-    base = owned_base(output) if in_place and output.dim() >= 2 and not _compiling() else None
+    base = owned_base(output) if in_place and not _compiling() else None
     if base is None:
         return torch.addmm(output.reshape(-1, n), h.reshape(-1, r), up.t(), alpha=scale).view(output.shape)
     if not torch.is_grad_enabled():
