@@ -11,15 +11,15 @@ PEERS = ("comfyui-native", "diffusers-peft", "diffusers-peft-attn", "kohya")
 # peers that train at least the workload's layers (kohya's defaults): the memory target compares with these;
 # diffusers-peft-attn trains fewer (attention only) and is compared with ours-attn instead
 SAME_LAYER_PEERS = ("comfyui-native", "diffusers-peft", "kohya")
-TOOL_NOTES = {
+TOOL_NOTES = {  # our variant tools, in the table's column order, and what each one is
     "ours-eager": "- ours-eager is our engine with `cuda_graph: false` (the plain step): the difference to ours "
                   "is what replaying the step as one CUDA graph buys.",
-    "ours-attn": "- ours-attn is our engine with LoRA on the attention projections only (the layers "
-                 "diffusers' scripts and SimpleTuner adapt): the like-for-like comparison with "
-                 "diffusers-peft-attn.",
     "ours-autocast": "- ours-autocast is our engine with `autocast: always` (every forward under autocast, as "
                      "diffusers' and kohya's scripts run): the difference to ours is what computing the bf16 "
                      "model natively buys.",
+    "ours-attn": "- ours-attn is our engine with LoRA on the attention projections only (the layers "
+                 "diffusers' scripts and SimpleTuner adapt): the like-for-like comparison with "
+                 "diffusers-peft-attn.",
     "ours-fp8": "- ours-fp8 is our engine with the UNet's Linear/Conv2d weights stored in fp8 (`fp8_base: true`; "
                 "each layer computes in bf16 under autocast): the optional low-memory mode.",
     "ours-compile": "- ours-compile is our engine with `torch_compile: true` (the step compiled by inductor, "
@@ -147,9 +147,7 @@ def targets(rows) -> list[str]:
 
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
-    variants = ("ours-eager", "ours-autocast", "ours-attn", "ours-fp8", "ours-compile", "ours-host-geglu",
-                "ours-cast-each", "ours-copy-up", "ours-comfyui", "ours-comfyui-compile")
-    tools = ["ours"] + [t for t in variants + PEERS if any(r["tool"] == t for r in rows)]
+    tools = ["ours"] + [t for t in (*TOOL_NOTES, *PEERS) if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
     out = ["# Benchmark results", "",
            f"GPU: {gpu.get('name')} (dense bf16 peak {gpu.get('dense_bf16_tflops')} TFLOP/s, driver "
