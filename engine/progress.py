@@ -26,7 +26,7 @@ class ConsoleProgress:
             self._write(f"previews at step {event.step}")
         elif event.kind == "stopped":
             self.stopped_message = f"Checkpoint kept at {event.path}." if event.path else ""
-        elif event.kind == "info" and not event.message.startswith("caching "):
+        elif event.kind == "info":
             self._write(event.message)
 
     def should_stop(self) -> bool:

@@ -149,12 +149,11 @@ class TrainJob:
         elif event.kind == "checkpoint":
             self.last_checkpoint_lora = event.lora_path
             self.note(f"checkpoint at step {event.step}")
+        elif event.kind == "caching":
+            self.status = "caching"
+            state.textinfo = f"LoRA Trainer: {event.message}"
         elif event.kind == "info":
-            if event.message.startswith("caching "):
-                self.status = "caching"
-                state.textinfo = f"LoRA Trainer: {event.message}"
-            else:
-                self.note(event.message)
+            self.note(event.message)
         elif event.kind == "error" and event.message:
             self.note(event.message)
 

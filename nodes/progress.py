@@ -101,7 +101,7 @@ class NodeProgress:
         handler = getattr(self, f"_on_{event.kind}", None)
         if handler is not None:
             handler(event)
-        if event.kind in ("step", "info"):
+        if event.kind in ("step", "info", "caching"):
             check_interrupt()
 
     def _on_start(self, event: TrainEvent) -> None:
@@ -117,9 +117,11 @@ class NodeProgress:
         _send({**self._public(), "points": []})
 
     def _on_info(self, event: TrainEvent) -> None:
-        if not event.message.startswith("caching "):
-            self.messages.append(event.message)
-            logger.info("LoRA Trainer: %s", event.message)
+        self.messages.append(event.message)
+        logger.info("LoRA Trainer: %s", event.message)
+        self._on_caching(event)
+
+    def _on_caching(self, event: TrainEvent) -> None:
         self._update(message=event.message)
         _send({**self._public(), "points": []})
 

@@ -62,7 +62,7 @@ def mixed_precision(choice: str, model) -> str:
 def check_resolution(cfg, info, family_name: str) -> None:
     """Refuse SDXL-sized training on SD1/SD2 (a workflow's settings kept after swapping the checkpoint)."""
     w, h = cfg.resolution_wh(info.resolution)
-    if info.family != "sdxl" and w * h > (1.5 * info.resolution) ** 2:
+    if info.spec.oversized(w, h, info.resolution):
         raise ConfigError(f"the dataset's resolution {w}x{h} is an SDXL-sized setting, but the MODEL is "
                           f"{family_name} (trained at {info.resolution} px). Set resolution to "
                           f"{info.resolution} (or auto) in Load Dataset, or load an SDXL checkpoint.")
@@ -182,7 +182,8 @@ class LoRATrainer(io.ComfyNode):
         started = time.monotonic()
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                result = train(cfg, adapter, callbacks=[progress])
+                result = train(cfg, adapter, callbacks=[progress],
+                               stop_exceptions=(comfy.model_management.InterruptProcessingException,))
         finally:
             del adapter
             gc.collect()

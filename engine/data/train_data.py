@@ -58,7 +58,8 @@ class HostBatch:
 
 
 class TrainData:
-    def __init__(self, cfg: TrainConfig, *, native_resolution: int, model_key: str, train_text_encoder: bool):
+    def __init__(self, cfg: TrainConfig, *, native_resolution: int, model_key: str, train_text_encoder: bool,
+                 max_bucket_reso: int | None = None):
         self.cfg = cfg
         self.model_key = model_key
         self.warnings: list[str] = []
@@ -78,8 +79,8 @@ class TrainData:
 
         self.resolution = cfg.resolution_wh(native_resolution)
         max_size = cfg.max_bucket_reso
-        if native_resolution >= 1024 and max_size == 1024:
-            max_size = 2048  # SDXL: room for 2:1 and wider buckets at 1024^2 area
+        if max_size == 1024:  # the default: the family's (FamilySpec.max_bucket_reso; SDXL: 2048)
+            max_size = max_bucket_reso or (2048 if native_resolution >= 1024 else 1024)
         self.buckets = BucketAssigner(self.resolution, enable=cfg.enable_bucket, min_size=cfg.min_bucket_reso,
                                       max_size=max_size, steps=cfg.bucket_reso_steps,
                                       no_upscale=cfg.bucket_no_upscale)

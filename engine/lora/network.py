@@ -54,19 +54,6 @@ class LoRAModule(nn.Module):
         self.alpha.fill_(float(alpha))
         self._scale = float(alpha) / self.rank
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        down_w = self.lora_down.weight.to(x.dtype)
-        up_w = self.lora_up.weight.to(x.dtype)
-        if self.is_conv:
-            d = self.lora_down
-            h = F.conv2d(x, down_w, None, d.stride, d.padding, d.dilation)
-        else:
-            h = F.linear(x, down_w)
-        if self.dropout and self.training:
-            h = F.dropout(h, p=self.dropout)
-        out = F.conv2d(h, up_w) if self.is_conv else F.linear(h, up_w)
-        return out * (self.multiplier * self._scale)
-
     def apply_to(self, x: torch.Tensor, output: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """`output + delta(x)` in the output's dtype with as few kernels as possible: the down/up
         weights come from the per-step cast cache when there is one, the scale rides on the
@@ -123,6 +110,9 @@ class LoRANetwork(nn.Module):
         self.te_keys: set[str] = set()
         self.aliases: dict[str, str] = {}  # every name a file may use for a module -> its kohya key
         self.conv_shaped: set[str] = set()  # Linear-based modules saved with 1x1-conv shapes (see add)
+        # engine options (EngineOptions): benchmarks turn these off to measure what each buys
+        self.up_in_place = True  # a lone Linear hook adds its up projection into the output (up_add.py)
+        self.cast_together = True  # cast_weights casts all weights in a few kernels (cast_together)
 
     def add(self, key: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
             text_encoder: bool = False, aliases: tuple[str, ...] = (), conv_shaped: bool = False) -> LoRAModule:
@@ -157,12 +147,13 @@ class LoRANetwork(nn.Module):
     def attach(self) -> None:
         if self._handles:
             return
+        in_place = self.up_in_place
         for key, base in self._bases.items():
             lora = self.loras[key]
 
             def hook(module, args, output, lora=lora):
                 # in place only when ours is the module's one hook: no other hook has seen `output`
-                alone = len(module._forward_hooks) == 1 and not _global_forward_hooks
+                alone = in_place and len(module._forward_hooks) == 1 and not _global_forward_hooks
                 return lora.apply_to(args[0], output, in_place=alone)
 
             self._handles.append(base.register_forward_hook(hook))
@@ -196,7 +187,8 @@ class LoRANetwork(nn.Module):
             return
         try:
             loras = list(self.loras.values())
-            casts = cast_together([w for lora in loras for w in (lora.lora_down.weight, lora.lora_up.weight)], dtype)
+            weights = [w for lora in loras for w in (lora.lora_down.weight, lora.lora_up.weight)]
+            casts = cast_together(weights, dtype) if self.cast_together else [w.to(dtype) for w in weights]
             for lora, down, up in zip(loras, casts[0::2], casts[1::2]):
                 lora._cast = (down, up)
             yield

@@ -9,7 +9,6 @@ compared and re-recorded: tests/parity_fixture.py.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from engine.lora.kohya_io import read_lora
@@ -17,7 +16,7 @@ from engine.models import tiny_sd1, tiny_sd2, tiny_sdxl
 from engine.train import train
 from tests.parity_fixture import one_thread, result_record
 
-from train_fixtures import quick_config
+from train_fixtures import FAST_ON_CPU, quick_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "redesign_parity.json"
 
@@ -42,25 +41,13 @@ RUNS: dict[str, tuple[str, bool, dict]] = {
 }
 
 
-@contextlib.contextmanager
-def fast_step_on_cpu():
-    """The trainer takes the fast step (FastStep(capture=False): the graph's body without a graph)."""
-    import pytest
-
-    from train_fixtures import fast_step_on_cpu as patch
-
-    with pytest.MonkeyPatch.context() as mp:
-        yield patch(mp)
-
-
 def run(name: str, data: Path, out: Path) -> dict:
     """Train run `name` and return its record (see tests/parity_fixture.py)."""
     family, fast, changes = RUNS[name]
     opts = dict(max_train_steps=3, batch_size=2, lora_rank=4, seed=7, lr_scheduler="cosine", warmup_steps=1,
                 **changes)
     cfg = quick_config(data, out, **opts)
-    with one_thread(), (fast_step_on_cpu() if fast else contextlib.nullcontext([])) as made:
-        result = train(cfg, BUILD[family]())
-        took_fast = bool(made)
+    with one_thread():
+        result = train(cfg, BUILD[family](), options=FAST_ON_CPU if fast else None)
     tensors, metadata = read_lora(result.lora_path)
-    return result_record(result.losses, tensors, metadata, fast=took_fast)
+    return result_record(result.losses, tensors, metadata, fast=result.fast_steps > 0)

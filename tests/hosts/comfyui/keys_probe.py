@@ -61,9 +61,9 @@ def comfy_keys(family, unet_config, pack):
     import comfy.sd1_clip
     import comfy.sdxl_clip
     from inplace_pack.engine.config import TrainConfig
+    from inplace_pack.engine.hostkit import clip_holders, ldm_names
     from inplace_pack.engine.lora.targets import build_network
     from inplace_pack.engine.model import ModelInfo
-    from inplace_pack.nodes import comfy_names as names
 
     model_config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
     base = model_config.get_model({}, device="meta")
@@ -71,9 +71,10 @@ def comfy_keys(family, unet_config, pack):
         clip = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16)
     else:
         clip = comfy.sd1_clip.SD1ClipModel(device="meta", dtype=torch.float16)
-    layout = names.layout_from_unet_config(model_config.unet_config)
-    unet = names.unet_layers(base.diffusion_model, layout)
-    model = Named(ModelInfo(family=family, layout=layout), unet, names.text_encoders(clip, family), names)
+    layout = ldm_names.layout_from_unet_config(model_config.unet_config)
+    unet = ldm_names.unet_layers(base.diffusion_model, layout)
+    model = Named(ModelInfo(family=family, layout=layout), unet, clip_holders.text_encoders(clip, family),
+                  clip_holders)
     network = build_network(model, TrainConfig.from_dict({"train_text_encoder": True}))
     return sorted(network.loras.keys()), type(model_config).__name__
 
@@ -81,8 +82,8 @@ def comfy_keys(family, unet_config, pack):
 def name_maps(pack):
     """Per config: (ldm, ours, comfy's) for every UNet weight where our map and comfy's disagree."""
     import comfy.utils
-    from inplace_pack.engine.lora.names import ldm_to_diffusers
-    from inplace_pack.nodes.comfy_names import layout_from_unet_config
+    from inplace_pack.engine.families.unet import ldm_to_diffusers
+    from inplace_pack.engine.hostkit.ldm_names import layout_from_unet_config
 
     out = {}
     for name, cfg in (("SD15", SD15), ("SD21", SD21), ("SDXL", SDXL), ("SSD1B", SSD1B)):
