@@ -119,10 +119,13 @@ class NodeProgress:
     def _on_info(self, event: TrainEvent) -> None:
         self.messages.append(event.message)
         logger.info("LoRA Trainer: %s", event.message)
-        self._on_caching(event)
+        self._show(event.message)
 
     def _on_caching(self, event: TrainEvent) -> None:
-        self._update(message=event.message)
+        self._show(event.message)  # on the node only: the summary and the log keep the run's notes
+
+    def _show(self, message: str) -> None:
+        self._update(message=message)
         _send({**self._public(), "points": []})
 
     def _on_step(self, event: TrainEvent) -> None:
