@@ -38,6 +38,9 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 @dataclass
 class TrainConfig:
     # --- model ------------------------------------------------------------------------------------
+    task_type: str = _f("image", "image, or text-generation: a LoRA for a local language model, run by the command "
+                        "line (python -m engine train --help-config --set task_type=text-generation lists its "
+                        "keys).", choices=("image", "text-generation"), group="model")
     base_model: str = _f("", "Local path of the checkpoint (.safetensors/.ckpt) or diffusers folder. "
                          "Not needed inside ComfyUI/A1111, which pass the loaded model.", group="model",
                          aliases=("pretrained_model_name_or_path", "model_path"), path="any")
@@ -235,6 +238,9 @@ class TrainConfig:
         """Cross-field checks; per-field types and ranges were checked while coercing."""
         if self.keep_tokens and not self.shuffle_caption and source != "defaults":
             pass  # harmless: keep_tokens only matters when shuffling
+        if self.task_type != "image":
+            raise ConfigError(f"{source}: task_type {self.task_type} trains a language model from the command line "
+                              f"(python -m engine train --config x.yaml); this path trains image LoRAs.")
         if self.caption_dropout > 1 or self.lora_dropout >= 1:
             raise ConfigError(f"{source}: caption_dropout and lora_dropout are probabilities (0 to 1).")
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
@@ -321,20 +327,21 @@ def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
-def _canonical(key: str, source: str) -> str:
-    if key in _FIELDS:
+def _canonical(key: str, source: str, fields=None, aliases=None,
+               listing: str = "python -m engine train --help-config") -> str:
+    fields, aliases = (_FIELDS, _ALIASES) if fields is None else (fields, aliases)
+    if key in fields:
         return key
-    if key in _ALIASES:
-        return _ALIASES[key]
-    known = sorted(set(_FIELDS) | set(_ALIASES))
+    if key in aliases:
+        return aliases[key]
+    known = sorted(set(fields) | set(aliases))
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f" Did you mean '{_ALIASES.get(close[0], close[0])}'?" if close else ""
-    raise ConfigError(f"{source}: unknown key '{key}'.{hint} (python -m engine train --help-config lists "
-                      f"every key.)")
+    hint = f" Did you mean '{aliases.get(close[0], close[0])}'?" if close else ""
+    raise ConfigError(f"{source}: unknown key '{key}'.{hint} ({listing} lists every key.)")
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    meta, kind = _META[name], _TYPES[name]
+def _coerce(name: str, value: Any, source: str, meta=None, kind=None) -> Any:
+    meta, kind = (_META[name], _TYPES[name]) if meta is None else (meta, kind)
     where = f"{source}: {name}"
     if isinstance(value, bool) and meta["from_bool"] is not None:  # kohya's `cache_latents: true`, `color_aug: true`
         value = meta["from_bool"][not value]
@@ -392,6 +399,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML (or JSON/TOML) config file, apply `--set` overrides, validate."""
+    cfg = TrainConfig.from_dict(read_config_file(path), source=Path(path).name)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML (or JSON/TOML) config file holds, before any key is checked."""
     import yaml
 
     p = Path(path).expanduser()
@@ -407,26 +420,31 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
             data = yaml.safe_load(text) or {}
     except Exception as exc:  # the parser's own message says where
         raise ConfigError(f"cannot parse {p.name}: {exc}") from None
-    cfg = TrainConfig.from_dict(data, source=p.name)
-    return cfg.with_overrides(overrides) if overrides else cfg
+    return data
 
 
-def dump_config(cfg: TrainConfig) -> str:
-    """YAML of the resolved config, grouped and commented, as written next to the output."""
+def dump_config(cfg) -> str:
+    """YAML of the resolved config (this table's or another built with `_f`), grouped as its fields are, as
+    written next to the output."""
     import yaml
 
     groups: dict[str, dict[str, Any]] = {}
-    for name, meta in _META.items():
-        groups.setdefault(f"{meta['group']}_config", {})[name] = getattr(cfg, name)
+    for f in dataclasses.fields(cfg):
+        groups.setdefault(f"{f.metadata['group']}_config", {})[f.name] = getattr(cfg, f.name)
     return yaml.safe_dump(groups, sort_keys=False, allow_unicode=True)
 
 
-def describe_fields() -> str:
+def describe_fields(table=TrainConfig) -> str:
     """Plain-text reference of every key (for --help-config and the README)."""
     lines = []
-    for name, f in _FIELDS.items():
-        meta = f.metadata
+    for f in dataclasses.fields(table):
+        name, meta = f.name, f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         alias = f" (also: {', '.join(meta['aliases'])})" if meta["aliases"] else ""
         lines.append(f"{meta['group']:8} {name} = {default!r}{alias}\n          {meta['help']}")
     return "\n".join(lines)
+
+
+# The same field helper, key rules and value coercion for another table (the text mode's,
+# engine/text/config.py), imported rather than copied.
+config_field, canonical_key, coerce_value, flatten_groups = _f, _canonical, _coerce, _flatten
