@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
               "  inspect  show what a LoRA file or checkpoint contains")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
-        return commands[argv[0]](argv[1:])
+        from .text.cli import text_command  # a config with task_type: text-generation trains a language model
+
+        return (text_command(argv) or commands[argv[0]])(argv[1:])
     except TrainingStopped as exc:
         print(f"stopped: {exc}" + (f" (checkpoint: {exc.checkpoint})" if exc.checkpoint else ""))
         return 130
