@@ -37,7 +37,10 @@ class TextForward:
                            and all(getattr(config, k, None) in (None, 1, 1.0) for k in _SCALED_HEADS))
         self.head = head
         if self.lean is None and self.checkpointing:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.lm, "activation_checkpointing_enable"):  # transformers 5's name
+                self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.lm, "enable_input_require_grads"):
                 self.lm.enable_input_require_grads()
 

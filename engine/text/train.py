@@ -171,6 +171,8 @@ class TextTrainer:
             self._setup_fast_step()
             if "before" not in self.evaluation:
                 self._evaluate("before")
+            if self.position.step == 0:
+                torch.manual_seed(self.cfg.seed)  # dropout draws from the default generators (a resume restores them)
             self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
                              message=self._summary())
             self._loop()

@@ -48,8 +48,9 @@ def tiny_config(kind: str, tokenizer, **changes):
     """A transformers config of the given layout at toy sizes (GQA where the layout has it)."""
     import transformers
 
+    # initializer_range 0.2 (not 0.02): logits far enough from uniform that a LoRA moves them within seconds
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+                  pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
     if kind == "gpt2":
         return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common, **changes)
     sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
