@@ -96,3 +96,11 @@ def _warnings(cfg, data: TextData, read: Samples) -> list[str]:
     if data.heldout is None and (cfg.eval_split > 0 or cfg.eval_data):
         out.append("no held-out samples (the data has fewer than 2 samples): perplexity is not measured.")
     return out
+
+
+def text_data_from(samples: list, cfg, pad_id: int = 0) -> TextData:
+    """TextData from already tokenized samples (Encoded), nothing held out: for runs on generated tokens."""
+    fitted = fit(samples, [False] * len(samples), cfg.max_length, cfg.long_samples)
+    train = plan_rows(fitted.samples, max_length=cfg.max_length, packing=cfg.packing, pad_id=pad_id,
+                      batch_size=cfg.batch_size, seed=cfg.seed)
+    return TextData(train, None, False, False, [], len(samples), fitted)

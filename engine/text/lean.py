@@ -1,25 +1,31 @@
 """The engine's own forward for Llama-class decoders (Llama, Mistral, Qwen2, Qwen3): transformers' math,
 fewer kernels, fewer saved activations.
 
-It reads the weights of the transformers model and of the PEFT LoRA layers wrapped around its
-projections (nothing is copied or re-laid; PEFT saves, loads and merges them as usual) and differs
-from transformers + PEFT in how a step is computed, not in what:
+It runs on the transformers model's weights and the PEFT LoRA layers wrapped around its projections
+(PEFT still saves, loads and merges them) and differs from transformers + PEFT in how a step is
+computed, not in what:
 
-- the LoRA layers that read the same input (q/k/v; gate/up) share one dropout mask and one down
-  projection (their A matrices side by side), and each up projection is added into the base layer's
-  output in place (`addmm_`), where PEFT upcasts the input to float32, draws a mask per layer and adds
-  a scaled copy;
-- SwiGLU keeps only its two inputs for backward and recomputes the activation there (transformers
-  keeps three tensors of the MLP's width per layer);
-- RMSNorm is PyTorch's `rms_norm` (one fused kernel on CUDA), RoPE three elementwise kernels with the
-  sign of the rotation folded into the sine, attention SDPA with grouped KV heads as they are;
-- packed rows: samples in a row are kept apart by a mask built from the segment ids, and a batch
-  whose rows hold one sample each takes the plain causal (flash) kernel;
+- projections that read one input (q/k/v; gate/up) are one GEMM: building the decoder lays their frozen
+  weights side by side in one matrix and makes each module's weight a view into it (no second copy;
+  the modules, generation and PEFT see their weights as before);
+- the LoRAs of such a group share one dropout mask (drawn and applied in one kernel each) and one down
+  projection (their A matrices side by side), and each up projection is added into its columns of the
+  group's output in place; backward is written out (one GEMM for the input gradient, none for the frozen
+  weights), where PEFT upcasts each LoRA's input to float32, draws a mask per layer, adds a scaled copy
+  and leaves autograd to sum three input gradients;
+- q and k are rotated together (three elementwise kernels, the sign of rotate_half folded into the
+  sine); attention is SDPA with grouped KV heads as they are;
+- SwiGLU keeps only its two inputs for backward and recomputes the activation there (transformers keeps
+  three tensors of the MLP's width per layer); RMSNorm is PyTorch's `rms_norm`;
+- packed rows: samples in a row are kept apart by a mask built from the segment ids, and a batch whose
+  rows hold one sample each takes the plain causal (flash) kernel;
 - gradient checkpointing recomputes one decoder layer at a time; dropout masks are drawn outside the
   recomputed region, so recomputation is deterministic and needs no RNG state (nor does a CUDA graph).
 
 `lean_reason(...)` says why a model cannot take this path (quantised weights, another layout, DoRA,
 a sliding window shorter than the rows, ...); those train through transformers' own forward.
+Because the weights are re-laid in memory, a model trained here is saved through PEFT (adapter) or
+reloaded from disk for merging (engine/text/save.py), never written with save_pretrained as it is.
 """
 
 from __future__ import annotations
@@ -43,32 +49,71 @@ class Lora:
 
 
 @dataclass
-class Proj:
-    weight: torch.Tensor
+class Group:
+    """Projections that read one input, their frozen weights side by side in one matrix (the modules'
+    own weights are views into it), and the LoRA of each, with the columns it adds into."""
+
+    weight: torch.Tensor  # [sum of outs, in]
     bias: torch.Tensor | None
-    lora: Lora | None
+    widths: list[int]
+    loras: list[tuple[int, Lora]]  # (first output column, LoRA)
+
+    @property
+    def dropout(self) -> float:
+        return self.loras[0][1].dropout if self.loras else 0.0
 
 
-class _LoraDown(torch.autograd.Function):
-    """drop(h) @ A.T with the dropout mask given; keeps drop(h) and the mask for backward."""
+def _drop(x: torch.Tensor, mask, keep: float) -> torch.Tensor:
+    """x * mask / keep in one kernel (what dropout's backward computes)."""
+    return x if mask is None else torch.ops.aten.native_dropout_backward(x, mask, 1.0 / keep)
+
+
+class _Projection(torch.autograd.Function):
+    """out = h @ W.T + b, with each LoRA's scale * drop(h) @ A.T @ B.T added into its own columns.
+
+    One GEMM for the frozen weights of the group, one for the down projections of all its LoRAs (their
+    A side by side), one in-place `addmm_` per up projection. Backward: one GEMM for the input gradient,
+    the LoRA gradients from drop(h) and the small down-projected activations, and no gradient for W."""
 
     @staticmethod
-    def forward(ctx, h, a, mask, keep):
-        x = h if mask is None else h * mask * (1.0 / keep)
-        ctx.save_for_backward(x, a, mask)
-        ctx.keep = keep
-        return x @ a.t()
+    def forward(ctx, h, weight, bias, a, mask, meta, *bs):
+        keep, starts, scales = meta
+        out = torch.nn.functional.linear(h, weight, bias)
+        x = xa = None
+        if a is not None:
+            x = _drop(h, mask, keep)
+            xa = x @ a.t()
+            at = 0
+            for start, b, scale in zip(starts, bs, scales):
+                r = b.shape[1]
+                out[:, start:start + b.shape[0]].addmm_(xa[:, at:at + r], b.t(), alpha=scale)
+                at += r
+        ctx.meta = meta
+        ctx.save_for_backward(weight, a, x, xa, mask, *bs)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, mask = ctx.saved_tensors
-        grad_a = grad.t() @ x if ctx.needs_input_grad[1] else None
-        grad_h = None
-        if ctx.needs_input_grad[0]:
-            grad_h = grad @ a
-            if mask is not None:
-                grad_h = grad_h * mask * (1.0 / ctx.keep)
-        return grad_h, grad_a, None, None
+        weight, a, x, xa, mask, *bs = ctx.saved_tensors
+        keep, starts, scales = ctx.meta
+        grad_h = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_a, grad_bs = None, [None] * len(bs)
+        if a is not None:
+            pieces, at = [], 0
+            for i, (start, b, scale) in enumerate(zip(starts, bs, scales)):
+                g = grad[:, start:start + b.shape[0]]
+                r = b.shape[1]
+                grad_bs[i] = (g.t() @ xa[:, at:at + r]).mul_(scale)
+                pieces.append(g @ b.mul(scale))
+                at += r
+            grad_xa = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+            grad_a = grad_xa.t() @ x
+            if grad_h is not None:
+                if mask is None:
+                    grad_h.addmm_(grad_xa, a)
+                else:
+                    grad_h.add_(_drop(grad_xa @ a, mask, keep))
+        return (grad_h, None, None, grad_a, None, None, *grad_bs)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -77,22 +122,59 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return torch.nn.functional.silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * torch.nn.functional.silu(gate)
 
 
-def _proj(module) -> Proj:
-    base = getattr(module, "base_layer", module)
-    lora = None
-    if hasattr(module, "lora_A") and "default" in module.lora_A:
-        drop = module.lora_dropout["default"]
-        lora = Lora(module.lora_A["default"].weight, module.lora_B["default"].weight,
-                    float(module.scaling["default"]), float(getattr(drop, "p", 0.0)))
-    return Proj(base.weight, base.bias, lora)
+def _lora(module) -> Lora | None:
+    if not (hasattr(module, "lora_A") and "default" in module.lora_A):
+        return None
+    drop = module.lora_dropout["default"]
+    return Lora(module.lora_A["default"].weight, module.lora_B["default"].weight, float(module.scaling["default"]),
+                float(getattr(drop, "p", 0.0)))
+
+
+def fuse(modules) -> Group:
+    """One matrix for the frozen weights of `modules` (projections of one input); each module's weight
+    (and bias) becomes a view into it, so nothing is held twice and PEFT, generation and saving still
+    see the modules as they were."""
+    bases = [getattr(m, "base_layer", m) for m in modules]
+    if len(bases) == 1:
+        weight, bias = bases[0].weight, bases[0].bias
+    else:
+        weight = torch.cat([b.weight.data for b in bases])
+        with_bias = [b.bias is not None for b in bases]
+        bias = torch.cat([b.bias.data if b.bias is not None else weight.new_zeros(b.weight.shape[0])
+                          for b in bases]) if any(with_bias) else None
+        at = 0
+        for b, has_bias in zip(bases, with_bias):
+            n = b.weight.shape[0]
+            b.weight.data = weight[at:at + n]
+            if has_bias:
+                b.bias.data = bias[at:at + n]
+            at += n
+    widths = [b.weight.shape[0] for b in bases]
+    loras, at = [], 0
+    for m, n in zip(modules, widths):
+        lora = _lora(m)
+        if lora is not None:
+            loras.append((at, lora))
+        at += n
+    return Group(weight, bias, widths, loras)
+
+
+def project(h: torch.Tensor, group: Group, mask) -> torch.Tensor:
+    """The group's outputs side by side, [T, sum of widths]."""
+    if not group.loras:
+        return _Projection.apply(h, group.weight, group.bias, None, None, (1.0, (), ()))
+    a = torch.cat([lora.A for _, lora in group.loras]).to(h.dtype)
+    bs = [lora.B.to(h.dtype) for _, lora in group.loras]
+    meta = (1.0 - group.dropout, tuple(s for s, _ in group.loras), tuple(lora.scale for _, lora in group.loras))
+    return _Projection.apply(h, group.weight, group.bias, a, mask, meta, *bs)
 
 
 def lean_reason(lm, max_length: int) -> str | None:
@@ -130,19 +212,19 @@ def lean_reason(lm, max_length: int) -> str | None:
 
 class LeanDecoder:
     """hidden = LeanDecoder(lm)(input_ids, position_ids, segments, masked, checkpointing): the last layer's
-    normalised output, [B, S, H], as `lm.model(...)` gives it."""
+    normalised output, [B, S, H], as `lm.model(...)` gives it. Building it lays each layer's q/k/v and
+    gate/up weights side by side (see `fuse`)."""
 
     def __init__(self, lm):
         self.backbone = lm.model
-        cfg = lm.config
-        self.eps = cfg.rms_norm_eps
+        self.eps = lm.config.rms_norm_eps
         self.layers = []
         for layer in self.backbone.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append({
                 "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-                "qkv": [_proj(attn.q_proj), _proj(attn.k_proj), _proj(attn.v_proj)], "o": [_proj(attn.o_proj)],
-                "gate_up": [_proj(mlp.gate_proj), _proj(mlp.up_proj)], "down": [_proj(mlp.down_proj)],
+                "qkv": fuse([attn.q_proj, attn.k_proj, attn.v_proj]), "o": fuse([attn.o_proj]),
+                "gate_up": fuse([mlp.gate_proj, mlp.up_proj]), "down": fuse([mlp.down_proj]),
                 "q_norm": getattr(getattr(attn, "q_norm", None), "weight", None),
                 "k_norm": getattr(getattr(attn, "k_norm", None), "weight", None),
                 "head_dim": attn.head_dim, "scaling": attn.scaling,
@@ -150,56 +232,40 @@ class LeanDecoder:
 
     # --- pieces --------------------------------------------------------------------------------------
     @staticmethod
-    def _masks(groups, rows: int, widths: list[int], device) -> list[torch.Tensor | None]:
+    def _masks(layer: dict, rows: int, device) -> list[torch.Tensor | None]:
         """One dropout mask per LoRA input (drawn outside any recomputed region)."""
         out = []
-        for projs, width in zip(groups, widths):
-            lora = next((p.lora for p in projs if p.lora is not None), None)
-            if lora is None or lora.dropout <= 0:
-                out.append(None)
-            else:
-                out.append(torch.empty(rows, width, dtype=torch.bool, device=device).bernoulli_(1 - lora.dropout))
+        for name in ("qkv", "o", "gate_up", "down"):
+            group = layer[name]
+            keep = 1.0 - group.dropout
+            out.append(torch.empty(rows, group.weight.shape[1], dtype=torch.bool, device=device).bernoulli_(keep)
+                       if group.loras and keep < 1 else None)
         return out
-
-    @staticmethod
-    def _project(h: torch.Tensor, projs: list[Proj], mask) -> list[torch.Tensor]:
-        outs = [F.linear(h, p.weight, p.bias) for p in projs]
-        loras = [(out, p.lora) for out, p in zip(outs, projs) if p.lora is not None]
-        if loras:
-            a = torch.cat([lora.A for _, lora in loras]).to(h.dtype)
-            keep = 1.0 - loras[0][1].dropout
-            xa = _LoraDown.apply(h, a, mask, keep)
-            at = 0
-            for out, lora in loras:
-                r = lora.A.shape[0]
-                out.addmm_(xa[:, at:at + r], lora.B.to(h.dtype).t(), alpha=lora.scale)
-                at += r
-        return outs
 
     def _layer(self, x, cos, sin, attn_mask, L, m_qkv, m_o, m_gu, m_down):
         b, s, hidden = x.shape
         d = L["head_dim"]
+        nq, nkv = L["qkv"].widths[0] // d, L["qkv"].widths[1] // d
         flat = x.reshape(b * s, hidden)
-        q, k, v = self._project(F.rms_norm(flat, (hidden,), L["ln1"], self.eps), L["qkv"], m_qkv)
-        q, k, v = q.view(b, s, -1, d), k.view(b, s, -1, d), v.view(b, s, -1, d)
-        if L["q_norm"] is not None:
-            q = F.rms_norm(q, (d,), L["q_norm"], self.eps)
-            k = F.rms_norm(k, (d,), L["k_norm"], self.eps)
-        q, k = _rope(q, cos, sin).transpose(1, 2), _rope(k, cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=L["scaling"],
-                                                 enable_gqa=k.shape[1] != q.shape[1])
+        qkv = project(F.rms_norm(flat, (hidden,), L["ln1"], self.eps), L["qkv"], m_qkv).view(b, s, nq + 2 * nkv, d)
+        if L["q_norm"] is None:  # q and k rotated together
+            qk = _rope(qkv[:, :, :nq + nkv], cos, sin)
+            q, k = qk[:, :, :nq], qk[:, :, nq:]
         else:
-            groups = q.shape[1] // k.shape[1]
-            if groups > 1:
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            q = _rope(F.rms_norm(qkv[:, :, :nq], (d,), L["q_norm"], self.eps), cos, sin)
+            k = _rope(F.rms_norm(qkv[:, :, nq:nq + nkv], (d,), L["k_norm"], self.eps), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, nq + nkv:].transpose(1, 2)
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=L["scaling"], enable_gqa=nkv != nq)
+        else:
+            if nkv != nq:
+                k, v = k.repeat_interleave(nq // nkv, dim=1), v.repeat_interleave(nq // nkv, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=L["scaling"])
-        (o,) = self._project(out.transpose(1, 2).reshape(b * s, -1), L["o"], m_o)
-        flat = flat + o
-        gate, up = self._project(F.rms_norm(flat, (hidden,), L["ln2"], self.eps), L["gate_up"], m_gu)
-        (down,) = self._project(_SwiGLU.apply(gate, up), L["down"], m_down)
-        return (flat + down).view(b, s, hidden)
+        flat = flat + project(out.transpose(1, 2).reshape(b * s, nq * d), L["o"], m_o)
+        gate_up = project(F.rms_norm(flat, (hidden,), L["ln2"], self.eps), L["gate_up"], m_gu)
+        gate, up = gate_up.split(L["gate_up"].widths, dim=1)
+        flat = flat + project(_SwiGLU.apply(gate, up), L["down"], m_down)
+        return flat.view(b, s, hidden)
 
     # --- the whole decoder -----------------------------------------------------------------------------
     def __call__(self, input_ids, position_ids, segments=None, masked: bool = False,
@@ -216,11 +282,8 @@ class LeanDecoder:
             causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
             attn_mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
         training = backbone.training
-        rows = input_ids.numel()
         for L in self.layers:
-            widths = [x.shape[-1], L["o"][0].weight.shape[1], x.shape[-1], L["down"][0].weight.shape[1]]
-            groups = [L["qkv"], L["o"], L["gate_up"], L["down"]]
-            masks = self._masks(groups, rows, widths, x.device) if training else [None] * 4
+            masks = self._masks(L, input_ids.numel(), x.device) if training else [None] * 4
             if checkpointing and training:
                 x = checkpoint(self._layer, x, cos, sin, attn_mask, L, *masks, use_reentrant=False,
                                preserve_rng_state=False)

@@ -18,6 +18,14 @@ import torch
 from .packing import IGNORE
 
 CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk
+# bf16 x bf16 -> float32 straight out of the GEMM (CUDA): no bf16 logits to round and upcast again
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if _MM_OUT_DTYPE and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(h, weight.t(), out_dtype=torch.float32)
+    return (h @ weight.t()).float()
 
 
 def chunk_rows(vocab: int) -> int:
@@ -33,7 +41,7 @@ class _ChunkedNLL(torch.autograd.Function):
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
-            logits = (h @ weight.t()).float()
+            logits = _logits(h, weight)
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap

@@ -53,14 +53,18 @@ class TextResult:
     forward_path: str = ""  # "lean" or "transformers"
 
 
-def train_text(cfg, *, callbacks=()) -> TextResult:
-    """Train a text LoRA as `cfg` (a TextConfig) says; see the module docstring for every way out."""
-    return TextTrainer(cfg, Callbacks(callbacks)).run()
+def train_text(cfg, *, callbacks=(), model=None, data=None, tokenizer=None) -> TextResult:
+    """Train a text LoRA as `cfg` (a TextConfig) says; see the module docstring for every way out.
+
+    `model` (a transformers causal LM already on its device, frozen) and `data` (a TextData) replace
+    loading `base_model` and reading `train_data`: how bench/text_llm.py trains a model built in code."""
+    return TextTrainer(cfg, Callbacks(callbacks), model=model, data=data, tokenizer=tokenizer).run()
 
 
 class TextTrainer:
-    def __init__(self, cfg, events: Callbacks):
+    def __init__(self, cfg, events: Callbacks, *, model=None, data=None, tokenizer=None):
         self.cfg, self.events = cfg, events
+        self.model, self.data, self.tokenizer = model, data, tokenizer
         self.out = Path(cfg.output_dir).expanduser() / cfg.output_name
         self.ckpt_root = self.out / "checkpoints"
         self.losses: list[float] = []
@@ -75,21 +79,25 @@ class TextTrainer:
     # --- setup --------------------------------------------------------------------------------------
     def _load(self) -> None:
         cfg = self.cfg
-        cfg.check_paths()
-        self.model_config = check_model_folder(cfg.base_model, cfg.trust_remote_code)
+        if self.model is None or self.data is None:
+            cfg.check_paths()
+            check_model_folder(cfg.base_model, cfg.trust_remote_code)
+            self.tokenizer = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.mixed_precision, self.device)
-        self.tokenizer = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
-        self.data = build_data(cfg, self.tokenizer)
+        if self.data is None:
+            self.data = build_data(cfg, self.tokenizer)
         self.warnings += self.data.warnings
         for w in self.warnings:
             self.events.emit("info", message=w)
-        self.encoder = Encoder(self.tokenizer, self.tokenizer.chat_template if self.data.chat else None)
+        self.encoder = None if self.tokenizer is None else Encoder(
+            self.tokenizer, self.tokenizer.chat_template if self.data.chat else None)
         self.bpe = self.data.train.batches_per_epoch()
         accum = cfg.gradient_accumulation_steps
         self.total_steps = cfg.max_train_steps or max(1, math.ceil(cfg.epochs * self.bpe / accum))
         self.total_micro = self.total_steps * accum if cfg.max_train_steps else cfg.epochs * self.bpe
-        model = load_model(cfg, self.device, compute_dtype(self.precision))
+        model = self.model if self.model is not None else load_model(cfg, self.device, compute_dtype(self.precision))
+        self.model = None  # the PEFT model holds it from here
         self.peft_model = attach_lora(model, cfg, cfg.seed)
         self.peft_model.train()
         self.forward = TextForward(self.peft_model, cfg)
@@ -157,7 +165,7 @@ class TextTrainer:
 
     def _summary(self) -> str:
         train = self.data.train
-        return (f"{self.model_config.get('model_type', 'model')} ({self.forward.path} forward), "
+        return (f"{getattr(self.peft_model.config, 'model_type', 'model')} ({self.forward.path} forward), "
                 f"{sum(p.numel() for p in self.params):,} LoRA weights, {len(train.samples)} samples in "
                 f"{len(train.rows)} rows of {train.length} tokens ({train.fill:.0%} filled), {self.bpe} "
                 f"batches/epoch, {self.total_steps} steps, {self.precision if self.precision != 'no' else 'fp32'}")
@@ -202,7 +210,7 @@ class TextTrainer:
                 batches.append(data.batch(plan[index]))
             denominator = max(1, sum(int((b["targets"] != IGNORE).sum()) for b in batches))
             if self.fast is not None and n == 1:
-                loss = self.fast.step(batches[0], denominator)
+                loss = self.fast.step(batches[0], denominator).clone()  # a replay overwrites the graph's own
                 self.fast.scheduler_step()
             else:
                 loss = self._forward_backward(batches, denominator)
@@ -303,8 +311,9 @@ class TextTrainer:
         (self.out / "eval.json").write_text(json.dumps(self.evaluation, indent=2), encoding="utf-8")
         loss_plot(self.losses, self.lrs[-len(self.losses):] if self.losses else None,
                   title=f"{cfg.output_name}: loss per step").save(self.out / "loss.png")
-        samples = generate_samples(self.peft_model, self.tokenizer, self.encoder, load_sample_prompts(
-            cfg.sample_prompts), cfg, self.device, self.data.chat)
+        samples = [] if self.encoder is None else generate_samples(
+            self.peft_model, self.tokenizer, self.encoder, load_sample_prompts(cfg.sample_prompts), cfg, self.device,
+            self.data.chat)
         if samples:
             (self.out / "samples.md").write_text(samples_markdown(samples, self.position.step), encoding="utf-8")
         merged = None

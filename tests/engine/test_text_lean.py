@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.text.lean import LeanDecoder, _LoraDown, _SwiGLU, lean_reason
+from engine.text.lean import LeanDecoder, _SwiGLU, fuse, lean_reason, project
 from engine.text.loss import lm_loss, logits_loss
 
 from text_fixtures import tiny_model
@@ -67,16 +67,41 @@ def test_lean_path_refuses_what_it_does_not_compute():
     assert "LoRA on lm_head" in lean_reason(_peft("llama", targets=["q_proj", "lm_head"]).get_base_model(), 64)
 
 
-def test_shared_dropout_down_projection_gradients():
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_grouped_projection_gradients(dropout):
+    """One GEMM for three projections, two of them with a LoRA sharing one mask: gradcheck in float64."""
+    from engine.text.lean import Group, Lora
+
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    a = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    mask = torch.rand(6, 5, generator=g) > 0.3
-    out = _LoraDown.apply(h, a, mask, 0.7)
-    reference = (h * mask / 0.7) @ a.t()
-    torch.testing.assert_close(out, reference)
-    assert torch.autograd.gradcheck(lambda h, a: _LoraDown.apply(h, a, mask, 0.7), (h, a))
-    assert torch.autograd.gradcheck(_SwiGLU.apply, (h, torch.randn(6, 5, dtype=torch.float64, requires_grad=True)))
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_(grad)
+
+    h, weight, bias = rand(6, 5), rand(9, 5, grad=False), rand(9, grad=False)
+    a1, b1, a2, b2 = rand(2, 5), rand(4, 2), rand(3, 5), rand(2, 3)
+    mask = torch.rand(6, 5, generator=g) > 0.3 if dropout else None
+
+    def run(h, a1, b1, a2, b2):
+        group = Group(weight, bias, [4, 3, 2], [(0, Lora(a1, b1, 2.0, dropout)), (7, Lora(a2, b2, 0.5, dropout))])
+        return project(h, group, mask)
+
+    x = h if mask is None else h * mask / (1 - dropout)  # the frozen weights see h, the LoRAs drop(h)
+    expected = h @ weight.t() + bias + torch.cat([2.0 * (x @ a1.t() @ b1.t()), torch.zeros(6, 3, dtype=torch.float64),
+                                                  0.5 * (x @ a2.t() @ b2.t())], dim=1)
+    torch.testing.assert_close(run(h, a1, b1, a2, b2), expected)
+    assert torch.autograd.gradcheck(run, (h, a1, b1, a2, b2))
+    assert torch.autograd.gradcheck(_SwiGLU.apply, (rand(6, 5), rand(6, 5)))
+
+
+def test_fused_weights_are_views_the_modules_still_use():
+    layers = [torch.nn.Linear(4, n, bias=i != 1) for i, n in enumerate((3, 2, 2))]
+    before = [layer(torch.ones(1, 4)) for layer in layers]
+    group = fuse(layers)
+    assert group.weight.shape == (7, 4) and group.widths == [3, 2, 2]
+    assert all(layer.weight.data_ptr() == group.weight[i].data_ptr() for layer, i in zip(layers, (0, 3, 5)))
+    for layer, out in zip(layers, before):
+        torch.testing.assert_close(layer(torch.ones(1, 4)), out)
+    torch.testing.assert_close(project(torch.ones(1, 4), group, None), torch.cat(before, dim=1))
 
 
 @pytest.mark.parametrize("softcap", [0.0, 4.0])
