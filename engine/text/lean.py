@@ -63,6 +63,15 @@ class Group:
         return self.loras[0][1].dropout if self.loras else 0.0
 
 
+def _keep_mask(rows: int, width: int, keep: float, device) -> torch.Tensor:
+    """A dropout mask, True with probability `keep`, one byte an element."""
+    mask = torch.empty(rows, width, dtype=torch.bool, device=device)
+    try:
+        return mask.bernoulli_(keep)
+    except (RuntimeError, NotImplementedError):  # a build without bool bernoulli
+        return torch.rand(rows, width, device=device) < keep
+
+
 def _drop(x: torch.Tensor, mask, keep: float) -> torch.Tensor:
     """x * mask / keep in one kernel (what dropout's backward computes)."""
     return x if mask is None else torch.ops.aten.native_dropout_backward(x, mask, 1.0 / keep)
@@ -238,8 +247,7 @@ class LeanDecoder:
         for name in ("qkv", "o", "gate_up", "down"):
             group = layer[name]
             keep = 1.0 - group.dropout
-            out.append(torch.empty(rows, group.weight.shape[1], dtype=torch.bool, device=device).bernoulli_(keep)
-                       if group.loras and keep < 1 else None)
+            out.append(_keep_mask(rows, group.weight.shape[1], keep, device) if group.loras and keep < 1 else None)
         return out
 
     def _layer(self, x, cos, sin, attn_mask, L, m_qkv, m_o, m_gu, m_down):

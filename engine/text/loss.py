@@ -17,15 +17,20 @@ import torch
 
 from .packing import IGNORE
 
-CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk
+CHUNK_BYTES = 128 * 2**20  # float32 logits of one chunk (its softmax takes as much again)
 # bf16 x bf16 -> float32 straight out of the GEMM (CUDA): no bf16 logits to round and upcast again
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if _MM_OUT_DTYPE and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(h, weight.t(), out_dtype=torch.float32)
-    return (h @ weight.t()).float()
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as float32, accumulated and rounded once (where this PyTorch build's CUDA GEMM can)."""
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):  # decided at the first (eager) step, never in a graph
+            _MM_OUT_DTYPE = False
+    return (a @ b).float()
 
 
 def chunk_rows(vocab: int) -> int:
@@ -41,7 +46,7 @@ class _ChunkedNLL(torch.autograd.Function):
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
-            logits = _logits(h, weight)
+            logits = _mm_f32(h, weight.t())
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
@@ -50,13 +55,14 @@ class _ChunkedNLL(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[:, None])[:, 0]
             total += ((lse - picked) * valid).sum()
-            if want_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-                probs.scatter_add_(1, safe[:, None], -valid[:, None].float())
-                probs.mul_(valid[:, None] / denominator)
+            if want_grad:  # d loss / d logits = softmax - one-hot, per trained row, over the step's count
+                probs = torch.softmax(logits, dim=-1)
+                del logits
+                probs.scatter_add_(1, safe[:, None], torch.full_like(probs[:, :1], -1.0))
                 if softcap:
                     probs.mul_(1 - capped * capped)
-                grad[start:start + rows] = (probs.to(h.dtype) @ weight).to(grad.dtype)
+                g = _mm_f32(probs.to(h.dtype), weight)  # the row scale goes on this [rows, H], not on [rows, V]
+                grad[start:start + rows] = g.mul_((valid / denominator)[:, None])
         if want_grad:
             ctx.save_for_backward(grad)
         return total / denominator
