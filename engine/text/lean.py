@@ -126,17 +126,62 @@ class _Projection(torch.autograd.Function):
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up, keeping only gate and up for backward."""
+    """silu(gate) * up from the gate/up projection's output [T, 2I] (gate first), keeping only that for
+    backward and recomputing the activation there; the gradient is written as one [T, 2I] tensor."""
 
     @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return torch.nn.functional.silu(gate) * up
+    def forward(ctx, gate_up, width):
+        ctx.save_for_backward(gate_up)
+        ctx.width = width
+        return F.silu(gate_up[:, :width]) * gate_up[:, width:]
 
     @staticmethod
     def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * torch.nn.functional.silu(gate)
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up[:, :ctx.width], gate_up[:, ctx.width:]
+        out = torch.empty_like(gate_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[:, :ctx.width])
+        torch.mul(grad, F.silu(gate), out=out[:, ctx.width:])
+        return out, None
+
+
+def _swap(x: torch.Tensor) -> torch.Tensor:
+    """The two halves of the last dimension swapped (rotate_half without its sign)."""
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, out=None) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half's sign already in `signed_sin`. Its transpose is
+    the same formula with `_swap(signed_sin)` for the sine: that is the backward."""
+    return torch.addcmul(x * cos, _swap(x), signed_sin, out=out)
+
+
+class _QKV(torch.autograd.Function):
+    """Rotated q and k and plain v from the q/k/v projection's output [B, S, heads, D]; backward writes
+    their gradients into one tensor of that shape (no zero-filled copies per slice)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, sin_swapped, nq, nkv):
+        ctx.save_for_backward(cos, sin_swapped)
+        ctx.nq, ctx.nkv = nq, nkv
+        q = _rope(qkv[:, :, :nq], cos, sin)
+        k = _rope(qkv[:, :, nq:nq + nkv], cos, sin)
+        return q, k, qkv[:, :, nq + nkv:].clone()
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        cos, sin_swapped = ctx.saved_tensors
+        nq, nkv = ctx.nq, ctx.nkv
+        out = torch.empty(grad_q.shape[:2] + (nq + 2 * nkv, grad_q.shape[3]), dtype=grad_q.dtype,
+                          device=grad_q.device)
+        for grad, part in ((grad_q, out[:, :, :nq]), (grad_k, out[:, :, nq:nq + nkv])):
+            if grad is None:
+                part.zero_()
+            else:
+                _rope(grad, cos, sin_swapped, out=part)
+        out[:, :, nq + nkv:] = 0 if grad_v is None else grad_v
+        return out, None, None, None, None, None
 
 
 def _lora(module) -> Lora | None:
@@ -250,19 +295,20 @@ class LeanDecoder:
             out.append(_keep_mask(rows, group.weight.shape[1], keep, device) if group.loras and keep < 1 else None)
         return out
 
-    def _layer(self, x, cos, sin, attn_mask, L, m_qkv, m_o, m_gu, m_down):
+    def _layer(self, x, rotation, attn_mask, L, m_qkv, m_o, m_gu, m_down):
+        cos, sin, sin_swapped = rotation
         b, s, hidden = x.shape
         d = L["head_dim"]
         nq, nkv = L["qkv"].widths[0] // d, L["qkv"].widths[1] // d
         flat = x.reshape(b * s, hidden)
         qkv = project(F.rms_norm(flat, (hidden,), L["ln1"], self.eps), L["qkv"], m_qkv).view(b, s, nq + 2 * nkv, d)
-        if L["q_norm"] is None:  # q and k rotated together
-            qk = _rope(qkv[:, :, :nq + nkv], cos, sin)
-            q, k = qk[:, :, :nq], qk[:, :, nq:]
-        else:
+        if L["q_norm"] is None:
+            q, k, v = _QKV.apply(qkv, cos, sin, sin_swapped, nq, nkv)
+        else:  # Qwen3 normalises q and k per head before rotating them
             q = _rope(F.rms_norm(qkv[:, :, :nq], (d,), L["q_norm"], self.eps), cos, sin)
             k = _rope(F.rms_norm(qkv[:, :, nq:nq + nkv], (d,), L["k_norm"], self.eps), cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, nq + nkv:].transpose(1, 2)
+            v = qkv[:, :, nq + nkv:]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=L["scaling"], enable_gqa=nkv != nq)
         else:
@@ -271,8 +317,7 @@ class LeanDecoder:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=L["scaling"])
         flat = flat + project(out.transpose(1, 2).reshape(b * s, nq * d), L["o"], m_o)
         gate_up = project(F.rms_norm(flat, (hidden,), L["ln2"], self.eps), L["gate_up"], m_gu)
-        gate, up = gate_up.split(L["gate_up"].widths, dim=1)
-        flat = flat + project(_SwiGLU.apply(gate, up), L["down"], m_down)
+        flat = flat + project(_SwiGLU.apply(gate_up, L["gate_up"].widths[0]), L["down"], m_down)
         return flat.view(b, s, hidden)
 
     # --- the whole decoder -----------------------------------------------------------------------------
@@ -283,7 +328,7 @@ class LeanDecoder:
         cos, sin = backbone.rotary_emb(x, position_ids)
         half = cos.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half's sign, folded in
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        rotation = (cos.unsqueeze(2), sin.unsqueeze(2), _swap(sin).unsqueeze(2))
         attn_mask = None
         if masked:
             s = input_ids.shape[1]
@@ -293,14 +338,9 @@ class LeanDecoder:
         for L in self.layers:
             masks = self._masks(L, input_ids.numel(), x.device) if training else [None] * 4
             if checkpointing and training:
-                x = checkpoint(self._layer, x, cos, sin, attn_mask, L, *masks, use_reentrant=False,
+                x = checkpoint(self._layer, x, rotation, attn_mask, L, *masks, use_reentrant=False,
                                preserve_rng_state=False)
             else:
-                x = self._layer(x, cos, sin, attn_mask, L, *masks)
+                x = self._layer(x, rotation, attn_mask, L, *masks)
         return F.rms_norm(x, (x.shape[-1],), backbone.norm.weight, self.eps)
 
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, with rotate_half's sign already in `signed_sin`."""
-    half = x.shape[-1] // 2
-    return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), signed_sin)

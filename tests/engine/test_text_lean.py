@@ -90,7 +90,23 @@ def test_grouped_projection_gradients(dropout):
                                                   0.5 * (x @ a2.t() @ b2.t())], dim=1)
     torch.testing.assert_close(run(h, a1, b1, a2, b2), expected)
     assert torch.autograd.gradcheck(run, (h, a1, b1, a2, b2))
-    assert torch.autograd.gradcheck(_SwiGLU.apply, (rand(6, 5), rand(6, 5)))
+    assert torch.autograd.gradcheck(lambda gu: _SwiGLU.apply(gu, 4), (rand(6, 8),))
+
+
+def test_rotary_split_gradients():
+    """q and k rotated, v passed on, from one [B, S, heads, D] tensor; gradients in float64."""
+    from engine.text.lean import _QKV, _swap
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 3, 4 + 2 * 2, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    cos, sin = torch.randn(2, 3, 1, 6, dtype=torch.float64, generator=g), torch.randn(2, 3, 1, 6, dtype=torch.float64,
+                                                                                      generator=g)
+    q, k, v = _QKV.apply(qkv, cos, sin, _swap(sin), 4, 2)
+    rotate_half = lambda x: torch.cat((-x[..., 3:], x[..., :3]), dim=-1)  # noqa: E731
+    plain_sin = torch.cat((-sin[..., :3], sin[..., 3:]), dim=-1)  # the sign folded into `sin` undone
+    torch.testing.assert_close(q, qkv[:, :, :4] * cos + rotate_half(qkv[:, :, :4]) * plain_sin)
+    torch.testing.assert_close(v, qkv[:, :, 6:])
+    assert torch.autograd.gradcheck(lambda x: _QKV.apply(x, cos, sin, _swap(sin), 4, 2), (qkv,))
 
 
 def test_fused_weights_are_views_the_modules_still_use():
