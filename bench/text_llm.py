@@ -2,6 +2,7 @@
 
     python -m bench.text_llm                                   # 1b and 7b, checkpointing off and on, 3 tools
     python -m bench.text_llm --models 1b,qwen2-7b --tools ours,trl-sft --checkpointing on
+    python -m bench.text_llm --models 1b,7b --tools ours-compile   # ours with torch_compile: true
     python -m bench.text_llm --equivalence 1b                  # ours vs transformers in bf16 on this GPU
     python -m bench.text_llm --models tiny --steps 2 --warmup 1 --trl-python /path/to/python   # CPU smoke run
 
@@ -31,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TOOLS = ("ours", "hf-trainer", "trl-sft")
+VARIANTS = ("ours-compile",)  # ours with torch_compile: true (compiles during the warm-up steps)
 LAYOUTS = {
     "tiny": dict(kind="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
@@ -97,35 +99,38 @@ def run_row(row: dict, args) -> dict:
 
 def summary(rows: list[dict]) -> str:
     """Markdown: tokens/s and peak GiB per tool, and ours' speed-up and memory share against each peer."""
-    lines = ["| model | checkpointing | ours | hf-trainer | trl-sft |", "|---|---|---|---|---|"]
-    keys = sorted({(r["model"], r["gradient_checkpointing"]) for r in rows}, key=str)
-    for model, gc in keys:
+    tools = [t for t in TOOLS[:1] + VARIANTS + TOOLS[1:] if any(r["tool"] == t for r in rows)]
+    lines = ["| model | checkpointing | " + " | ".join(tools) + " |", "|---|---|" + "---|" * len(tools)]
+    for model, gc in sorted({(r["model"], r["gradient_checkpointing"]) for r in rows}, key=str):
         cells = {r["tool"]: r for r in rows if (r["model"], r["gradient_checkpointing"]) == (model, gc)}
-        ours = cells.get("ours", {})
         out = []
-        for tool in TOOLS:
-            r = cells.get(tool)
-            if r is None:
-                out.append("")
-            elif r.get("error"):
-                out.append(f"error: {r['error'][:60]}")
-            else:
-                text = f"{r['tokens_per_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None \
-                    else f"{r['tokens_per_s']:,.0f} tok/s"
-                if tool != "ours" and ours.get("tokens_per_s") and r.get("tokens_per_s"):
-                    text += f" (ours {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x"
-                    if ours.get("peak_gib") and r.get("peak_gib"):
-                        text += f", {ours['peak_gib'] / r['peak_gib']:.0%} of its memory"
-                    text += ")"
-                out.append(text)
+        for tool in tools:
+            r = cells.get(tool, {})
+            if not r or r.get("error"):
+                out.append(f"error: {r['error'][:60]}" if r else "")
+                continue
+            text = f"{r['tokens_per_s']:,.0f} tok/s" + (f", {r['peak_gib']:.2f} GiB" if r.get("peak_gib") else "")
+            if tool in TOOLS[1:]:
+                ratios = [_ratio(cells.get(mine), r, mine) for mine in ("ours",) + VARIANTS]
+                text += "".join(f" ({x})" for x in ratios if x)
+            out.append(text)
         lines.append(f"| {model} | {'on' if gc else 'off'} | " + " | ".join(out) + " |")
     return "\n".join(lines)
+
+
+def _ratio(mine: dict | None, peer: dict, name: str) -> str:
+    if not mine or mine.get("error") or not mine.get("tokens_per_s"):
+        return ""
+    text = f"{name} {mine['tokens_per_s'] / peer['tokens_per_s']:.2f}x"
+    if mine.get("peak_gib") and peer.get("peak_gib"):
+        text += f", {mine['peak_gib'] / peer['peak_gib']:.0%} of its memory"
+    return text
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.text_llm", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="1b,7b", help=f"comma list of {', '.join(LAYOUTS)}")
-    p.add_argument("--tools", default=",".join(TOOLS))
+    p.add_argument("--tools", default=",".join(TOOLS), help=f"comma list of {', '.join(TOOLS + VARIANTS)}")
     p.add_argument("--checkpointing", default="off,on", help="off, on or off,on")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1)

@@ -83,7 +83,8 @@ def run_ours(model, tokens, spec, clock, cuda: bool, out: str) -> list[str]:
                      lora_alpha=2 * spec["rank"], lora_dropout=spec["dropout"], target_modules=_targets(spec),
                      gradient_checkpointing=spec["gradient_checkpointing"], mixed_precision="bf16" if cuda else "no",
                      lr_scheduler="constant_with_warmup", warmup_steps=max(1, round(0.03 * total)),
-                     save_every_n_epochs=0, eval_split=0, seed=0, device="cuda" if cuda else "cpu")
+                     save_every_n_epochs=0, eval_split=0, seed=0, device="cuda" if cuda else "cpu",
+                     torch_compile=spec["tool"] == "ours-compile")
     seq = spec["seq"]
     samples = [Encoded(row.tolist(), [False] + [True] * (seq - 1), f"row {i}") for i, row in enumerate(tokens)]
     notes: list[str] = []
@@ -153,7 +154,7 @@ def row_for(spec: dict) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     clock = Clock(spec["warmup"] + spec["steps"])
-    runner = {"ours": run_ours, "hf-trainer": run_hf, "trl-sft": run_trl}[spec["tool"]]
+    runner = {"ours": run_ours, "ours-compile": run_ours, "hf-trainer": run_hf, "trl-sft": run_trl}[spec["tool"]]
     with tempfile.TemporaryDirectory() as out:
         notes = runner(model, tokens, spec, clock, cuda, out)
     times = clock.step_times(spec["warmup"])

@@ -106,6 +106,10 @@ class TextConfig:
                                       "slower, far less memory.")
     cuda_graph: bool = _f(True, "Replay the whole training step as one CUDA graph when the config allows it "
                           "(bf16/fp32, fused AdamW, no gradient accumulation, packed rows).")
+    torch_compile: bool = _f(False, "Compile each decoder layer of the lean forward with torch.compile (inductor): "
+                             "its RMSNorms, rotary, SwiGLU, dropout and residual adds fuse, forward and backward. "
+                             "Compiles at the first steps (a minute or two); CUDA only (elsewhere, or for a layer "
+                             "it cannot compile, the run trains without it, logged).")
     seed: int = _f(42, "Random seed (LoRA init, held-out split, row order, dropout).", minimum=0)
 
     # --- output -------------------------------------------------------------------------------------

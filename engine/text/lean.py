@@ -139,6 +139,8 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad):
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up[:, :ctx.width], gate_up[:, ctx.width:]
+        if torch.compiler.is_compiling():  # inductor fuses these into one kernel itself
+            return torch.cat((torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)), dim=1), None
         out = torch.empty_like(gate_up)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=out[:, :ctx.width])
         torch.mul(grad, F.silu(gate), out=out[:, ctx.width:])
@@ -173,6 +175,9 @@ class _QKV(torch.autograd.Function):
     def backward(ctx, grad_q, grad_k, grad_v):
         cos, sin_swapped = ctx.saved_tensors
         nq, nkv = ctx.nq, ctx.nkv
+        if torch.compiler.is_compiling():  # inductor fuses these into one kernel itself
+            return (torch.cat((_rope(grad_q, cos, sin_swapped), _rope(grad_k, cos, sin_swapped), grad_v), dim=2),
+                    None, None, None, None, None)
         out = torch.empty(grad_q.shape[:2] + (nq + 2 * nkv, grad_q.shape[3]), dtype=grad_q.dtype,
                           device=grad_q.device)
         for grad, part in ((grad_q, out[:, :, :nq]), (grad_k, out[:, :, nq:nq + nkv])):
@@ -271,6 +276,7 @@ class LeanDecoder:
 
     def __init__(self, lm):
         self.backbone = lm.model
+        self.run_layer = self._layer  # what training calls: the layer, or the layer compiled (step.py)
         self.eps = lm.config.rms_norm_eps
         self.layers = []
         for layer in self.backbone.layers:
@@ -337,10 +343,11 @@ class LeanDecoder:
         training = backbone.training
         for L in self.layers:
             masks = self._masks(L, input_ids.numel(), x.device) if training else [None] * 4
+            layer = self.run_layer if training else self._layer
             if checkpointing and training:
-                x = checkpoint(self._layer, x, rotation, attn_mask, L, *masks, use_reentrant=False,
+                x = checkpoint(layer, x, rotation, attn_mask, L, *masks, use_reentrant=False,
                                preserve_rng_state=False)
             else:
-                x = self._layer(x, rotation, attn_mask, L, *masks)
+                x = layer(x, rotation, attn_mask, L, *masks)
         return F.rms_norm(x, (x.shape[-1],), backbone.norm.weight, self.eps)
 

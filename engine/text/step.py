@@ -24,12 +24,14 @@ _SCALED_HEADS = ("logit_scale", "logits_scaling")
 
 
 class TextForward:
-    def __init__(self, peft_model, cfg):
+    def __init__(self, peft_model, cfg, say=lambda message: None):
         self.peft_model = peft_model
         self.lm = peft_model.get_base_model()
         self.checkpointing = cfg.gradient_checkpointing
         self.lean_reason = "fast_path is off" if cfg.fast_path == "off" else lean_reason(self.lm, cfg.max_length)
         self.lean = LeanDecoder(self.lm) if self.lean_reason is None else None
+        if cfg.torch_compile:
+            self._compile(say)
         head = self.lm.get_output_embeddings()
         config = self.lm.config
         self.softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
@@ -43,6 +45,18 @@ class TextForward:
                 self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(self.lm, "enable_input_require_grads"):
                 self.lm.enable_input_require_grads()
+
+    def _compile(self, say) -> None:
+        from .. import compiled_loss
+
+        device = next(self.lm.parameters()).device
+        if self.lean is None:
+            say(f"torch_compile: needs the lean forward ({self.lean_reason}); training without it")
+        elif device.type not in compiled_loss.DEVICES:
+            say(f"torch_compile: runs on CUDA only (not checked on {device.type}); training without it")
+        else:
+            self.lean.run_layer = compiled_loss.CompiledLoss(self.lean._layer, lambda why: say(
+                f"torch_compile: could not compile a decoder layer ({why}); training without it"))
 
     @property
     def path(self) -> str:

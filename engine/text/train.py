@@ -100,7 +100,7 @@ class TextTrainer:
         self.model = None  # the PEFT model holds it from here
         self.peft_model = attach_lora(model, cfg, cfg.seed)
         self.peft_model.train()
-        self.forward = TextForward(self.peft_model, cfg)
+        self.forward = TextForward(self.peft_model, cfg, say=lambda text: self.events.emit("info", message=text))
         self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.names = [n for n, p in self.peft_model.named_parameters() if p.requires_grad]
 

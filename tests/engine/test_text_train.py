@@ -174,3 +174,31 @@ def test_cli_trains_merges_and_ctrl_c_keeps_a_checkpoint(tmp_path, llama, corpus
     printed = capsys.readouterr().out
     assert code == 130 and "--set resume_from_checkpoint=latest" in printed
     assert (tmp_path / "stopped" / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_torch_compile_trains_like_the_plain_step(tmp_path, llama, corpus, monkeypatch):
+    """Each decoder layer through torch.compile (aot_eager here: the same graph, without inductor's CPU code),
+    with checkpointing and dropout: the same losses and adapter as the plain lean step. On a CPU the run
+    says that it trains without it."""
+    import engine.compiled_loss as compiled_loss
+
+    changes = dict(max_train_steps=3, gradient_checkpointing=True, eval_split=0, lora_dropout=0.1)
+    notes = []
+    plain = train_text(_cfg(llama, corpus, tmp_path / "plain", torch_compile=True, **changes),
+                       callbacks=[FunctionCallback(lambda e: notes.append(e.message) if e.kind == "info" else None)])
+    assert any("runs on CUDA only" in n for n in notes)
+    monkeypatch.setattr(compiled_loss, "DEVICES", ("cpu",))
+    monkeypatch.setattr(compiled_loss, "BACKEND", "aot_eager")
+    made, original = [], compiled_loss.CompiledLoss
+
+    class Recorded(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(compiled_loss, "CompiledLoss", Recorded)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = train_text(_cfg(llama, corpus, tmp_path / "compiled", torch_compile=True, **changes))
+    assert made and made[0].failed is None and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert compiled.losses == plain.losses
