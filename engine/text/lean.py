@@ -20,7 +20,8 @@ computed, not in what:
 - packed rows: samples in a row are kept apart by a mask built from the segment ids, and a batch whose
   rows hold one sample each takes the plain causal (flash) kernel;
 - gradient checkpointing recomputes one decoder layer at a time; dropout masks are drawn outside the
-  recomputed region, so recomputation is deterministic and needs no RNG state (nor does a CUDA graph).
+  recomputed region and kept as bits (1/16 of the layer input they sit beside), so recomputation is
+  deterministic and needs no RNG state (nor does a CUDA graph).
 
 `lean_reason(...)` says why a model cannot take this path (quantised weights, another layout, DoRA,
 a sliding window shorter than the rows, ...); those train through transformers' own forward.
@@ -70,6 +71,21 @@ def _keep_mask(rows: int, width: int, keep: float, device) -> torch.Tensor:
         return mask.bernoulli_(keep)
     except (RuntimeError, NotImplementedError):  # a build without bool bernoulli
         return torch.rand(rows, width, device=device) < keep
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask [R, W] as bits, [R, W/8] uint8: what a checkpointed layer keeps of its dropout."""
+    rows, width = mask.shape
+    bits = mask.view(rows, width // 8, 8).to(torch.uint8) << _SHIFTS.to(mask.device)
+    return bits.sum(dim=-1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    rows, width = packed.shape
+    return ((packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1).view(rows, width * 8).bool()
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def _drop(x: torch.Tensor, mask, keep: float) -> torch.Tensor:
@@ -292,17 +308,20 @@ class LeanDecoder:
 
     # --- pieces --------------------------------------------------------------------------------------
     @staticmethod
-    def _masks(layer: dict, rows: int, device) -> list[torch.Tensor | None]:
-        """One dropout mask per LoRA input (drawn outside any recomputed region)."""
+    def _masks(layer: dict, rows: int, device, packed: bool) -> list[torch.Tensor | None]:
+        """One dropout mask per LoRA input, drawn outside any recomputed region; as bits when the layer is
+        checkpointed (the mask is all it keeps besides its input, so 1 bit an element instead of 8)."""
         out = []
         for name in ("qkv", "o", "gate_up", "down"):
             group = layer[name]
-            keep = 1.0 - group.dropout
-            out.append(_keep_mask(rows, group.weight.shape[1], keep, device) if group.loras and keep < 1 else None)
+            keep, width = 1.0 - group.dropout, group.weight.shape[1]
+            mask = _keep_mask(rows, width, keep, device) if group.loras and keep < 1 else None
+            out.append(_pack(mask) if mask is not None and packed and width % 8 == 0 else mask)
         return out
 
-    def _layer(self, x, rotation, attn_mask, L, m_qkv, m_o, m_gu, m_down):
+    def _layer(self, x, rotation, attn_mask, L, *masks):
         cos, sin, sin_swapped = rotation
+        m_qkv, m_o, m_gu, m_down = (_unpack(m) if m is not None and m.dtype == torch.uint8 else m for m in masks)
         b, s, hidden = x.shape
         d = L["head_dim"]
         nq, nkv = L["qkv"].widths[0] // d, L["qkv"].widths[1] // d
@@ -342,7 +361,7 @@ class LeanDecoder:
             attn_mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
         training = backbone.training
         for L in self.layers:
-            masks = self._masks(L, input_ids.numel(), x.device) if training else [None] * 4
+            masks = self._masks(L, input_ids.numel(), x.device, checkpointing) if training else [None] * 4
             layer = self.run_layer if training else self._layer
             if checkpointing and training:
                 x = checkpoint(layer, x, rotation, attn_mask, L, *masks, use_reentrant=False,

@@ -17,7 +17,7 @@ import torch
 
 from .packing import IGNORE
 
-CHUNK_BYTES = 128 * 2**20  # float32 logits of one chunk (its softmax takes as much again)
+CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk (its softmax takes as much again)
 # bf16 x bf16 -> float32 straight out of the GEMM (CUDA): no bf16 logits to round and upcast again
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 

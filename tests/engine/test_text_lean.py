@@ -50,6 +50,26 @@ def test_lean_forward_matches_transformers_and_peft(kind, checkpointing):
     torch.testing.assert_close(ours[0, :10], alone[0], atol=2e-5, rtol=1e-4)
 
 
+def test_checkpointing_recomputes_the_same_dropout():
+    """Masks drawn once per step (kept as bits while a layer waits for its recompute): a checkpointed step
+    gives the plain step's output and LoRA gradients, dropout on."""
+    wrapped = _peft("llama", dropout=0.25)
+    wrapped.train()
+    ids, positions, segments = _packed_batch()
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(7)
+        out = LeanDecoder(wrapped.get_base_model())(ids, positions, segments, True, checkpointing)
+        results.append((out, torch.autograd.grad(out.square().mean(), params)))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-7, rtol=1e-6)
+    torch.manual_seed(8)
+    assert not torch.equal(LeanDecoder(wrapped.get_base_model())(ids, positions, segments, True), a)  # dropout is on
+
+
 def test_attention_only_targets_and_gqa_without_mask():
     wrapped = _peft("llama", targets=["q_proj", "v_proj"])
     lm = wrapped.get_base_model()
