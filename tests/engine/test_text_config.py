@@ -64,6 +64,16 @@ def test_the_cli_routes_on_task_type(tmp_path, capsys):
     assert TrainConfig.from_dict({"task_type": "image"}).task_type == "image"
 
 
+def test_quantisation_needs_cuda_and_bitsandbytes():
+    import torch
+
+    from engine.text.model import quantization
+
+    with pytest.raises(ConfigError, match="load_in_4bit needs a CUDA GPU"):
+        quantization(TextConfig(load_in_4bit=True), torch.device("cpu"), torch.float32)
+    assert quantization(TextConfig(), torch.device("cpu"), torch.float32) is None
+
+
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("llm") / "tiny llama")

@@ -48,7 +48,7 @@ def test_loss_falls_perplexity_drops_and_the_adapter_loads_with_the_same_logits(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(llama, corpus, tmp_path, sample_prompts=["the red"], sample_max_new_tokens=6)
+    cfg = _cfg(llama, corpus, tmp_path, sample_prompts=["the red"], sample_max_new_tokens=6, log_with="tensorboard")
     trainer = TextTrainer(cfg, Callbacks())
     result = trainer.run()
     assert result.forward_path == "lean" and result.steps == 40
@@ -59,6 +59,7 @@ def test_loss_falls_perplexity_drops_and_the_adapter_loads_with_the_same_logits(
     folder = result.adapter_dir
     assert json.loads((folder / "eval.json").read_text())["after"]["perplexity"] == after
     assert (folder / "loss.png").is_file() and "## the red" in (folder / "samples.md").read_text()
+    assert list((folder / "logs").glob("events.out.tfevents.*"))
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["task_type"] == "text-generation" and "lora_rank: 8" in meta["training_config"]
@@ -134,7 +135,7 @@ def test_chat_data_with_a_template_set_by_the_config(tmp_path, llama):
 def test_models_outside_the_lean_path_train_through_transformers(tmp_path, corpus):
     gpt2 = save_tiny_model(tmp_path / "gpt2", "gpt2")
     result = train_text(_cfg(gpt2, corpus, tmp_path, target_modules="attention", gradient_checkpointing=True,
-                             max_train_steps=25))
+                             max_train_steps=25, packing=False))
     assert result.forward_path == "transformers"
     assert result.evaluation["after"]["perplexity"] < result.evaluation["before"]["perplexity"]
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
@@ -202,3 +203,11 @@ def test_torch_compile_trains_like_the_plain_step(tmp_path, llama, corpus, monke
     compiled = train_text(_cfg(llama, corpus, tmp_path / "compiled", torch_compile=True, **changes))
     assert made and made[0].failed is None and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert compiled.losses == plain.losses
+
+
+def test_network_weights_continue_an_adapter(tmp_path, llama, corpus):
+    first = train_text(_cfg(llama, corpus, tmp_path / "first", max_train_steps=15, eval_split=0))
+    fresh_start = train_text(_cfg(llama, corpus, tmp_path / "fresh", max_train_steps=1, eval_split=0)).losses[0]
+    again = train_text(_cfg(llama, corpus, tmp_path / "again", max_train_steps=1, eval_split=0,
+                            network_weights=str(first.adapter_dir)))
+    assert again.losses[0] < fresh_start - 0.5 and again.losses[0] < first.losses[0]
