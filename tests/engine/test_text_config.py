@@ -43,6 +43,16 @@ def test_mistakes_are_explained(data, message):
         TextConfig.from_dict(data)
 
 
+def test_the_example_config_is_a_text_config():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "configs" / "text" / "llm_lora.yaml"
+    assert task_type_of(["--config", str(example)]) == "text-generation"
+    cfg = load_text_config(example)
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, cfg.gradient_accumulation_steps) == (8, 16.0,
+                                                                                                    "attention", 4)
+
+
 def test_the_cli_routes_on_task_type(tmp_path, capsys):
     text = tmp_path / "t.yaml"
     text.write_text("train_config:\n  task_type: text-generation\n", encoding="utf-8")
