@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not argv or argv[0] not in commands:
         print("usage: python -m engine {train,demo,caption,check,inspect} ...\n"
-              "  train    train a LoRA from a YAML config (--config x.yaml --set key=value)\n"
+              "  train    train a LoRA from a YAML config (--config x.yaml --set key=value); with task_type:\n"
+              "           text-generation, a PEFT LoRA for a local language model\n"
               "  demo     train on the built-in demo data and model, in about a minute on a CPU\n"
               "  caption  write captions for a folder of images (WD14 tagger, BLIP-style model, template)\n"
               "  check    report problems in a dataset folder before training\n"
