@@ -77,9 +77,12 @@ class TextForward:
 
 
 def device_inputs(batch: dict, device: torch.device, denominator: float) -> dict:
-    """A host batch (engine/text/packing.collate) on the device, with the step's trained-token count."""
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    out["denominator"] = torch.tensor(float(denominator), device=device)
+    """A host batch (engine/text/packing.collate) on the device, with the step's trained-token count.
+    Copied from pinned memory without waiting, so the host prepares the next step while the GPU runs."""
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    tensors["denominator"] = torch.tensor(float(denominator))
+    pin = device.type == "cuda"
+    out = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in tensors.items()}
     out["masked"] = bool(batch["masked"])
     return out
 
