@@ -76,16 +76,17 @@ def _keep_mask(rows: int, width: int, keep: float, device) -> torch.Tensor:
 def _pack(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask [R, W] as bits, [R, W/8] uint8: what a checkpointed layer keeps of its dropout."""
     rows, width = mask.shape
-    bits = mask.view(rows, width // 8, 8).to(torch.uint8) << _SHIFTS.to(mask.device)
+    bits = mask.view(rows, width // 8, 8).to(torch.uint8) << _shifts(mask.device)
     return bits.sum(dim=-1, dtype=torch.uint8)
 
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:
     rows, width = packed.shape
-    return ((packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1).view(rows, width * 8).bool()
+    return ((packed.unsqueeze(-1) >> _shifts(packed.device)) & 1).view(rows, width * 8).bool()
 
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+def _shifts(device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)  # made on the device: no copy inside a CUDA graph
 
 
 def _drop(x: torch.Tensor, mask, keep: float) -> torch.Tensor:
