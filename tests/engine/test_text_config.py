@@ -11,7 +11,9 @@ from engine.text.cli import task_type_of, text_command, text_check_main, text_tr
 from engine.text.config import TextConfig, load_text_config
 from engine.text.model import check_model_folder
 
-from text_fixtures import save_tiny_model, toy_lines, write_lines
+from text_fixtures import one_thread, save_tiny_model, toy_lines, write_lines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_defaults_are_the_lora_scripts_llm_ones():

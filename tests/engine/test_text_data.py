@@ -8,7 +8,9 @@ from engine.text.packing import IGNORE, collate, fit, needs_mask, pack, split_he
 from engine.text.sources import Sample, read_samples
 from engine.text.tokenize import CHATML, Encoder, resolve_chat_template
 
-from text_fixtures import tiny_tokenizer
+from text_fixtures import one_thread, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

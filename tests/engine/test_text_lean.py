@@ -6,7 +6,9 @@ import torch
 from engine.text.lean import LeanDecoder, _SwiGLU, fuse, lean_reason, project
 from engine.text.loss import lm_loss, logits_loss
 
-from text_fixtures import tiny_model
+from text_fixtures import one_thread, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _peft(kind, targets="all-linear", dropout=0.0, **changes):

@@ -18,7 +18,9 @@ from engine.text.config import TextConfig
 from engine.text.tokenize import CHATML
 from engine.text.train import TextTrainer, train_text
 
-from text_fixtures import save_tiny_model, toy_lines, write_lines
+from text_fixtures import one_thread, save_tiny_model, toy_lines, write_lines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
