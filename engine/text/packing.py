@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DatasetError
-from .tokenize import Encoded
-
-IGNORE = -100
+from .tokenize import IGNORE, Encoded
 
 
 @dataclass
@@ -110,11 +108,8 @@ def collate(samples: list[Encoded], rows: list[list[int]], length: int, pad_id: 
     for r, row in enumerate(rows):
         at = 0
         for k, index in enumerate(row, start=1):
-            s = samples[index]
-            n = len(s)
-            ids[r, at:at + n] = torch.tensor(s.ids)
-            shifted = [t if train else IGNORE for t, train in zip(s.ids[1:], s.trained[1:])]
-            targets[r, at:at + n - 1] = torch.tensor(shifted, dtype=torch.long)
+            n = len(samples[index])
+            ids[r, at:at + n], targets[r, at:at + n] = samples[index].tensors()
             positions[r, at:at + n] = torch.arange(n)
             segments[r, at:at + n] = k
             at += n

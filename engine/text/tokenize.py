@@ -14,12 +14,15 @@ and is refused otherwise with what to set instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..errors import ConfigError, DatasetError
 from .sources import Sample
 
+IGNORE = -100  # the target of a position nothing is trained on (PyTorch's and transformers' ignore_index)
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
@@ -29,9 +32,20 @@ class Encoded:
     ids: list[int]
     trained: list[bool]  # trained[i]: the loss trains predicting ids[i] from ids[:i]
     where: str
+    _tensors: tuple | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def tensors(self) -> tuple:
+        """(ids, targets) as tensors, made once: targets[i] is the token to predict after position i,
+        -100 where nothing is trained (and after the last token)."""
+        if self._tensors is None:
+            ids = torch.tensor(self.ids, dtype=torch.long)
+            trained = torch.tensor(self.trained[1:] + [False], dtype=torch.bool)
+            targets = torch.where(trained, torch.roll(ids, -1), torch.full_like(ids, IGNORE))
+            self._tensors = (ids, targets)
+        return self._tensors
 
 
 def resolve_chat_template(tokenizer, setting: str) -> tuple[str | None, bool]:
