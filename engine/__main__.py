@@ -25,7 +25,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: list[str]) -> int:
     from .config import TrainConfig, describe_fields, load_config
-    from .progress import ConsoleProgress
+    from .progress import train_in_console
     from .train import train
 
     args = _train_parser().parse_args(argv)
@@ -33,18 +33,9 @@ def train_main(argv: list[str]) -> int:
         print(describe_fields())
         return 0
     cfg = load_config(args.config, args.overrides) if args.config else TrainConfig().with_overrides(args.overrides)
-    progress = ConsoleProgress()
-    try:
-        result = train(cfg, callbacks=[progress])
-    except KeyboardInterrupt:
-        progress.close()
-        print(f"\nstopped. {progress.stopped_message or 'No step had finished, so nothing was saved.'}\n"
-              f"Resume with: python -m engine train {' '.join(argv)} --set resume_from_checkpoint=latest")
+    result = train_in_console(lambda callbacks: train(cfg, callbacks=callbacks), argv)
+    if result is None:
         return 130
-    finally:
-        progress.close()
-    for warning in result.warnings:
-        print(f"warning: {warning}")
     print(f"LoRA written to {result.lora_path}\nUse it as <lora:{cfg.output_name}:0.8> after copying it into "
           f"your models/loras (ComfyUI) or models/Lora (A1111) folder.")
     return 0

@@ -42,3 +42,21 @@ class ConsoleProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def train_in_console(train, argv: list[str]):
+    """`train(callbacks)` with the console bar; on Ctrl-C, say what was kept and how to resume, and return
+    None (the command exits with 130). Otherwise print the run's warnings and return its result."""
+    progress = ConsoleProgress()
+    try:
+        result = train([progress])
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"\nstopped. {progress.stopped_message or 'No step had finished, so nothing was saved.'}\n"
+              f"Resume with: python -m engine train {' '.join(argv)} --set resume_from_checkpoint=latest")
+        return None
+    finally:
+        progress.close()
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    return result

@@ -49,7 +49,7 @@ def _config(args) -> TextConfig:
 
 
 def text_train_main(argv: list[str]) -> int:
-    from ..progress import ConsoleProgress
+    from ..progress import train_in_console
     from .train import train_text
 
     p = argparse.ArgumentParser(prog="python -m engine train", description="Train a LoRA for a local language "
@@ -65,18 +65,9 @@ def text_train_main(argv: list[str]) -> int:
     cfg = _config(args)
     if args.merge:
         cfg.merge = True
-    progress = ConsoleProgress()
-    try:
-        result = train_text(cfg, callbacks=[progress])
-    except KeyboardInterrupt:
-        progress.close()
-        print(f"\nstopped. {progress.stopped_message or 'No step had finished, so nothing was saved.'}\n"
-              f"Resume with: python -m engine train {' '.join(argv)} --set resume_from_checkpoint=latest")
+    result = train_in_console(lambda callbacks: train_text(cfg, callbacks=callbacks), argv)
+    if result is None:
         return 130
-    finally:
-        progress.close()
-    for warning in result.warnings:
-        print(f"warning: {warning}")
     before, after = result.evaluation.get("before"), result.evaluation.get("after")
     if before and after:
         print(f"held-out perplexity: {before['perplexity']:.3f} before, {after['perplexity']:.3f} after")
