@@ -5,8 +5,8 @@ upcast to float32 for the softmax, and the same again for their gradient, all al
 usual `cross_entropy(lm_head(h).float(), labels)`. Here the rows go through the output projection a
 chunk at a time; each chunk's loss and its gradient with respect to the hidden states are computed
 together in the forward pass (the loss is the last node of the graph, so its gradient is known then,
-as Liger's fused linear cross-entropy does), and only that gradient, [tokens, hidden], is kept for
-backward. The frozen projection gets no gradient. The sum is divided by `denominator`, the number of
+as Liger's fused linear cross-entropy does), and only that gradient, [tokens, hidden] in float32, is
+kept for backward. The frozen projection gets no gradient. The sum is divided by `denominator`, the number of
 trained tokens in the whole optimizer step (across gradient accumulation), so every trained token
 weighs the same however the tokens fall into micro-batches. No host sync, so it runs in a CUDA graph.
 """
@@ -42,7 +42,7 @@ class _ChunkedNLL(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, denominator, softcap):
         rows = chunk_rows(weight.shape[0])
         want_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(hidden) if want_grad else None
+        grad = torch.empty_like(hidden, dtype=torch.float32) if want_grad else None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
@@ -61,16 +61,18 @@ class _ChunkedNLL(torch.autograd.Function):
                 probs.scatter_add_(1, safe[:, None], torch.full_like(probs[:, :1], -1.0))
                 if softcap:
                     probs.mul_(1 - capped * capped)
-                g = _mm_f32(probs.to(h.dtype), weight)  # the row scale goes on this [rows, H], not on [rows, V]
-                grad[start:start + rows] = g.mul_((valid / denominator)[:, None])
+                # the row mask goes on this [rows, H] product, not on [rows, V]; 1/count and the loss scale of
+                # fp16 runs wait for backward, so a small gradient is not lost to fp16's range first
+                grad[start:start + rows] = _mm_f32(probs.to(h.dtype), weight).mul_(valid[:, None])
         if want_grad:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(grad, denominator)
+            ctx.dtype = hidden.dtype
         return total / denominator
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None
+        grad, denominator = ctx.saved_tensors
+        return (grad * (grad_output.float() / denominator)).to(ctx.dtype), None, None, None, None
 
 
 def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, denominator: torch.Tensor,

@@ -164,3 +164,24 @@ def test_chunked_loss_equals_cross_entropy_on_full_logits(monkeypatch, softcap):
     torch.testing.assert_close(g_ours, g_theirs, atol=1e-7, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(lm_loss(hidden, weight, targets, denominator, softcap), theirs)
+
+
+def test_chunked_loss_keeps_small_fp16_gradients_for_the_loss_scale():
+    """fp16 runs scale the loss (GradScaler) so small gradients survive fp16's range: the gradient the loss
+    computes in its forward must not be rounded to fp16 before that scale is applied."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 50, (64,), generator=g)
+    denominator = torch.tensor(1e6)  # a large step: every per-token gradient is tiny
+    scale = 65536.0
+
+    def grad_of(h, w):
+        h = h.clone().requires_grad_(True)
+        (lm_loss(h, w, targets, denominator) * scale).backward()
+        return h.grad
+
+    ours = grad_of(hidden.half(), weight.half()).double()
+    reference = grad_of(hidden, weight)
+    assert (ours != 0).float().mean() > 0.99
+    torch.testing.assert_close(ours, reference, atol=1e-3 * reference.abs().max().item(), rtol=2e-2)
