@@ -281,3 +281,56 @@ def test_comfyui_linear_with_patch_functions_is_left_to_comfyui():
     host = lin(x)
     with fc.fp8_compute(lin, True, "cpu", "bf16") as n:
         assert n == 0 and torch.equal(lin(x.requires_grad_(True)), host)
+
+
+# --- in the trainer ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from train_fixtures import pattern_dataset
+
+    return pattern_dataset(tmp_path_factory.mktemp("fp8c"), n=4)
+
+
+def bf16_tiny():
+    model = tiny_sd1()
+    for module in (model.unet, *model.text_encoders):
+        module.to(torch.bfloat16)
+    model.dtype = torch.bfloat16
+    return model
+
+
+def test_training_with_fp8_compute_follows_the_bf16_curve_and_gives_the_model_back(data, tmp_path, monkeypatch):
+    """With checkpointing, so the recompute runs the fp8 layers too (the step without it is the one
+    test_lora_gradients_flow_through_the_fp8_layers runs: LoRA weights cast once, added in place)."""
+    from engine.events import FunctionCallback
+    from engine.train import train
+    from train_fixtures import fast_step_on_cpu, quick_config
+
+    steps = fast_step_on_cpu(monkeypatch)  # the step the CUDA graph replays, run without the graph
+    opts = dict(max_train_steps=4, batch_size=2, mixed_precision="bf16", device="cpu", seed=3,
+                gradient_checkpointing=True)
+    model = bf16_tiny()
+    before = snapshot(model.unet)
+    ref = train(quick_config(data, tmp_path / "ref", **opts), model)
+    messages = []
+    got = train(quick_config(data, tmp_path / "fp8", fp8_compute=True, **opts), model,
+                callbacks=[FunctionCallback(lambda e: messages.append(e.message or ""))])
+    assert len(steps) == 2 and any(m.startswith("fp8_compute: ") for m in messages)
+    assert len(got.losses) == len(ref.losses) == 4
+    assert got.losses != ref.losses
+    for a, b in zip(got.losses, ref.losses):
+        assert a == pytest.approx(b, rel=0.05), (got.losses, ref.losses)
+    assert same_bits(model.unet, before)
+    assert not any("forward" in m.__dict__ for m in model.unet.modules())
+
+
+def test_training_refuses_fp8_compute_on_the_cpu_before_it_starts(data, tmp_path, monkeypatch):
+    from engine.train import train
+    from train_fixtures import quick_config
+
+    monkeypatch.setattr(fc, "ALLOW_CPU", False)
+    model = bf16_tiny()
+    before = snapshot(model.unet)
+    with pytest.raises(ConfigError, match="fp8_compute needs a GPU with fp8 tensor cores"):
+        train(quick_config(data, tmp_path, fp8_compute=True, mixed_precision="bf16", device="cpu"), model)
+    assert same_bits(model.unet, before)
