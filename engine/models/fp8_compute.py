@@ -173,16 +173,17 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the host's Linear would return for `x`: autocast's where it is on, else x's."""
+    """The dtype the host's Linear would return for `x`: autocast's where it is on, else x's. (No
+    try/except here: torch.compile traces this on every layer, and a graph break per layer is slow.)"""
     kind = x.device.type
-    try:
-        if torch.is_autocast_enabled(kind):
-            return torch.get_autocast_dtype(kind)
-    except TypeError:  # torch < 2.4 has only the CUDA/CPU forms without arguments
-        on = torch.is_autocast_enabled() if kind == "cuda" else torch.is_autocast_cpu_enabled()
-        if on:
-            return torch.get_autocast_gpu_dtype() if kind == "cuda" else torch.get_autocast_cpu_dtype()
-    return x.dtype
+    if _DEVICE_AUTOCAST_API:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    if kind == "cuda":  # torch < 2.4: the CUDA and CPU forms without arguments
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else x.dtype
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else x.dtype
+
+
+_DEVICE_AUTOCAST_API = hasattr(torch, "get_autocast_dtype")
 
 
 def takes(x: torch.Tensor, w: Fp8Weight, min_rows: int) -> bool:
