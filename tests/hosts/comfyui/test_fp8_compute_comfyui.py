@@ -2,21 +2,14 @@
 weights are multiplied as they are (no copy), within fp8's tolerance of ComfyUI's own forward, and
 left bit-identical; a layer with ComfyUI patch functions is left to ComfyUI. Runs on the CPU through
 torch's CPU _scaled_mm in the ComfyUI venv (fp8_compute_probe.py)."""
-import json
-import os
-import subprocess
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from comfy_workflows import run_probe
 
 
 @pytest.fixture(scope="module")
 def probe(comfy_python):
-    out = subprocess.run([comfy_python, os.path.join(HERE, "fp8_compute_probe.py")], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(comfy_python, "fp8_compute_probe.py")
 
 
 @pytest.mark.parametrize("layer", ["plain", "scaled"])
