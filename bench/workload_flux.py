@@ -85,14 +85,17 @@ def random_latents(n: int, device_=None):
 
 
 def bfl_state_dict(dtype=None):
-    """The workload's Flux as a BFL state dict on the benchmark device (what a flux1-dev file holds)."""
+    """The workload's Flux as a BFL state dict on the benchmark device (what a flux1-dev file holds).
+    ComfyUI only detects width 3072, so smoke runs get one block of each kind at full width."""
     import torch
+    from dataclasses import replace
 
-    from engine.models.flux_tiny import flux_tensor_shapes
+    from engine.models.flux_tiny import COMFY_TINY, flux_tensor_shapes
 
     gen = torch.Generator(device()).manual_seed(SEED)
     out = {}
-    for key, shape in sorted(flux_tensor_shapes(dims()).items()):
+    d = replace(COMFY_TINY, context_in=dims().context_in) if SMOKE_RES else dims()
+    for key, shape in sorted(flux_tensor_shapes(d).items()):
         if key.endswith(".scale"):
             t = torch.ones(shape, device=device())
         elif key.endswith(".bias"):
