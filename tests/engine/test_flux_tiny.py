@@ -2,23 +2,12 @@
 `networks.lora_flux` adapts in flux1-dev (fixtures/kohya_keys/flux1*.txt) exists in our layout with
 the shapes kohya's LoRA implies, and the file round-trips through safetensors with those keys."""
 
-from pathlib import Path
-
 import torch
 from safetensors import safe_open
 
-from engine.models.flux_tiny import (FLUX1_DEV, MICRO, FLUX1_SCHNELL, flux_linear_shapes, flux_tensor_shapes,
+from engine.models.flux_tiny import (FLUX1_DEV, FLUX1_SCHNELL, MICRO, flux_linear_shapes, flux_tensor_shapes,
                                      flux_vae_shapes, write_flux)
-
-FIXTURES = Path(__file__).parent / "fixtures" / "kohya_keys"
-
-
-def _kohya(case: str) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    rows = {}
-    for line in (FIXTURES / f"{case}.txt").read_text(encoding="utf-8").splitlines():
-        name, down, up = line.split()
-        rows[name] = (tuple(map(int, down.split(","))), tuple(map(int, up.split(","))))
-    return rows
+from test_kohya_parity import _kohya_fixture as _kohya
 
 
 def test_kohya_flux_modules_are_linears_of_our_layout_with_their_shapes():
