@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-PEERS = ("comfyui-native", "diffusers-peft", "diffusers-peft-bf16", "diffusers-peft-attn", "kohya")
+PEERS = ("comfyui-native", "diffusers-peft", "diffusers-peft-bf16", "diffusers-peft-attn", "kohya", "kohya-fp8")
 # peers that train at least the workload's layers (kohya's defaults): the memory target compares with these;
 # diffusers-peft-attn trains fewer (attention only) and is compared with ours-attn instead
 SAME_LAYER_PEERS = ("comfyui-native", "diffusers-peft", "diffusers-peft-bf16", "kohya")

@@ -42,9 +42,14 @@ TOOLS = {  # tool -> module that runs its rows
     "diffusers-peft-bf16": "bench.peer_diffusers",
     "comfyui-native": "bench.peer_comfy",
     "kohya": "bench.peer_kohya",
+    "kohya-fp8": "bench.peer_kohya_flux",
     "ours-comfyui": "bench.ours_comfy",
     "ours-comfyui-compile": "bench.ours_comfy",
 }
+# Flux.1 rows (model flux1) run in the Flux peers; `ours` comes with the Flux family (issue 16)
+FLUX_TOOLS = {"kohya": "bench.peer_kohya_flux", "kohya-fp8": "bench.peer_kohya_flux",
+              "diffusers-peft": "bench.peer_diffusers_flux", "diffusers-peft-bf16": "bench.peer_diffusers_flux",
+              "comfyui-native": "bench.peer_comfy_flux"}
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1,
                      "RTX 4090": 165.2}
 # dense fp8 (e4m3) with float32 accumulation, from NVIDIA's datasheets; GPUs without fp8 tensor cores have none
@@ -76,7 +81,8 @@ def plan(tools, models, batches, steps, warmup, uncached_batch, checkpointing=(F
 
 
 def run_group(tool: str, configs: list[dict], timeout: int, log) -> list[dict]:
-    cmd = [sys.executable, "-m", TOOLS[tool], "--configs", json.dumps(configs)]
+    module = FLUX_TOOLS.get(tool, TOOLS[tool]) if configs[0]["model"] == "flux1" else TOOLS[tool]
+    cmd = [sys.executable, "-m", module, "--configs", json.dumps(configs)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                PYTHONUNBUFFERED="1")
     start = time.time()
