@@ -79,7 +79,8 @@ def fp8c_main(model, name: str, root: Path, batch: int, steps: int, out_dir: str
         c, f = out[key]["fp8_compute"], out[key]["floor (bf16, plain)"]
         rows.append(f"| {name} | {batch} | {'on' if gc else 'off'} | {len(got.losses)} | "
                     f"{100 * c['max_rel']:.2f}% / {100 * c['mean_rel']:.2f}% | {100 * f['max_rel']:.2f}% / "
-                    f"{100 * f['mean_rel']:.2f}% | {e_got['cosine']:.4f} / {e_got['rel']:.3f} / {e_got['psnr_db']:.1f} dB | "
+                    f"{100 * f['mean_rel']:.2f}% | "
+                    f"{e_got['cosine']:.4f} / {e_got['rel']:.3f} / {e_got['psnr_db']:.1f} dB | "
                     f"{e_floor['cosine']:.4f} / {e_floor['rel']:.3f} / {e_floor['psnr_db']:.1f} dB | "
                     f"{'✅' if curve_ok and effect_ok else '❌'} |")
     print("EQUIVALENCE " + json.dumps(out), flush=True)

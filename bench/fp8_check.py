@@ -36,7 +36,8 @@ def check_quantise() -> dict:
     out = {}
     for name, m, k, n in LAYERS[:4]:
         g = torch.Generator("cuda").manual_seed(1)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g) * torch.logspace(-3, 3, m, device="cuda")[:, None]
+        spread = torch.logspace(-3, 3, m, device="cuda")[:, None]  # rows of very different sizes
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g) * spread
         x[0] = 0
         fold = torch.rand(k, device="cuda", generator=g) + 0.5
         for label, col in (("plain", None), ("folded", fold)):
@@ -146,15 +147,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     results, ok = {}, True
-    for label, fn in (("quantise", check_quantise), ("layers", check_layers), ("graph_and_compile", check_graph_and_compile),
-                      ("sdxl_unet", check_unet)):
+    checks = (("quantise", check_quantise), ("layers", check_layers), ("graph_and_compile", check_graph_and_compile),
+              ("sdxl_unet", check_unet))
+    for label, fn in checks:
         try:
             results[label] = fn()
         except Exception as exc:  # noqa: BLE001 - a failed check is a result
             results[label] = {"error": f"{type(exc).__name__}: {exc}"[:500], "ok": False}
         r = results[label]
         if label == "quantise":
-            good = all(v["mismatch_fraction"] == 0 and v["scales_equal"] for v in r.values()) if "error" not in r else False
+            good = "error" not in r and all(v["mismatch_fraction"] == 0 and v["scales_equal"] for v in r.values())
         elif label == "layers":
             good = "error" not in r and all(v["ok"] for v in r.values())
         else:

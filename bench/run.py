@@ -221,9 +221,9 @@ def median_row(rows: list[dict]) -> dict:
     row = dict(timed[(len(timed) - 1) // 2])
     if len(rows) > 1:
         row["repeat_images_per_s"] = [r.get("images_per_s") for r in rows]
-        row["notes"] = list(row.get("notes", [])) + [
-            f"median of {len(timed)} repetitions ({', '.join(f'{r:.2f}' for r in sorted(t['images_per_s'] for t in timed))} img/s)"
-            + (f"; {len(rows) - len(timed)} failed" if len(rows) > len(timed) else "")]
+        speeds = ", ".join(f"{t['images_per_s']:.2f}" for t in timed)
+        failed = f"; {len(rows) - len(timed)} failed" if len(rows) > len(timed) else ""
+        row["notes"] = list(row.get("notes", [])) + [f"median of {len(timed)} repetitions ({speeds} img/s){failed}"]
     return row
 
 

@@ -228,7 +228,8 @@ def _probe(device: torch.device) -> str | None:
             _probed[key] = None
         except Exception as exc:  # noqa: BLE001 - any failure means this torch/GPU cannot run it
             text = str(exc).strip().splitlines()
-            _probed[key] = f"torch {torch.__version__} cannot run row-wise fp8 products here ({text[0] if text else exc})"
+            first = text[0] if text else type(exc).__name__
+            _probed[key] = f"torch {torch.__version__} cannot run row-wise fp8 products here ({first})"
     return _probed[key]
 
 

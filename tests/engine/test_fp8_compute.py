@@ -50,10 +50,14 @@ def snapshot(module: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
 
 
+def raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
 def same_bits(module: nn.Module, before: dict) -> bool:
     now = module.state_dict(keep_vars=True)
     return now.keys() == before.keys() and all(
-        now[k].dtype == v.dtype and torch.equal(now[k].detach().reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
+        now[k].dtype == v.dtype and torch.equal(raw(now[k]), raw(v))
         for k, v in before.items())
 
 

@@ -19,6 +19,10 @@ from keys_probe import load_pack  # noqa: E402
 from make_checkpoint import comfy_root  # noqa: E402
 
 
+def raw(t):
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
 def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -75,8 +79,7 @@ def main():
             "taken_over": n, "stored_weight_used": bool(made) and all(
                 w.q.data_ptr() == lay.weight.data_ptr() and not w.copied for lay, w in made),
             "output_rel": rel(y, ref_y), "input_grad_rel": rel(dx, ref_dx), "output_equal": bool(torch.equal(y, ref_y)),
-            "bit_identical": all(torch.equal(now[k].detach().reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
-                                 for k, v in before.items()),
+            "bit_identical": all(torch.equal(raw(now[k]), raw(v)) for k, v in before.items()),
             "attributes_restored": layer.__dict__.keys() == attrs.keys() and "forward" not in layer.__dict__}
     print(json.dumps(result))
 
