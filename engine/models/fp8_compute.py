@@ -114,6 +114,8 @@ def adoptable(layer: nn.Module, device: torch.device) -> bool:
     w, b = layer.weight, layer.bias
     if type(w) not in (nn.Parameter, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         return False
+    if not w.is_contiguous() or w.data_ptr() % 16:  # the fp8 GEMM reads it row-major, 16-byte aligned
+        return False
     if w.requires_grad or (b is not None and b.requires_grad) or not _same_device(w.device, device):
         return False
     if w.shape[0] % 16 or w.shape[1] % 16 or _comfy_scale(layer) is False:

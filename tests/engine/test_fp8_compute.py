@@ -154,6 +154,16 @@ def test_lora_gradients_flow_through_the_fp8_layers():
     assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in got.values())
 
 
+def test_layers_the_fp8_gemm_cannot_take_are_left_alone():
+    odd = frozen_linear(24, 32)  # 24 input features: not a multiple of 16
+    strided = frozen_linear(32, 32)
+    strided.weight = nn.Parameter(strided.weight.t().contiguous().t(), requires_grad=False)  # column-major
+    trained = frozen_linear(32, 32).requires_grad_(True)  # not frozen: it needs a weight gradient
+    for lin in (odd, strided, trained):
+        with fc.fp8_compute(lin, True, "cpu", "bf16") as n:
+            assert n == 0
+
+
 def test_small_calls_and_calls_without_grad_run_the_hosts_forward():
     lin = frozen_linear(32, 32)
     x, big = torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(64, 32, dtype=torch.bfloat16)
