@@ -8,7 +8,7 @@ weight's per-row scales into the gradient with it (engine/models/fp8_compute.py 
 
 On CUDA, outside torch.compile, one Triton kernel reads each row once and writes its fp8 values and
 scale (the same math as the torch ops below, operation for operation, so both give the same bits;
-bench/fp8_check.py compares them on the GPU). The torch ops are eight passes over the tensor in
+bench/fp8_check.py compares them on the GPU). The torch ops make several passes over the tensor in
 eager mode, which at SDXL sizes would cost as much as the fp8 GEMM saves; under torch.compile
 (inductor fuses them, also into the norm or add before them) and on the CPU (tests) they run as is.
 """
