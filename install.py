@@ -31,6 +31,9 @@ PROTECTED = ["torch", "torchvision", "torchaudio", "xformers", "gradio", "gradio
              "pydantic", "fastapi", "starlette", "protobuf", "setuptools", "kornia"]
 MODULE_OF = {"pyyaml": "yaml", "pillow": "PIL", "opencv-python": "cv2", "onnxruntime": "onnxruntime"}
 FAILED_FILE = HERE / ".cache" / "install_failed.json"
+# Newest releases that still import beside an older torch a host pins: diffusers 0.36 calls torch.xpu at
+# import (torch 2.4+), and A1111 1.10 ships torch 2.1.2. (torch version below which, constraint)
+FOR_OLDER_TORCH = [((2, 4), "diffusers<0.36")]
 
 
 def requirement_lines(path: Path = REQUIREMENTS) -> list[str]:
@@ -72,12 +75,16 @@ def is_installed(name: str, launch=None) -> bool:
 
 
 def constraints() -> list[str]:
-    """`name==version` for every protected package the host has."""
+    """`name==version` for every protected package the host has, and the caps its torch needs."""
     pins = []
     for name in PROTECTED:
         version = installed_version(name)
         if version is not None:
             pins.append(f"{name}=={version}")
+    torch_version = installed_version("torch")
+    if torch_version is not None:
+        numbers = tuple(int(n) for n in re.findall(r"\d+", torch_version)[:2])
+        pins += [cap for below, cap in FOR_OLDER_TORCH if numbers < below]
     return pins
 
 

@@ -64,6 +64,8 @@ def test_installs_only_what_is_missing_with_the_hosts_pins(capsys, pip, monkeypa
     assert [c[:5] for c in pip.calls] == [[sys.executable, "-m", "pip", "install", r] for r in asked]
     assert all(c[-2:] == ["--index-url", "https://mirror.example/simple"] for c in pip.calls)
     assert all("torch==2.1.2" in text for text in pip.constraint_texts)  # pip may not replace torch
+    # the newest diffusers calls torch.xpu at import, which torch 2.1.2 (A1111 1.10's) lacks
+    assert all("diffusers<0.36" in text.splitlines() for text in pip.constraint_texts)
     out = capsys.readouterr().out
     assert "torch 2.1.2 is older than torch>=99; keeping the host's version" in out
     assert all(line.startswith("[LoRA Trainer] ") for line in out.splitlines())  # "Installing ..." too
@@ -77,6 +79,11 @@ def test_a_failed_install_is_not_retried_until_the_host_changes(capsys, monkeypa
     monkeypatch.setattr(install.subprocess, "run", FakePip())
     assert install.main(FakeLaunch(present={"torch", "PyYAML"})) == ["diffusers>=0.30", "onnxruntime"]
     assert "failed before" in capsys.readouterr().out
+
+
+def test_a_newer_torch_gets_no_cap(monkeypatch):
+    monkeypatch.setattr(install, "installed_version", lambda name: {"torch": "2.6.0+cu124"}.get(name.lower()))
+    assert install.constraints() == ["torch==2.6.0+cu124"]
 
 
 def test_runs_without_launch(monkeypatch, pip):
