@@ -75,9 +75,10 @@ def test_stop_keeps_the_last_step_and_resume_continues_under_safe_loading(webui,
     """A1111 checks every torch.load with its restricted unpickler (modules/safe.py, on by default): the
     checkpoint of a stopped run must resume under it."""
     refused = install_safe_loading(monkeypatch, webui)
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)  # as in torch 2.1.2, A1111 1.10's pin
     release = stop_training_at(monkeypatch, webui, 2)
     status = run(JobManager(), quick_request(dataset, max_train_steps=50))
-    assert status["status"] == "stopped" and status["step"] == 2
+    assert status["status"] == "stopped" and status["step"] == 2, status["error"]
     assert status["lora_file"].endswith("tiny-step00000002.safetensors")
     card = Path(webui.shared.cmd_opts.lora_dir) / "tiny-step00000002.preview.png"
     assert status["card_preview"] == str(card) and card.is_file()  # the stopped run's LoRA has a card image
