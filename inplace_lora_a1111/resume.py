@@ -64,4 +64,4 @@ def mismatch_message(exc: ResumeMismatch, controls: Controls) -> str:
 def stopped_message(step: int, checkpoint: str | None, lora_file: Path, controls: Controls) -> str:
     kept = f"; checkpoint kept in {checkpoint}" if checkpoint else ""
     return (f"stopped at step {step}{kept}. The LoRA of that step is {lora_file.name} in the Lora folder. "
-            f"To continue this run, {controls.resume} with the same name and settings.")
+            f"To continue this run, {controls.resume} (same name and settings).")

@@ -87,7 +87,7 @@ def test_stop_keeps_the_last_step_and_resume_continues_under_safe_loading(webui,
     checkpoint = Path(status["output_dir"]) / "checkpoints" / "step-00000002"
     assert status["messages"][-1] == (f"stopped at step 2; checkpoint kept in {checkpoint}. The LoRA of that step "
                                       f"is tiny-step00000002.safetensors in the Lora folder. To continue this run, "
-                                      f'send the same request with "resume": true with the same name and settings.')
+                                      f'send the same request with "resume": true (same name and settings).')
     release()
     resumed = run(JobManager(), quick_request(dataset, max_train_steps=4, resume=True))
     assert resumed["status"] == "done" and resumed["step"] == 4, resumed["error"]

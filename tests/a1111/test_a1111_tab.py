@@ -82,7 +82,7 @@ def test_resume_button_continues_the_stopped_run_under_safe_loading(webui, datas
     manager = JobManager()
     stopped = _stopped_in_the_tab(webui, dataset, monkeypatch, manager)
     assert stopped.startswith("**Stopped**") and "step 2/50" in stopped
-    assert "To continue this run, press Resume with the same name and settings." in stopped  # the tab's button
+    assert "To continue this run, press Resume (same name and settings)." in stopped  # the tab's button
     assert "resume\\_from\\_checkpoint" not in stopped and "resume_from_checkpoint" not in stopped
     updates = list(tab.on_resume(str(dataset), "", tab.DEFAULT, *form(max_train_steps=4), "", "0, 0.8", 2,
                                  manager=manager, poll=0.01))
