@@ -30,6 +30,7 @@ def render_loss_plot(losses: list[tuple[int, float]]):
 def _matplotlib_chart(steps: list[int], values: list[float]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, safe from the training thread
+    from matplotlib.ticker import MaxNLocator
     from PIL import Image
 
     from engine.plot import ema
@@ -41,9 +42,10 @@ def _matplotlib_chart(steps: list[int], values: list[float]):
     ax.plot(steps, ema(values), color="#1e3cc8", linewidth=2, label="smoothed")
     ax.set_title(f"{TITLE} (last {values[-1]:.4f})")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, also with few points
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
     fig.tight_layout()
     canvas.draw()
     return Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")

@@ -37,7 +37,7 @@ class Knob:
 
 KNOBS = (
     Knob("output_name", "LoRA name (never overwrites a file)", "text",
-         placeholder="empty: the dataset folder's name"),
+         placeholder="empty: the folder's name"),
     Knob("lora_rank", "Rank", "slider", minimum=1, maximum=128, step=1),
     Knob("lora_alpha", "Alpha (0 = rank/2)", "number"),
     Knob("learning_rate", "Learning rate", "number"),

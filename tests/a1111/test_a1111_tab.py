@@ -128,6 +128,16 @@ def test_loss_chart_keeps_its_own_size_and_title_in_view(webui, monkeypatch):
     assert image.kwargs["show_label"] is False  # Gradio's label badge would sit on the chart's title
 
 
+def test_matplotlib_chart_where_the_webui_has_it():
+    """A1111's requirements bring matplotlib (this CI venv has none: the Pillow chart above runs here)."""
+    pytest.importorskip("matplotlib")
+    from inplace_lora_a1111.lossplot import _matplotlib_chart
+
+    chart = _matplotlib_chart([5, 6], [1.57, 1.31])
+    assert chart.size == (768, 384) and chart.mode == "RGB"
+    assert len(set(chart.getdata())) > 50  # lines, text and anti-aliasing drawn, not a blank canvas
+
+
 def test_train_button_explains_a_bad_folder(webui):
     updates = list(tab.on_train("/no/such", "", tab.DEFAULT, *form(), "", "", 20, manager=JobManager()))
     assert len(updates) == 1 and updates[0][0].startswith("**Not started:**") and "does not exist" in updates[0][0]
