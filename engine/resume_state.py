@@ -97,7 +97,9 @@ def save_state(folder: Path, state: dict[str, Any]) -> None:
     """Write `state` (a dict with string keys) as state.safetensors + state.json in `folder`."""
     encoder = _Encoder()
     body = {k: encoder.encode(v, k) for k, v in state.items()}
-    save_file(encoder.tensors, str(folder / TENSORS_FILE), metadata={"format": FORMAT})
+    # no safetensors metadata: safetensors 0.4.2 (A1111's) cannot read back a file with metadata and no
+    # tensors; the format is named in the JSON
+    save_file(encoder.tensors, str(folder / TENSORS_FILE))
     text = json.dumps({"format": FORMAT, "version": VERSION, "state": body}, indent=1)
     (folder / JSON_FILE).write_text(text, encoding="utf-8")
 
