@@ -237,3 +237,15 @@ def test_damaged_state_says_what_to_do(tmp_path):
     (folder / JSON_FILE).write_text('{"format": "inplace-lora-trainer resume state", "vers', encoding="utf-8")
     with pytest.raises(UserError, match="older step-\\* folder"):
         ckpt.read_state(folder)
+
+
+def test_inspect_reads_a_checkpoint_folder(tmp_path, capsys):
+    from engine.inspect_cli import inspect_main
+
+    folder = tmp_path / "step-00000003"
+    folder.mkdir()
+    save_state(folder, {"step": 3, "micro": 6, "lora_file": "x-step00000003.safetensors",
+                        "fingerprint": {"lora_rank": 4}})
+    assert inspect_main([str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint at step 3 (next micro-batch 6), LoRA x-step00000003.safetensors" in printed
