@@ -33,10 +33,10 @@ def inspect_main(argv: list[str]) -> int:
     path = Path(args.path).expanduser()
     if not path.exists():
         raise UserError(f"'{path}' does not exist.")
-    if path.is_dir() and (path / "state.pt").is_file():
-        import torch
+    from .checkpoint import read_state, state_file
 
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if path.is_dir() and state_file(path) is not None:
+        state = read_state(path)
         print(f"checkpoint at step {state['step']} (next micro-batch {state['micro']}), LoRA {state['lora_file']}")
         print(f"  run settings: {state['fingerprint']}")
         return 0

@@ -166,7 +166,7 @@ class Trainer:
                 return self._finish()
             except BaseException as exc:
                 self._abort(exc)
-                if isinstance(exc, torch.OutOfMemoryError):
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
                     raise UserError(f"out of memory on {self.device} at step {self.position.step}. Turn on "
                                     f"gradient_checkpointing, lower batch_size or resolution, or use optimizer "
                                     f"AdamW8bit; the run can resume from its last checkpoint.") from exc
@@ -417,7 +417,7 @@ class Trainer:
             with self.parking.awake() if getattr(self, "parking", None) is not None else contextlib.nullcontext():
                 images = render_previews(self.model, prompts, self.cfg,
                                          self.data.summary().get("resolution", (512, 512)), self.cfg.trigger_word)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             # sampling needs the encoders back and its own activations on top of the training state; a
             # preview that does not fit is skipped, the run goes on (nothing of the training is lost)
             if self.device.type == "cuda":
