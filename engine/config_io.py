@@ -1,0 +1,189 @@
+"""How a config file or mapping becomes a `TrainConfig` (engine/config_fields.py), and back.
+
+Keys users already write for kohya sd-scripts and lora-scripts are accepted as aliases
+(`network_dim`, `train_batch_size`, `max_train_epochs`, `optimizer_type`, ...), flat or grouped
+(`model_config:`, `train_config:`, ...). Every wrong key or value raises a `ConfigError` that says
+what is allowed. `dump_config` writes the resolved config as grouped YAML, `describe_fields` the
+reference that `--help-config` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+from .config_fields import TrainConfig
+from .errors import ConfigError
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_META = {name: f.metadata for name, f in _FIELDS.items()}
+_ALIASES = {alias: name for name, meta in _META.items() for alias in meta["aliases"]}
+_TYPES = typing.get_type_hints(TrainConfig)
+_GROUP_KEYS = {"model", "data", "dataset", "network", "lora", "train", "training", "optimizer", "save",
+               "output", "sample", "sampling", "general"}
+# Keys kohya/lora-scripts users write whose meaning maps onto ours with a value change.
+_SPECIAL = {
+    "use_fp16": lambda v: {"mixed_precision": "fp16" if v else "no"},
+    "v_parameterization": lambda v: {"prediction_type": "v_prediction" if v else "epsilon"},
+    "xformers": lambda v: {"attention": "xformers" if v else "sdpa"},
+    "enable_xformers": lambda v: {"attention": "xformers" if v else "sdpa"},
+    "cache_latents_to_disk": lambda v: {"cache_latents": "disk"} if v else {},
+    "network_train_unet_only": lambda v: {"train_text_encoder": not v},
+    "sample_every_n_epochs_or_steps": lambda v: {},
+}
+
+
+def config_from_mapping(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A validated TrainConfig from a (possibly grouped, possibly aliased) mapping."""
+    values = {}
+    for key, value in _flatten(data, source).items():
+        name = _canonical(key, source)
+        values[name] = _coerce(name, value, source)
+    cfg = TrainConfig(**values)
+    cfg.validate(source)
+    return cfg
+
+
+def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
+    """`cfg` with `--set key=value` overrides applied (values parsed as YAML: 1e-4, true, [a, b])."""
+    import yaml
+
+    data = cfg.to_dict()
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (for example --set lora_rank=32)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        data[_canonical(key.strip(), "--set")] = value
+    return config_from_mapping(data, source="--set")
+
+
+def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of key: value, got {type(data).__name__}.")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        stem = key[:-len("_config")] if key.endswith("_config") else key
+        if isinstance(value, dict) and stem in _GROUP_KEYS and key not in _FIELDS:
+            flat.update(_flatten(value, f"{source} [{key}]"))
+        elif key in _SPECIAL:
+            flat.update(_SPECIAL[key](value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _canonical(key: str, source: str) -> str:
+    if key in _FIELDS:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key]
+    known = sorted(set(_FIELDS) | set(_ALIASES))
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" Did you mean '{_ALIASES.get(close[0], close[0])}'?" if close else ""
+    raise ConfigError(f"{source}: unknown key '{key}'.{hint} (python -m engine train --help-config lists "
+                      f"every key.)")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    meta, kind = _META[name], _TYPES[name]
+    where = f"{source}: {name}"
+    if isinstance(value, bool) and meta["from_bool"] is not None:  # kohya's `cache_latents: true`, `color_aug: true`
+        value = meta["from_bool"][not value]
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no",
+                                                                 "off", "0"):
+            value = value.strip().lower() in ("true", "yes", "on", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}.")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be a whole number, got {value!r}.") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{where} must be a whole number, got {value!r}.")
+        value = int(as_float)
+    elif kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}.") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}.")
+    elif kind is str:
+        if value is None:
+            value = ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be text, got {value!r}.")
+        value = str(value)
+    elif kind is dict:
+        if value in (None, ""):
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping (key: value), got {value!r}.")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        lowered = {str(c).lower(): c for c in meta["choices"]}
+        if str(value).lower() in lowered:
+            value = lowered[str(value).lower()]
+        else:
+            allowed = ", ".join(repr(c) if c == "" else str(c) for c in meta["choices"])
+            raise ConfigError(f"{where} is {value!r}; allowed: {allowed}.")
+    if meta["minimum"] is not None and isinstance(value, (int, float)) and value < meta["minimum"]:
+        raise ConfigError(f"{where} must be at least {meta['minimum']}, got {value!r}.")
+    if name == "target_modules" and isinstance(value, (list, tuple)):
+        value = [str(v) for v in value]
+    if name == "sample_prompts" and isinstance(value, str):
+        value = [value] if value else []
+    return value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML (or JSON/TOML) config file, apply `--set` overrides, validate."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file '{path}' does not exist.")
+    text = p.read_text(encoding="utf-8-sig")
+    try:
+        if p.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # the parser's own message says where
+        raise ConfigError(f"cannot parse {p.name}: {exc}") from None
+    cfg = TrainConfig.from_dict(data, source=p.name)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """YAML of the resolved config, grouped and commented, as written next to the output."""
+    import yaml
+
+    groups: dict[str, dict[str, Any]] = {}
+    for name, meta in _META.items():
+        groups.setdefault(f"{meta['group']}_config", {})[name] = getattr(cfg, name)
+    return yaml.safe_dump(groups, sort_keys=False, allow_unicode=True)
+
+
+def describe_fields() -> str:
+    """Plain-text reference of every key (for --help-config and the README)."""
+    lines = []
+    for name, f in _FIELDS.items():
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        alias = f" (also: {', '.join(meta['aliases'])})" if meta["aliases"] else ""
+        lines.append(f"{meta['group']:8} {name} = {default!r}{alias}\n          {meta['help']}")
+    return "\n".join(lines)
