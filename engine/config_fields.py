@@ -16,11 +16,13 @@ from typing import Any
 from .errors import ConfigError
 
 
-def _f(default, help: str, *, choices=None, aliases=(), group="train", path=None, minimum=None, from_bool=None):
+def _f(default, help: str, *, choices=None, aliases=(), group="train", path=None, minimum=None, from_bool=None,
+       synonyms=None):
     """A config field with its documentation, allowed values and the names other trainers use for it.
-    `from_bool` = (value for true, value for false), for fields other trainers write as booleans."""
+    `from_bool` = (value for true, value for false), for fields other trainers write as booleans;
+    `synonyms` = {other spelling: allowed value} (YAML reads `no` as false, kohya writes fp32 as no)."""
     meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "group": group, "path": path,
-            "minimum": minimum, "from_bool": from_bool}
+            "minimum": minimum, "from_bool": from_bool, "synonyms": synonyms or {}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,7 +52,8 @@ class TrainConfig:
                              group="data", aliases=("image_dir", "data_dir", "dataset_dir"), path="dir")
     metadata_path: str = _f("", "metadata.csv / metadata.jsonl with captions; default: found in "
                             "train_data_dir if present.", group="data", path="file")
-    caption_extension: str = _f(".txt", "Sidecar caption extension (.caption is also read).", group="data")
+    caption_extension: str = _f(".txt", "Sidecar caption extension (.caption is also read).", group="data",
+                                aliases=("caption_extention",))
     reg_data_dir: str = _f("", "Optional regularisation (class) images.", group="data", path="dir")
     prior_loss_weight: float = _f(1.0, "Loss weight of regularisation images.", group="data", minimum=0)
     repeats: int = _f(1, "Repeats for images in a flat folder (kohya `N_name` folders set their own).",
@@ -121,7 +124,8 @@ class TrainConfig:
     lr_scheduler: str = _f("cosine", "Learning-rate schedule.", choices=SCHEDULERS)
     warmup_steps: float = _f(0.05, "Warm-up: a step count, or a ratio of the run when below 1.",
                              aliases=("lr_warmup_steps", "warmup_ratio"), minimum=0)
-    lr_scheduler_num_cycles: int = _f(1, "Restarts for cosine_with_restarts.", minimum=1)
+    lr_scheduler_num_cycles: int = _f(1, "Restarts for cosine_with_restarts.", minimum=1,
+                                      aliases=("lr_restart_cycles",))
     lr_scheduler_power: float = _f(1.0, "Power for the polynomial schedule.", minimum=0)
     optimizer: str = _f("AdamW", "AdamW, AdamW8bit (bitsandbytes, CUDA), Lion, Adafactor, Prodigy.",
                         choices=OPTIMIZERS, aliases=("optimizer_type",))
@@ -129,7 +133,9 @@ class TrainConfig:
     weight_decay: float = _f(0.01, "Decoupled weight decay.", minimum=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns it off.", minimum=0)
     mixed_precision: str = _f("auto", "auto (bf16 where the GPU supports it, else fp16; fp32 on CPU), "
-                              "no, fp16, bf16.", choices=("auto", "no", "fp16", "bf16"))
+                              "no (fp32), fp16, bf16.", choices=("auto", "no", "fp16", "bf16"),
+                              synonyms={False: "no", "fp32": "no", "float32": "no", "float16": "fp16",
+                                        "bfloat16": "bf16"})
     autocast: str = _f("auto", "auto: with bf16, a model whose frozen weights already are bf16 runs natively "
                        "in bf16 (autocast would only add casts and float32 copies of activations; SD1.5 on "
                        "an H100: 10-21% less peak memory, 5-27% faster); the loss stays float32. always: "
@@ -142,7 +148,7 @@ class TrainConfig:
                         "Layers compute in bf16/fp16 under autocast; LoRA and optimizer stay float32 "
                         "(kohya's --fp8_base). Only for a base_model the engine loads itself (the command "
                         "line): a host's model is never converted (in ComfyUI, a UNet loaded in fp8 by Load Diffusion Model trains as it "
-                        "is). Needs mixed_precision bf16 or fp16.")
+                        "is). Needs mixed_precision bf16 or fp16.", aliases=("fp8_base_unet",))
     cuda_graph: bool = _f(True, "Replay each training step as one CUDA graph (CUDA, bf16/fp32, AdamW, no "
                           "gradient accumulation; otherwise the plain step runs). Removes the per-step "
                           "Python and launch overhead: 2-8x faster on an H100 (bench/RESULTS.md), for "
@@ -171,6 +177,13 @@ class TrainConfig:
                                      group="save", aliases=("resume",))
     log_with: str = _f("", "tensorboard to log scalars and previews.", choices=("", "tensorboard"),
                        group="save")
+    logging_dir: str = _f("", "Folder for TensorBoard logs; default <output_dir>/<output_name>/logs. Setting it "
+                          "turns log_with tensorboard on, as in kohya.", group="save")
+    log_prefix: str = _f("", "TensorBoard logs go to <logging_dir>/<log_prefix><date-time> when logging_dir is "
+                         "set (kohya's layout).", group="save")
+    overwrite: bool = _f(False, "Command line: replace the LoRA of an earlier run with the same output_name. "
+                         "Off: a new run is written as <output_name>_2, _3, ... instead (a resumed run keeps its "
+                         "name), as Save LoRA and the A1111 tab do.", group="save")
     training_comment: str = _f("", "Stored in the file's metadata (ss_training_comment).", group="save")
 
     # --- previews -----------------------------------------------------------------------------------

@@ -1,30 +1,34 @@
 """How a config file or mapping becomes a `TrainConfig` (engine/config_fields.py), and back.
 
-Keys users already write for kohya sd-scripts and lora-scripts are accepted as aliases
-(`network_dim`, `train_batch_size`, `max_train_epochs`, `optimizer_type`, ...), flat or grouped
-(`model_config:`, `train_config:`, ...). Every wrong key or value raises a `ConfigError` that says
-what is allowed. `dump_config` writes the resolved config as grouped YAML, `describe_fields` the
-reference that `--help-config` prints.
+Keys may be flat or grouped in sections of any name (`model_config:`, kohya's `[training_arguments]`,
+lora-scripts' `[saving]`); sections are flattened as kohya does, and a key set twice to different
+values is an error. Keys users already write for kohya sd-scripts and lora-scripts are accepted
+(engine/config_kohya.py says how each maps); what a config sets but this trainer does not use is
+logged in one line. Every wrong key or value raises a `ConfigError` that says what is allowed.
+`dump_config` writes the resolved config as grouped YAML, `describe_fields` the reference that
+`--help-config` prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import typing
 from pathlib import Path
 from typing import Any
 
 from .config_fields import TrainConfig
+from .config_kohya import translate
 from .errors import ConfigError
+
+logger = logging.getLogger("engine.config")
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _META = {name: f.metadata for name, f in _FIELDS.items()}
 _ALIASES = {alias: name for name, meta in _META.items() for alias in meta["aliases"]}
 _TYPES = typing.get_type_hints(TrainConfig)
-_GROUP_KEYS = {"model", "data", "dataset", "network", "lora", "train", "training", "optimizer", "save",
-               "output", "sample", "sampling", "general"}
 # Keys kohya/lora-scripts users write whose meaning maps onto ours with a value change.
 _SPECIAL = {
     "use_fp16": lambda v: {"mixed_precision": "fp16" if v else "no"},
@@ -32,50 +36,84 @@ _SPECIAL = {
     "xformers": lambda v: {"attention": "xformers" if v else "sdpa"},
     "enable_xformers": lambda v: {"attention": "xformers" if v else "sdpa"},
     "cache_latents_to_disk": lambda v: {"cache_latents": "disk"} if v else {},
-    "network_train_unet_only": lambda v: {"train_text_encoder": not v},
     "sample_every_n_epochs_or_steps": lambda v: {},
 }
 
 
+# kohya keys whose value may be written as a mapping (not a section)
+_MAPPING_VALUES = {"network_args", "lr_scheduler_args", "log_tracker_config"}
+
+
 def config_from_mapping(data: dict[str, Any], source: str = "config") -> TrainConfig:
-    """A validated TrainConfig from a (possibly grouped, possibly aliased) mapping."""
-    values = {}
-    for key, value in _flatten(data, source).items():
-        name = _canonical(key, source)
-        values[name] = _coerce(name, value, source)
-    cfg = TrainConfig(**values)
+    """A validated TrainConfig from a (possibly grouped, aliased or kohya-style) mapping."""
+    flat, sections = _flatten(data, source)
+    values, notes = translate(flat, sections, source)
+    cfg = TrainConfig(**{name: _coerce(name, value, source) for name, value in _canonical_keys(values, source).items()})
     cfg.validate(source)
+    for note in notes:
+        logger.info("%s: %s", source, note)
     return cfg
 
 
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
-    """`cfg` with `--set key=value` overrides applied (values parsed as YAML: 1e-4, true, [a, b])."""
+    """`cfg` with `--set key=value` overrides applied (values parsed as YAML: 1e-4, true, [a, b]).
+    Any key a config file accepts works, kohya's too (`--set xformers=false`); an override replaces
+    the setting it names."""
     import yaml
 
-    data = cfg.to_dict()
+    raw: dict[str, Any] = {}
     for item in assignments:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r} (for example --set lora_rank=32)")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        data[_canonical(key.strip(), "--set")] = value
+        key, value = item.split("=", 1)
+        raw[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    flat, _ = _flatten(raw, "--set")
+    values, _ = translate(flat, [], "--set", whole_config=False)
+    data = cfg.to_dict()
+    data.update(_canonical_keys(values, "--set"))
     return config_from_mapping(data, source="--set")
 
 
-def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
+def _canonical_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = _canonical(key, source)
+        if name in out and out[name] != value:
+            raise ConfigError(f"{source}: '{name}' is given twice with different values ({out[name]!r} and "
+                              f"{value!r}, e.g. as '{key}' and under another name); keep one.")
+        out[name] = value
+    return out
+
+
+def _flatten(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """Sections (any mapping that is not a mapping field's value: `[optimizer]` is a section, `optimizer:
+    AdamW` the field) flattened, as kohya's --config_file does;
+    returns (flat keys, section names)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping of key: value, got {type(data).__name__}.")
     flat: dict[str, Any] = {}
+    sections: list[str] = []
+
+    def put(key: str, value: Any, where: str) -> None:
+        if key in flat and flat[key] != value:
+            raise ConfigError(f"{where}: '{key}' is set twice with different values ({flat[key]!r} and {value!r}); "
+                              f"keep one.")
+        flat[key] = value
+
     for key, value in data.items():
         key = str(key)
-        stem = key[:-len("_config")] if key.endswith("_config") else key
-        if isinstance(value, dict) and stem in _GROUP_KEYS and key not in _FIELDS:
-            flat.update(_flatten(value, f"{source} [{key}]"))
+        if isinstance(value, dict) and _TYPES.get(_ALIASES.get(key, key)) is not dict and key not in _MAPPING_VALUES:
+            sections.append(key)
+            inner, deeper = _flatten(value, f"{source} [{key}]")
+            sections += deeper
+            for k, v in inner.items():
+                put(k, v, f"{source} [{key}]")
         elif key in _SPECIAL:
-            flat.update(_SPECIAL[key](value))
+            for k, v in _SPECIAL[key](value).items():
+                put(k, v, source)
         else:
-            flat[key] = value
-    return flat
+            put(key, value, source)
+    return flat, sections
 
 
 def _canonical(key: str, source: str) -> str:
@@ -93,6 +131,9 @@ def _canonical(key: str, source: str) -> str:
 def _coerce(name: str, value: Any, source: str) -> Any:
     meta, kind = _META[name], _TYPES[name]
     where = f"{source}: {name}"
+    synonyms = meta["synonyms"]
+    if synonyms and isinstance(value, (str, bool)):
+        value = synonyms.get(value.strip().lower() if isinstance(value, str) else value, value)
     if isinstance(value, bool) and meta["from_bool"] is not None:  # kohya's `cache_latents: true`, `color_aug: true`
         value = meta["from_bool"][not value]
     if kind is bool:

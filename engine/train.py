@@ -138,9 +138,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / f"{cfg.output_name}.config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         if cfg.log_with == "tensorboard" and self.dist.is_main:
-            from .tensorboard_log import TensorBoardLogger
+            from .tensorboard_log import TensorBoardLogger, tensorboard_dir
 
-            self.events.add(TensorBoardLogger(self.out / "logs"))
+            self.events.add(TensorBoardLogger(tensorboard_dir(cfg, self.out)))
         # a compiled step fuses GEGLU itself (and decides what to keep): the lean one is for eager steps
         denoiser = None if cfg.torch_compile else model.trainable_roots()[0]
         with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder), lean_geglu(denoiser):
