@@ -11,7 +11,6 @@ The ComfyUI LoadDataset node and the A1111 tab show the same report (`check_data
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 from collections import Counter, defaultdict
@@ -211,13 +210,7 @@ class DatasetReport:
 
 def check_dataset(cfg: TrainConfig, *, native_resolution: int = 512, near_distance: int = 6) -> DatasetReport:
     """Report on `cfg.train_data_dir` as a run with `cfg` would use it (raises DatasetError if unusable)."""
-    quiet = logging.getLogger(TrainData.__module__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its warnings are part of this report, not log lines
-    try:
-        data = TrainData(cfg, native_resolution=native_resolution, model_key="check", train_text_encoder=False)
-    finally:
-        quiet.setLevel(level)
+    data = TrainData(cfg, native_resolution=native_resolution, model_key="check", train_text_encoder=False)
     root = Path(cfg.train_data_dir).expanduser()
     records = [r for r in data.records if not r.is_reg]
     paths = [r.path for r in records]

@@ -463,8 +463,8 @@ class Trainer:
             if isinstance(exc, TrainingStopped):
                 exc.checkpoint = str(folder) if folder else None
             self.events.emit("stopped", step=self.position.step, path=str(folder) if folder else None,
-                             message=f"stopped at step {self.position.step}; resume with "
-                                     f"resume_from_checkpoint: latest" if folder else "stopped before the first step")
+                             message=f"stopped at step {self.position.step}; checkpoint kept in {folder}" if folder
+                             else "stopped before the first step")  # each host adds how to resume there
         else:
             self.events.emit("error", step=self.position.step, message=str(exc),
                              path=str(folder) if folder else None)
