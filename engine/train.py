@@ -28,6 +28,7 @@ from .events import Callbacks
 from .encoder_parking import EncoderParking
 from .data.prefetch import Prefetch
 from .fast_step import FastStep, host_lrs, unsupported_reason
+from .lora.change_check import ChangeCheck
 from .lora.kohya_io import read_lora, save_lora, to_network_keys
 from .lora.metadata import build_metadata
 from .lora.network import LoRANetwork
@@ -155,6 +156,7 @@ class Trainer:
                 self.data.prepare_cache(model, progress=self._cache_progress)
                 self._setup_optimization(network)
                 self._maybe_resume(network)
+                self.change_check = ChangeCheck(network, self.position.step)  # warns at the end if nothing learned
                 self._setup_fast_step()
                 self.parking = EncoderParking.start(model, self.data, self.device, cfg.train_text_encoder)
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
@@ -433,6 +435,9 @@ class Trainer:
             return TrainResult(lora_path=None, tensors=tensors, metadata={}, steps=self.position.step,
                                losses=self.losses, output_dir=self.out, warnings=self.warnings)
         path, tensors, metadata = self._write_lora(self.out / f"{self.cfg.output_name}.safetensors")
+        if (unchanged := self.change_check.warning(self.network, self.position.step)) is not None:
+            self.warnings.append(unchanged)
+            self.events.emit("info", message=unchanged)
         from .plot import loss_plot
 
         loss_plot(self.losses, title=f"{self.cfg.output_name}: loss per step").save(self.out / "loss.png")
