@@ -84,12 +84,14 @@ def thumbnails(paths: list[Path]):
 
 
 def with_bad_files(message: str, root: Path) -> str:
-    """An error message plus every image file under `root` (and its subfolders) that cannot be read."""
-    from ..engine.data import scan_images, skipped_warning
+    """An error message plus every image file under `root` (and its subfolders) that cannot be read and
+    that the message does not name already (each file is named once)."""
+    from ..engine.data.images import describe_skipped, relative_name, scan_images
 
     folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    skipped = [bad for folder in folders for bad in scan_images(folder)[1]]
-    return f"{message} {skipped_warning(skipped, root)}" if skipped else message
+    skipped = [bad for folder in folders for bad in scan_images(folder)[1]
+               if relative_name(bad[0], root) not in message]
+    return f"{message} Also: {describe_skipped(skipped, root)}." if skipped else message
 
 
 def _relative(path: Path, root: Path) -> str:
