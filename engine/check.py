@@ -125,6 +125,7 @@ class DatasetReport:
     max_tokens: int = 0
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    plan_source: str = ""  # whose steps/epochs/batch size the plan uses, when not the config's own
 
     @property
     def image_count(self) -> int:
@@ -183,7 +184,8 @@ class DatasetReport:
         s = self.steps
         lines.append(f"Plan: {s['samples_per_epoch']} samples per epoch -> {s['batches_per_epoch']} batches of "
                      f"{s['batch_size']} -> {s['steps_per_epoch']} steps per epoch x {s['epochs']} epochs = "
-                     f"{s['total_steps']} steps ({s['image_views']:,} image views)")
+                     f"{s['total_steps']} steps ({s['image_views']:,} image views)"
+                     + (f", with {self.plan_source}" if self.plan_source else ""))
         views = s["image_views"]
         lines.append(f"Recommendation: {self.recommendation}. This plan's {views:,} image views are "
                      f"{views_verdict(self.image_count, views)}.")

@@ -17,6 +17,7 @@ from ..errors import UserError
 
 _BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f]')
 EXAMPLE = "a plain name like 'my_style' or a subfolder like 'styles/my_style'"
+FOLDER = "the LoRA folder (ComfyUI's models/loras; the command line's output_dir)"
 
 
 def check_name(name: str) -> PurePosixPath:
@@ -28,10 +29,10 @@ def check_name(name: str) -> PurePosixPath:
         raise UserError(f"the LoRA name is empty; use {EXAMPLE}.")
     if re.match(r"^[a-zA-Z]:", text) or text.startswith(("/", "\\", "~")):
         raise UserError(f"the LoRA name '{name}' is an absolute path; files are always written into "
-                        f"the LoRA folder (ComfyUI's models/loras, the run's output folder), so use {EXAMPLE}.")
+                        f"{FOLDER}, so use {EXAMPLE}.")
     path = PurePosixPath(text.replace("\\", "/"))
     if any(part in ("..", ".") for part in path.parts):
-        raise UserError(f"the LoRA name '{name}' contains '..' or '.', which could leave the LoRA folder; "
+        raise UserError(f"the LoRA name '{name}' contains '..' or '.', which could leave {FOLDER}; "
                         f"use {EXAMPLE}.")
     if _BAD_CHARS.search(text) or any(p != p.strip() or p.endswith(".") for p in path.parts):
         raise UserError(f"the LoRA name '{name}' has characters that are not allowed in file names "
