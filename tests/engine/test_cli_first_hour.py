@@ -144,3 +144,14 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert "stopped at step 2; checkpoint kept in " in out
     assert "--set resume_from_checkpoint=latest" in out
+
+
+def test_each_warning_is_shown_once_per_run(tmp_path):
+    data = pattern_dataset(tmp_path / "data", n=2)
+    (data / "img1.txt").unlink()  # "1 image(s) have no caption"
+    run = subprocess.run([sys.executable, "-m", "engine", "train", "--set", f"base_model={DEMO_MODEL_FILE}",
+                          "--set", f"train_data_dir={data}", "--set", f"output_dir={tmp_path / 'out'}",
+                          "--set", "max_train_steps=1", "--set", "resolution=64"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (run.stdout + run.stderr).count("have no caption") == 1, run.stdout + run.stderr
