@@ -4,23 +4,14 @@ import pytest
 from safetensors.torch import save_file
 
 from engine.__main__ import main
-from engine.models import tiny_sd1
 
-from train_fixtures import pattern_dataset
+from train_fixtures import pattern_dataset, tiny_diffusers_folder
 
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     """The tiny SD1 model saved as a diffusers folder, under a path with a space and Chinese characters."""
-    from diffusers import StableDiffusionPipeline
-
-    model = tiny_sd1(seed=3)
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
-                                   unet=model.unet, scheduler=model._sampling_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    folder = tmp_path_factory.mktemp("models") / "小模型 tiny"
-    pipe.save_pretrained(str(folder))
-    return folder
+    return tiny_diffusers_folder(tmp_path_factory.mktemp("models") / "小模型 tiny")
 
 
 def _config(tmp_path, text):

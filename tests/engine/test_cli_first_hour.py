@@ -1,5 +1,6 @@
 """The command line in a new user's first hour: the demo model as base_model, inspect on anything,
-xformers asked for, a second run with the same name, a Python without the packages, Ctrl-C."""
+xformers asked for, a second run with the same name, a Python without the packages, each warning once.
+(Ctrl-C: tests/engine/test_train_options.py.)"""
 
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from engine.__main__ import main
 from engine.errors import UserError
 from engine.models.demo_model import DEMO_MODEL_FILE
 
-from train_fixtures import pattern_dataset
+from train_fixtures import pattern_dataset, tiny_diffusers_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,17 +85,7 @@ def test_xformers_missing_is_one_clear_line(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def diffusers_folder(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-
-    from engine.models import tiny_sd1
-
-    model = tiny_sd1(seed=3)
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
-                                   unet=model.unet, scheduler=model._sampling_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    folder = tmp_path_factory.mktemp("models") / "tiny sd1"
-    pipe.save_pretrained(str(folder))
-    return folder
+    return tiny_diffusers_folder(tmp_path_factory.mktemp("models") / "tiny sd1")
 
 
 def test_inspect_says_what_a_model_is(diffusers_folder, capsys):
@@ -127,23 +118,6 @@ def test_missing_packages_name_what_to_install():
     assert run.returncode == 2, run.stderr
     assert "needs the package pyyaml" in run.stderr and "pip install -r requirements.txt" in run.stderr
     assert "Traceback" not in run.stderr
-
-
-def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path, monkeypatch, capsys):
-    import engine.progress as progress
-
-    original = progress.ConsoleProgress.on_event
-
-    def interrupt_at_step_2(self, event):
-        original(self, event)
-        if event.kind == "step" and event.step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(progress.ConsoleProgress, "on_event", interrupt_at_step_2)
-    assert _train(tmp_path, "--set", "max_train_steps=4") == 130
-    out = capsys.readouterr().out
-    assert "stopped at step 2; checkpoint kept in " in out
-    assert "--set resume_from_checkpoint=latest" in out
 
 
 def test_each_warning_is_shown_once_per_run(tmp_path):
