@@ -149,6 +149,12 @@ class TrainConfig:
                         "(kohya's --fp8_base). Only for a base_model the engine loads itself (the command "
                         "line): a host's model is never converted (in ComfyUI, a UNet loaded in fp8 by Load Diffusion Model trains as it "
                         "is). Needs mixed_precision bf16 or fp16.", aliases=("fp8_base_unet",))
+    fp8_compute: bool = _f(False, "Run the frozen UNet's large Linear layers (attention, feed-forward, projections) on fp8 "
+                           "tensor cores, forward and input gradient, with row-wise scales; LoRA, convolutions and "
+                           "attention stay bf16. Needs a GPU with fp8 tensor cores (compute capability 8.9+: RTX 40xx, "
+                           "L40S, H100) and mixed_precision bf16. Uses the weights' own fp8 storage where they have "
+                           "one (fp8_base, ComfyUI's fp8_e4m3fn); otherwise holds an fp8 copy for the run (1 byte "
+                           "per weight: SD1.5 0.25 GiB, SDXL 2.1 GiB). Not yet measured on a GPU (issue 23).")
     cuda_graph: bool = _f(True, "Replay each training step as one CUDA graph (CUDA, bf16/fp32, AdamW, no "
                           "gradient accumulation; otherwise the plain step runs). Removes the per-step "
                           "Python and launch overhead: 2-8x faster on an H100 (bench/RESULTS.md), for "

@@ -35,6 +35,7 @@ from .lora.network import LoRANetwork
 from .lora.targets import build_network
 from .loss import add_noise, diffusion_loss
 from .model import TrainableModel
+from .models.fp8_compute import fp8_compute
 from .models.geglu import lean_geglu
 from .optim import build_optimizer, build_scheduler, param_groups
 from .run_inputs import load_inputs
@@ -143,8 +144,10 @@ class Trainer:
 
             self.events.add(TensorBoardLogger(tensorboard_dir(cfg, self.out)))
         # a compiled step fuses GEGLU itself (and decides what to keep): the lean one is for eager steps
-        denoiser = None if cfg.torch_compile else model.trainable_roots()[0]
-        with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder), lean_geglu(denoiser):
+        root = model.trainable_roots()[0]
+        denoiser = None if cfg.torch_compile else root
+        with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder), lean_geglu(denoiser), \
+                fp8_compute(root, cfg.fp8_compute, self.device, self.precision, self._say):
             with torch.random.fork_rng(devices=[]):  # the host's own random state is left alone
                 torch.manual_seed(cfg.seed)  # the LoRA's initial weights: the same for a seed, on every process
                 network = self._init_network()
@@ -175,6 +178,9 @@ class Trainer:
                     self.parking.unpark()
                 network.detach()
                 self._release()
+
+    def _say(self, message: str) -> None:
+        self.events.emit("info", message=message)
 
     def _summary(self) -> str:
         info, d = self.model.info, self.data
