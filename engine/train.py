@@ -28,6 +28,7 @@ from .events import Callbacks
 from .encoder_parking import EncoderParking
 from .data.prefetch import Prefetch
 from .fast_step import FastStep, host_lrs, unsupported_reason
+from .lora.change_check import ChangeCheck
 from .lora.kohya_io import read_lora, save_lora, to_network_keys
 from .lora.metadata import build_metadata
 from .lora.network import LoRANetwork
@@ -139,9 +140,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / f"{cfg.output_name}.config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         if cfg.log_with == "tensorboard" and self.dist.is_main:
-            from .tensorboard_log import TensorBoardLogger
+            from .tensorboard_log import TensorBoardLogger, tensorboard_dir
 
-            self.events.add(TensorBoardLogger(self.out / "logs"))
+            self.events.add(TensorBoardLogger(tensorboard_dir(cfg, self.out)))
         # a compiled step fuses GEGLU itself (and decides what to keep): the lean one is for eager steps
         root = model.trainable_roots()[0]
         denoiser = None if cfg.torch_compile else root
@@ -158,6 +159,7 @@ class Trainer:
                 self.data.prepare_cache(model, progress=self._cache_progress)
                 self._setup_optimization(network)
                 self._maybe_resume(network)
+                self.change_check = ChangeCheck(network, self.position.step)  # warns at the end if nothing learned
                 self._setup_fast_step()
                 self.parking = EncoderParking.start(model, self.data, self.device, cfg.train_text_encoder)
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
@@ -439,6 +441,9 @@ class Trainer:
             return TrainResult(lora_path=None, tensors=tensors, metadata={}, steps=self.position.step,
                                losses=self.losses, output_dir=self.out, warnings=self.warnings)
         path, tensors, metadata = self._write_lora(self.out / f"{self.cfg.output_name}.safetensors")
+        if (unchanged := self.change_check.warning(self.network, self.position.step)) is not None:
+            self.warnings.append(unchanged)
+            self.events.emit("info", message=unchanged)
         from .plot import loss_plot
 
         loss_plot(self.losses, title=f"{self.cfg.output_name}: loss per step").save(self.out / "loss.png")
@@ -469,8 +474,8 @@ class Trainer:
             if isinstance(exc, TrainingStopped):
                 exc.checkpoint = str(folder) if folder else None
             self.events.emit("stopped", step=self.position.step, path=str(folder) if folder else None,
-                             message=f"stopped at step {self.position.step}; resume with "
-                                     f"resume_from_checkpoint: latest" if folder else "stopped before the first step")
+                             message=f"stopped at step {self.position.step}; checkpoint kept in {folder}" if folder
+                             else "stopped before the first step")  # each host adds how to resume there
         else:
             self.events.emit("error", step=self.position.step, message=str(exc),
                              path=str(folder) if folder else None)

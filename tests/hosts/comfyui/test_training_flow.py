@@ -79,6 +79,14 @@ def test_training_writes_a_kohya_lora_into_models_loras(comfy_server, style_run)
     assert "<lora:style_test:0.8>" in text and "tests/style_test.safetensors" in text
     checkpoints = comfy_server.path("output", "lora_trainer", "style_test")
     assert os.path.isfile(os.path.join(checkpoints, "style_test.safetensors"))
+    with open(os.path.join(checkpoints, "style_test.config.yaml"), encoding="utf-8") as f:
+        assert "sample_steps: 2\n" in f.read(), "the node's preview_steps did not reach the previews"
+
+
+def test_the_dataset_report_plans_the_trainers_steps(style_run):
+    report = ui_text(style_run["entry"], one(style_run["graph"], "InplaceLoRA_LoadDataset"))
+    plan = next(line for line in report.splitlines() if line.startswith("Plan:"))
+    assert "= 2 steps" in plan and "set on the LoRA Trainer" in plan, plan
 
 
 def test_loss_and_preview_reach_the_node_and_survive_a_reload(comfy_server, style_run):
@@ -184,6 +192,8 @@ def test_cancel_stops_within_two_steps_and_keeps_a_checkpoint(comfy_server, canc
     assert cancelled["step_at_cancel"] <= steps[-1] <= cancelled["step_at_cancel"] + 2
     info = comfy_server.get_json(f"/inplace_lora/history?node={cancelled['trainer']}")
     assert info["status"] == "stopped"
+    assert "switch on `resume` on the LoRA Trainer node" in info["message"], info["message"]
+    assert "resume_from_checkpoint" not in info["message"], info["message"]
 
 
 def test_host_model_unchanged_after_cancel(cancelled, fingerprint):
@@ -201,7 +211,8 @@ def test_resume_continues_from_the_checkpoint_and_a_finished_run_leaves_the_host
     text = ui_text(entry, cancelled["trainer"])
     assert "resumed from" in text and f"{done + 1} steps" in text, text
     info = comfy_server.get_json(f"/inplace_lora/history?node={cancelled['trainer']}")
-    assert [p[0] for p in info["points"]] == [done + 1]
+    assert [p[0] for p in info["points"]] == list(range(1, done + 2)), "the chart lost the steps before the resume"
+    assert info["resumed_at"] == done
 
 
 def test_a_run_that_fails_inside_training_leaves_the_host_unchanged(comfy_server, cancelled, fingerprint):
