@@ -194,8 +194,6 @@ class TrainJob:
     def _train(self) -> None:
         from engine.train import train
 
-        from .adapter import A1111Model
-
         plan = self.plan
         sd_model = host.loaded_model()
         reason = host.refusal(sd_model, train_text_encoder=plan.cfg.train_text_encoder)
@@ -205,7 +203,7 @@ class TrainJob:
         merged = host.unmerge_builtin_loras(sd_model)
         if merged:
             self.note(f"un-merged the LoRA(s) of the last generation before training: {', '.join(merged)}")
-        model = A1111Model(sd_model, clip_skip=plan.cfg.clip_skip)
+        model = host.trainable_model(sd_model, clip_skip=plan.cfg.clip_skip)
         result = train(plan.cfg, model, callbacks=[self])
         self.output_dir = result.output_dir
         self.status = "saving"
@@ -281,8 +279,6 @@ class JobManager:
         self._lock = threading.Lock()
 
     def start(self, request: dict, *, background: bool = True) -> TrainJob:
-        if host.is_forge():
-            raise ModelError(host.FORGE_MESSAGE)
         with self._lock:
             if self.job is not None and self.job.running:
                 raise JobBusy(f"a LoRA is already training ({self.job.plan.name}, step {self.job.step}/"
