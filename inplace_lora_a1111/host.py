@@ -167,9 +167,13 @@ def unmerge_builtin_loras(sd_model) -> list[str]:
 
 
 def refresh_lora_list() -> bool:
-    """Re-scan the Lora folder so the new file shows as a card (and in /sdapi/v1/loras)."""
-    networks = _networks()
-    if networks is None:
+    """Re-scan the Lora folder so the new file shows as a card (and in /sdapi/v1/loras); Forge's
+    sd_forge_lora has the same function in its own `networks` module."""
+    try:
+        import networks
+    except ImportError:
+        return False
+    if not hasattr(networks, "list_available_networks"):
         return False
     networks.list_available_networks()
     return True

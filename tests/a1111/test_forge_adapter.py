@@ -171,3 +171,26 @@ def test_a_partly_loaded_unet_is_refused_before_any_weight_is_touched(forge, web
         with model.session(False, False):
             pass
     assert same(snapshot(sd), before)
+
+
+def test_the_tabs_job_trains_on_forge_and_publishes_the_lora(forge, webui, dataset):
+    from fake_webui import quick_request
+    from inplace_lora_a1111 import api
+    from inplace_lora_a1111.job import JobManager
+
+    lineage, fork = forge
+    sd = forge_model(webui, "sd1", lineage)
+    fork.networks.load_networks(["last_one"])  # the user's last generation had a LoRA
+    before = snapshot(sd)
+    manager = JobManager()
+    code, body = api.handle_train(quick_request(dataset, train_text_encoder=True, max_train_steps=2), manager)
+    assert code == 200, body
+    manager.job.thread.join(300)
+    status = manager.status()
+    assert status["status"] == "done" and status["error"] is None, status
+    assert status["lora_file"] == webui.shared.cmd_opts.lora_dir + "/tiny.safetensors"
+    assert status["card_preview"].endswith("tiny.preview.png")
+    assert any("un-merged the LoRA(s) of the last generation" in m and "last_one" in m for m in status["messages"])
+    assert webui.processing.prompts[-1] == "stripes 0, (pattern) <lora:tiny:0.8>"
+    assert fork.networks.refreshed[0] >= 1 and sd.current_lora_hash == "[]"
+    assert same(snapshot(sd), before)
