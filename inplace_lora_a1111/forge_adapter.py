@@ -71,7 +71,9 @@ class ForgeModel(TrainableModel):
         family = forge_host.family(sd_model)
         if family is None:
             raise ModelError(forge_host.refusal(sd_model, train_text_encoder=False) or "unsupported model")
-        objects = sd_model.forge_objects
+        objects = getattr(sd_model, "forge_objects", None)
+        if objects is None:
+            raise ModelError(f"no checkpoint is loaded in {self.fork.name}; pick one at the top of the page.")
         self.base = objects.unet.model
         self.unet = self.base.diffusion_model
         self._sigmas = sigmas_of(self.base)
@@ -190,6 +192,8 @@ class ForgeModel(TrainableModel):
         return torch.cat([cond["pooled"].float().to(self.device), emb.to(self.device)], dim=1)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if self._moved_away():  # encoding or a preview made the fork's manager offload the UNet
+            forge_host.load_for_training(self.sd, with_text_encoder=False)
         x = noisy.to(self.device, self.dtype)
         context = cond["context"].to(self.device, self.dtype)
         kwargs = {}
@@ -197,6 +201,10 @@ class ForgeModel(TrainableModel):
             kwargs["y"] = self._sdxl_y(cond, x.shape[0], x.shape[-2] * 8, x.shape[-1] * 8).to(self.dtype)
         return self.unet(x, timesteps.to(self.device).float(), context=context, control=None,
                          transformer_options={}, **kwargs)
+
+    def _moved_away(self) -> bool:
+        weight = next(self.unet.parameters(), None)
+        return weight is not None and weight.device.type != self.device.type
 
     # --- lifetime -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -223,15 +231,14 @@ class ForgeModel(TrainableModel):
     # --- previews -----------------------------------------------------------------------------------------
     def sample(self, prompts: list[str], *, seed: int, steps: int, cfg: float, width: int, height: int,
                negative: str = "") -> list:
-        """Previews through the fork's own txt2img with the LoRA hooks as attached; afterwards the
-        models are loaded back whole, in case sampling moved any of them."""
+        """Previews through the fork's own txt2img with the LoRA hooks as attached (if sampling makes
+        the fork offload the UNet, the next `predict` loads it back)."""
         from .previews import txt2img
 
         images = []
         for prompt in prompts:
             images += txt2img(prompt, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
                               height=height)[0]
-        forge_host.load_for_training(self.sd, with_text_encoder=False)
         return images
 
 

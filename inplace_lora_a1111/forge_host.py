@@ -98,7 +98,7 @@ def refusal(sd_model, *, train_text_encoder: bool) -> str | None:
     which = fork()
     objects = getattr(sd_model, "forge_objects", None)
     if objects is None or getattr(objects, "unet", None) is None:
-        return f"no checkpoint is loaded in {which.name} yet; pick one at the top of the page and try again."
+        return None  # not loaded yet (Forge loads lazily): the job loads it and asks again
     kind = family(sd_model)
     if kind is None or getattr(sd_model, "is_sd3", False):
         return (f"{which.name} has a {type(sd_model).__name__} model loaded; in-place training supports SD1.x, "
