@@ -265,6 +265,16 @@ def install(monkeypatch, webui, lineage: str = "backend", version: str = "2.0.1v
     if lineage == "ldm_patched":
         mods["ldm_patched"].modules = mods["ldm_patched.modules"]
     mods["networks"] = make_forge_networks(webui)
+    if lineage == "ldm_patched":  # reForge reads p.scripts.alwayson_scripts in process_images, unguarded
+        mods["modules.scripts"] = _module("modules.scripts", ScriptRunner=lambda: SimpleNamespace(alwayson_scripts=[]))
+        monkeypatch.setattr(webui.modules, "scripts", mods["modules.scripts"], raising=False)
+        render = webui.processing.process_images
+
+        def process_images(p):
+            [s for s in p.scripts.alwayson_scripts if s.name == "advanced model sampling for reforge"]
+            return render(p)
+
+        monkeypatch.setattr(webui.processing, "process_images", process_images)
     for key, module in mods.items():
         monkeypatch.setitem(sys.modules, key, module)
     return SimpleNamespace(memory=mm, networks=mods["networks"])
