@@ -92,6 +92,19 @@ def seconds_per_step(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def history_run(data, name: str) -> dict | None:
+    """The node's last run (GET /inplace_lora/history: seconds_per_step to 3 decimals) named `name`."""
+    if isinstance(data, dict):
+        if data.get("name") == name and "seconds_per_step" in data:
+            return data
+        data = list(data.values())
+    for item in data if isinstance(data, list) else []:
+        found = history_run(item, name)
+        if found:
+            return found
+    return None
+
+
 def run_mode(srv, wf, python: str, root: str, family: str, mode: str, ckpt: Path, work: Path, steps: int) -> dict:
     size = FAMILIES[family]
     out: dict = {"family": family, "mode": mode, "args": MODES[mode]}
@@ -126,12 +139,11 @@ def run_mode(srv, wf, python: str, root: str, family: str, mode: str, ckpt: Path
         out["train_seconds"] = round(time.monotonic() - t0, 1)
         out["trained"], out["train_error"] = ok, error
         if ok:
-            status = wf.ui_text(entry, wf.one(g, "InplaceLoRA_Trainer"))
+            trainer = wf.one(g, "InplaceLoRA_Trainer")
+            status = wf.ui_text(entry, trainer)
             out["status_line"] = status
-            out["seconds_per_step"] = seconds_per_step(status)
-            history = server.get_json("/inplace_lora/history")
-            runs = history.get("runs", history) if isinstance(history, dict) else history
-            out["history"] = runs
+            run_info = history_run(server.get_json(f"/inplace_lora/history?node={trainer}"), f"{family}_{mode}")
+            out["seconds_per_step"] = (run_info or {}).get("seconds_per_step") or seconds_per_step(status)
             out["cuda_graphed"] = "not CUDA-graphed" not in status
         out["host_unchanged"] = fingerprint() == before
         entry, ok, error = run(txt2img_graph(wf, name, size))
