@@ -13,26 +13,23 @@ import torch
 
 
 def fingerprint(root):
-    values, flags = hashlib.sha1(), []
+    values, flags = hashlib.sha1(), hashlib.sha1()
     hooks = forwards = tensors = 0
     dtypes = collections.Counter(str(p.dtype) for p in root.parameters())
     for name, mod in root.named_modules():
         hooks += len(mod._forward_hooks) + len(mod._forward_pre_hooks) + len(mod._backward_hooks)
         forwards += "forward" in mod.__dict__
-        flags.append(f"{name}:{mod.training}")
+        flags.update(f"{name}:{mod.training};".encode())
         for kind, table in (("p", mod._parameters), ("b", mod._buffers)):
             for key, t in table.items():
                 if t is None:
                     continue
                 tensors += 1
-                flags.append(f"{name}.{key}:{kind}:{t.requires_grad}:{t.is_inference()}:{t.dtype}:{t.device}")
+                flags.update(f"{name}.{key}:{kind}:{t.requires_grad}:{t.is_inference()}:{t.dtype}:{t.device};".encode())
                 values.update(f"{name}.{key}".encode())
                 data = t.detach().to("cpu").contiguous().reshape(-1)
                 values.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    # flags compared as a set: on ComfyUI 0.8, after text-encoder training and LoRA sampling, the CLIP's
-    # tensors came back with the same flags but in another order (checked entry by entry); order is no flag
-    flags_hash = hashlib.sha1(";".join(sorted(flags)).encode()).hexdigest()
-    return {"values": values.hexdigest(), "flags": flags_hash, "hooks": hooks, "forwards": forwards,
+    return {"values": values.hexdigest(), "flags": flags.hexdigest(), "hooks": hooks, "forwards": forwards,
             "tensors": tensors, "dtypes": dict(dtypes)}
 
 
