@@ -233,13 +233,10 @@ class ForgeModel(TrainableModel):
                negative: str = "") -> list:
         """Previews through the fork's own txt2img with the LoRA hooks as attached (if sampling makes
         the fork offload the UNet, the next `predict` loads it back)."""
-        from .previews import txt2img
+        from .previews import txt2img_images
 
-        images = []
-        for prompt in prompts:
-            images += txt2img(prompt, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
-                              height=height)[0]
-        return images
+        return txt2img_images(prompts, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
+                              height=height)
 
 
 @contextlib.contextmanager

@@ -81,6 +81,14 @@ def txt2img(prompt: str, *, negative: str = "", seed: int = 1234, steps: int = 2
     return images, list(result.infotexts or [])
 
 
+def txt2img_images(prompts: list[str], **settings) -> list:
+    """The images of one txt2img per prompt (what the adapters' in-training previews render)."""
+    images = []
+    for prompt in prompts:
+        images += txt2img(prompt, **settings)[0]
+    return images
+
+
 def _no_scripts():
     """An empty script runner: no always-on script (ControlNet, ADetailer...) runs on a preview, and
     hosts that read `p.scripts.alwayson_scripts` unguarded (reForge) get an empty list, not None."""
