@@ -208,8 +208,6 @@ class TrainJob:
     def _train(self) -> None:
         from engine.train import train
 
-        from .adapter import A1111Model
-
         plan = self.plan
         sd_model = host.loaded_model()
         reason = host.refusal(sd_model, train_text_encoder=plan.cfg.train_text_encoder)
@@ -219,7 +217,7 @@ class TrainJob:
         merged = host.unmerge_builtin_loras(sd_model)
         if merged:
             self.note(f"un-merged the LoRA(s) of the last generation before training: {', '.join(merged)}")
-        model = A1111Model(sd_model, clip_skip=plan.cfg.clip_skip)
+        model = host.trainable_model(sd_model, clip_skip=plan.cfg.clip_skip)
         self.preview_size = plan.cfg.resolution_wh(model.info.resolution)
         result = train(plan.cfg, model, callbacks=[self])
         self.output_dir = result.output_dir
@@ -314,8 +312,6 @@ class JobManager:
         self._lock = threading.Lock()
 
     def start(self, request: dict, *, background: bool = True, controls: Controls = API) -> TrainJob:
-        if host.is_forge():
-            raise ModelError(host.FORGE_MESSAGE)
         with self._lock:
             if self.job is not None and self.job.running:
                 raise JobBusy(f"a LoRA is already training ({self.job.plan.name}, step {self.job.step}/"

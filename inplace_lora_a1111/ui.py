@@ -3,13 +3,13 @@
 Only idioms that Gradio 3.41 (A1111 1.10) and Gradio 4 (Forge) share: Blocks/Row/Column/Accordion,
 plain components, `gr.update`, generator callbacks for live progress (the WebUI's queue is on), a
 PIL image for the loss chart, and `Blocks.load` (as A1111's own Extensions tab uses it) so that a
-reloaded page reattaches to a running job by itself. On Forge the tab holds one line saying why
-training is not offered.
+reloaded page reattaches to a running job by itself. The same tab serves Forge and its forks
+(forge_adapter.py trains there).
 """
 
 from __future__ import annotations
 
-from . import host, tab
+from . import tab
 
 ELEM = "inplace_lora"
 
@@ -31,9 +31,6 @@ def build_tab():
     import gradio as gr
 
     with gr.Blocks(analytics_enabled=False) as block:
-        if host.is_forge():
-            gr.Markdown(host.FORGE_MESSAGE, elem_id=f"{ELEM}_forge")
-            return block
         with gr.Row():
             with gr.Column(scale=3):
                 folder = gr.Textbox(label="Dataset folder (images with .txt captions)", elem_id=f"{ELEM}_folder",

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import fake_forge
+from fake_forge import forge_model
 from fake_models import FakeSD1
 from fake_webui import install_safe_loading, load_model, quick_request, stop_training_at
 from inplace_lora_a1111 import api
@@ -153,9 +155,10 @@ def test_refused_setups_say_why(webui, sd1, dataset, monkeypatch):
     code, body = api.handle_train(quick_request(dataset), JobManager())
     assert code == 400 and "--lowvram" in body["error"]
     webui.shared.cmd_opts.lowvram = False
-    sd1.forge_objects = object()
+    fake_forge.install(monkeypatch, webui, "backend")
+    forge_model(webui, "sd1").is_sd1 = False  # what Forge loads for Flux
     code, body = api.handle_train(quick_request(dataset), JobManager())
-    assert code == 400 and "Forge" in body["error"] and "inference" in body["error"]
+    assert code == 400 and "Forge has a" in body["error"] and "Flux" in body["error"]
 
 
 def test_routes_are_registered_and_answer_json(webui, sd1, dataset, monkeypatch):

@@ -1,5 +1,5 @@
 """The tab: its callbacks (form -> request, live progress, stop, resume, captions, presets), its layout
-and wiring under a recording fake Gradio, the scripts/ entry file, and the one-line refusal on Forge."""
+and wiring under a recording fake Gradio, the scripts/ entry file, and the same tab on Forge."""
 
 import importlib.machinery
 import runpy
@@ -184,13 +184,15 @@ def test_tab_layout_and_wiring(webui, monkeypatch):
     assert [k.kwargs["label"] for k in knobs] == [k.label for k in tab.KNOBS]
 
 
-def test_forge_gets_one_line_instead_of_a_broken_tab(webui, monkeypatch):
+def test_forge_gets_the_same_tab(webui, monkeypatch):
+    a1111, _ = _build(monkeypatch)
     forge = types.ModuleType("modules_forge")
     forge.__spec__ = importlib.machinery.ModuleSpec("modules_forge", None)
     monkeypatch.setitem(sys.modules, "modules_forge", forge)
     gr, _ = _build(monkeypatch)
-    assert [c.kind for c in gr.created] == ["Markdown"] and gr.events == []
-    assert "Forge" in gr.created[0].kwargs["value"]
+    assert [c.kind for c in gr.created] == [c.kind for c in a1111.created]
+    assert [getattr(e["fn"], "__qualname__", None) for e in gr.events] == [
+        getattr(e["fn"], "__qualname__", None) for e in a1111.events]
 
 
 def test_scripts_file_registers_a_tab_and_routes(webui):
