@@ -129,8 +129,8 @@ def test_loss_chart_keeps_its_own_size_and_title_in_view(webui, monkeypatch):
 
 
 def test_matplotlib_chart_where_the_webui_has_it():
-    """A1111's requirements bring matplotlib (this CI venv has none: the Pillow chart above runs here)."""
-    pytest.importorskip("matplotlib")
+    """A1111 and Forge ship matplotlib, so the tab draws its chart with it (tests/requirements.txt has it)."""
+    import matplotlib  # noqa: F401  (tests/requirements.txt: the WebUIs ship it, so the tab draws with it)
     from inplace_lora_a1111.lossplot import _matplotlib_chart
 
     chart = _matplotlib_chart([5, 6], [1.57, 1.31])

@@ -46,7 +46,8 @@ def _norm(name: str) -> str:
 
 
 class ForkLaunch(types.ModuleType):
-    """The fork's `launch` module: `is_installed` answers from its packages; `run_pip` records."""
+    """The fork's `launch` module: `is_installed` answers from its packages. install.py runs pip itself
+    (`subprocess.run`), which `pip` records here with the constraints each call was given."""
 
     def __init__(self, packages: dict):
         super().__init__("launch")
@@ -55,9 +56,10 @@ class ForkLaunch(types.ModuleType):
     def is_installed(self, name):
         return _norm(name) in self.packages or {"yaml": "pyyaml", "pil": "pillow"}.get(name.lower()) in self.packages
 
-    def run_pip(self, command, desc=None):
-        self.pip_calls.append(command)
-        self.constraint_texts.append(Path(command.split('-c "')[1].split('"')[0]).read_text(encoding="utf-8"))
+    def pip(self, cmd, check=False, **kwargs):
+        self.pip_calls.append(cmd)
+        self.constraint_texts.append(Path(cmd[cmd.index("-c") + 1]).read_text(encoding="utf-8"))
+        return types.SimpleNamespace(returncode=0, stdout="", stderr="")
 
 
 @pytest.mark.parametrize("fork", FORKS)
@@ -67,6 +69,7 @@ def test_install_on_each_fork_adds_only_what_it_lacks(fork, monkeypatch, tmp_pat
     monkeypatch.setattr(install, "FAILED_FILE", tmp_path / "failed.json")
     monkeypatch.setattr(install, "installed_version", lambda name: launch.packages.get(_norm(name)))
     monkeypatch.setattr(install.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(install.subprocess, "run", launch.pip)
     asked = install.main(launch)
     ours = [install.package_name(r) for r in install.requirement_lines()] + install.OPTIONAL
     assert set(ours) >= {"diffusers", "transformers", "safetensors", "accelerate"}  # the real file was read
