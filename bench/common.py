@@ -19,6 +19,8 @@ WORKLOADS = {
     # family, resolution, latent side, text context width, pooled width
     "sd15": dict(family="sd1", resolution=512, latent=64, context=768, pooled=0),
     "sdxl": dict(family="sdxl", resolution=1024, latent=128, context=2048, pooled=1280),
+    # Flux.1-dev (workload_flux.py): 16 latent channels, T5-XXL 512 tokens (kohya's and diffusers' dev default)
+    "flux1": dict(family="flux1", resolution=1024, latent=128, context=4096, pooled=768, tokens=512),
 }
 RANK, ALPHA = 16, 8.0
 DATASET_IMAGES = 8  # >= the largest batch, so every step draws a full batch

@@ -1,6 +1,6 @@
 """Does torch.compile (inductor) give the LoRA gradients eager PyTorch gives, on this machine?
 
-    python -m bench.compile_check [tiny|sd15|sdxl ...]
+    python -m bench.compile_check [tiny|sd15|sdxl|sd15-fp8|sdxl-fp8 ...]
 
 For each model it attaches rank-16 LoRA on kohya's layers (up weights drawn non-zero, so every
 gradient is), computes one loss's gradients eagerly and through `torch.compile`, and prints per LoRA
@@ -9,7 +9,9 @@ Correct kernels give cosines of 1.0000 in fp32 and above 0.99 in bf16; a wrong k
 near 0 for every layer upstream of it. `tiny` is the CPU tests' model in fp32, `sd15`/`sdxl` the
 benchmark's full-size UNets in bf16 at batch 2. It prints one JSON line per model. Why it exists:
 torch 2.13's CPU inductor returns wrong gradients through diffusers' ResnetBlock2D + Upsample2D
-(cosines near 0), so `torch_compile` runs on CUDA only and is checked there with this.
+(cosines near 0), so `torch_compile` runs on CUDA only and is checked there with this. A `-fp8` name
+runs both with `fp8_compute` on (engine/models/fp8_compute.py): the compiled fp8 step against the
+eager fp8 step.
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ import sys
 
 
 def check(name: str) -> dict:
+    import contextlib
+
     import torch
 
     from engine.config import TrainConfig
     from engine.lora.targets import build_network
+    from engine.models.fp8_compute import fp8_compute
+
+    name, fp8 = name.removesuffix("-fp8"), name.endswith("-fp8")
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "tiny":
@@ -60,12 +67,13 @@ def check(name: str) -> dict:
         fn(x, t, cond).backward()
         return [p.grad.float().flatten().clone() for p in params]
 
-    eager = grads(loss)
-    compiled = grads(torch.compile(loss, dynamic=False))
+    with fp8_compute(model.unet, True, dev, "bf16") if fp8 else contextlib.nullcontext():
+        eager = grads(loss)
+        compiled = grads(torch.compile(loss, dynamic=False))
     cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(eager, compiled)]
     rel = [float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)) for a, b in zip(eager, compiled)]
     net.detach()
-    return {"model": name, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+    return {"model": name + ("-fp8" if fp8 else ""), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": str(dtype), "tensors": len(cos),
             "worst_cosine": round(min(cos), 4), "median_cosine": round(statistics.median(cos), 4),
             "max_relative_difference": round(max(rel), 4)}

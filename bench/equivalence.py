@@ -12,6 +12,18 @@ and test_native_bf16.py checks which path runs (CPU autocast keeps norms in bf16
 curves are equal). With `fp8` the UNet's Linear/Conv2d weights are then stored in fp8 (what
 `fp8_base: true` does) and the default step's curves are compared with the same bf16 references,
 within 5% per step and 2% on the mean (fp8 e4m3 rounds each weight by up to 6%).
+
+    python -m bench.equivalence [sd15|sdxl] [batch] [steps] fp8c [out=DIR]
+
+`fp8c` runs only the fp8_compute check (engine/models/fp8_compute.py; give 100 steps or more): for
+checkpointing off and on, the default bf16 step (CUDA graph) is the reference, `fp8_compute: true`
+the candidate, and the plain bf16 step (no graph) a second bf16 run whose differences to the
+reference are only kernel order: the noise floor. Pass: every step's loss within 5% of the
+reference's and the mean within 2% (fp8_base's bounds), and the final LoRA's effect close to the
+bf16-trained LoRA's: the UNet's output change at strength 1 (LoRA on minus LoRA off, bf16 forward,
+same seeded inputs) with cosine >= 0.95 to the reference's change and relative difference <= 0.35.
+The floor's numbers are printed beside. With `out=DIR` the results go to DIR/equivalence_<model>.json
+and a Markdown table to DIR/equivalence_<model>.md, ready to paste.
 """
 
 from __future__ import annotations
@@ -26,6 +38,10 @@ from .workload import engine_model, image_folder
 
 
 def curve(model, root: Path, batch: int, steps: int, gc: bool, **opts) -> list[float]:
+    return run(model, root, batch, steps, gc, **opts).losses
+
+
+def run(model, root: Path, batch: int, steps: int, gc: bool, **opts):
     from engine.config import TrainConfig
     from engine.train import train
 
@@ -35,7 +51,7 @@ def curve(model, root: Path, batch: int, steps: int, gc: bool, **opts) -> list[f
                       max_train_steps=steps, lora_rank=RANK, lora_alpha=ALPHA, mixed_precision="bf16",
                       gradient_checkpointing=gc, save_every_n_epochs=0, seed=SEED,
                       learning_rate=1e-3, device="cuda", **opts)
-    return train(cfg, model).losses
+    return train(cfg, model)
 
 
 VARIANTS = {"plain native": dict(cuda_graph=False, autocast="auto"),
@@ -61,6 +77,11 @@ def main(argv=None) -> int:
     steps = int(argv[2]) if len(argv) > 2 else 12
     root = Path(tempfile.mkdtemp(prefix="bench_eq_"))
     model = engine_model(name)
+    if "fp8c" in argv[3:]:
+        from .equivalence_fp8c import fp8c_main
+
+        out_dir = next((a[len("out="):] for a in argv[3:] if a.startswith("out=")), None)
+        return fp8c_main(model, name, root, batch, steps, out_dir)
     out = {}
     ok = True
     refs = {}

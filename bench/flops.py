@@ -49,13 +49,37 @@ def count(model: str, batch: int = 1) -> float:
     return counter.get_total_flops() / batch
 
 
+def count_flux(model: str) -> float:
+    """Flux has no engine model yet: its model FLOPs counted from the layer shapes the way
+    flop_counter counts a step (forward 2 per MAC; backward: input gradients of the frozen Linears,
+    both attention products' gradients, input and weight gradients of the LoRAs on kohya's 304 layers)."""
+    from engine.models.flux_tiny import FLUX1_DEV, flux_linear_shapes
+
+    w = WORKLOADS[model]
+    img, txt = (w["resolution"] // 16) ** 2, w["tokens"]
+    tokens = {"img_in": img, "txt_in": txt, "final_layer.linear": img}
+    lin = lora = 0
+    for name, (o, i) in flux_linear_shapes(FLUX1_DEV).items():
+        if name.startswith("double_blocks"):
+            n = 1 if "_mod." in name else (img if ".img_" in name else txt)
+        elif name.startswith("single_blocks"):
+            n = 1 if ".modulation." in name else img + txt
+        else:
+            n = tokens.get(name, 1)
+        lin += n * o * i
+        if "_blocks." in name:
+            lora += n * RANK * (o + i)
+    attn = (FLUX1_DEV.depth + FLUX1_DEV.depth_single) * 2 * (img + txt) ** 2 * FLUX1_DEV.hidden
+    return 2 * (lin + attn + lora) + 2 * lin + 4 * attn + 4 * lora
+
+
 def flops_per_image(model: str) -> float:
     import torch
 
     key = f"{model}@torch{torch.__version__.split('+')[0]}"
     cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
     if key not in cache:
-        cache[key] = count(model)
+        cache[key] = count_flux(model) if WORKLOADS[model]["family"] == "flux1" else count(model)
         CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
     return cache[key]
 

@@ -2,7 +2,8 @@
 
     python -m bench.kernel_breakdown [sd15|sdxl] [batch] [on|off] [key=value ...]
 
-Runs the engine as `bench.ours` does (extra config keys after the row, e.g. `cuda_graph=false`),
+Runs the engine as `bench.ours` does (extra config keys after the row, e.g. `cuda_graph=false`, or
+`fp8_compute=true` for the fp8 layers; `fp8_base=true` is done here as bench.ours' ours-fp8 does it),
 profiles the steps after the warm-up with torch.profiler (the kernels of CUDA-graph replays included)
 and sums kernel time by kind (matmul, convolution, attention, normalisation, optimizer, the rest:
 elementwise, copies, reductions), with each kind's largest kernels, against the wall time of the
@@ -24,6 +25,8 @@ from .workload import engine_model
 # first match wins: cuDNN's attention kernels (…_sdpa_…_flash_…) before its convolutions, and those
 # (implicit-GEMM, layout transposes) before the matmuls
 KINDS = (("attention", r"flash|fmha|attention|sdpa|mem_eff"),
+         ("fp8 quantise", r"quantize_rows"),  # fp8_compute's Triton kernel (engine/models/fp8_quant.py)
+         ("matmul fp8", r"e4m3|f8f8|float8|fp8|nvjet_qq"),  # fp8_compute's _scaled_mm (cuBLAS or CUTLASS)
          ("convolution", r"conv|fprop|dgrad|wgrad|winograd|implicit_gemm|cudnn"),
          ("matmul", r"gemm|cutlass|nvjet|cublas|xmma|splitk"),
          ("normalisation", r"norm"),
@@ -44,6 +47,10 @@ def main(argv=None) -> int:
     model_name, batch, gc, extra = row_args(sys.argv[1:] if argv is None else argv, batch=8, gc=False)
     warmup, steps = 5, 10
     model = engine_model(model_name)
+    if extra.pop("fp8_base", False):  # the config key is for a base_model the engine loads; this one is built here
+        from engine.models.fp8 import store_in_fp8
+
+        store_in_fp8(model.unet)
     cfg = Config("ours", model_name, batch, gc, steps=steps, warmup=warmup)
     reset_memory()
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])

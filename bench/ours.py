@@ -7,7 +7,10 @@ Tool "ours-eager" is the same with `cuda_graph: false` (the plain step), to show
 "ours-attn" puts LoRA on the attention projections only (`target_modules: attention`, the layers
 diffusers-peft adapts), for a like-for-like comparison with that peer; "ours-autocast" runs every
 forward under autocast (`autocast: always`), as the engine did before bf16 weights ran natively;
-"ours-fp8" keeps the UNet's Linear/Conv2d weights in fp8 (what `fp8_base: true` does); "ours-compile"
+"ours-fp8" keeps the UNet's Linear/Conv2d weights in fp8 (what `fp8_base: true` does); "ours-fp8c" runs
+the transformer Linears on fp8 tensor cores (`fp8_compute: true`, engine/models/fp8_compute.py),
+"ours-fp8c-fp8" does that on the fp8-stored weights of ours-fp8, "ours-fp8c-compile" with
+`torch_compile: true` too; "ours-compile"
 compiles the step with torch.compile (`torch_compile: true`; the compile runs in the warm-up steps);
 "ours-host-geglu" runs each GEGLU's own forward instead of the engine's lean one (engine/models/geglu.py),
 "ours-cast-each" casts each LoRA weight on its own instead of all together (`cast_together` in
@@ -31,7 +34,9 @@ from .workload import engine_model, image_folder
 
 VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules": "attention"},
             "ours-autocast": {"autocast": "always"}, "ours-fp8": {},
-            "ours-compile": {"torch_compile": True}}
+            "ours-compile": {"torch_compile": True}, "ours-fp8c": {"fp8_compute": True},
+            "ours-fp8c-fp8": {"fp8_compute": True}, "ours-fp8c-compile": {"fp8_compute": True, "torch_compile": True}}
+FP8_STORED = ("ours-fp8", "ours-fp8c-fp8")  # tools whose model keeps its weights in fp8 (fp8_base)
 # tools that turn one engine optimisation off (EngineOptions fields), to measure what it buys
 SWITCHED_OFF = {"ours-host-geglu": {"lean_geglu": False}, "ours-copy-up": {"up_in_place": False},
                 "ours-cast-each": {"cast_together": False}}
@@ -45,10 +50,11 @@ def engine_options(tool: str):
 
 
 def build_model(cfg):
-    """The row's model; ours-fp8 stores the UNet's Linear/Conv2d weights in fp8 as `fp8_base: true` does
-    for a base_model the engine loads (the benchmark builds its model, so it converts it here)."""
+    """The row's model; ours-fp8 (and ours-fp8c-fp8) store the UNet's Linear/Conv2d weights in fp8 as
+    `fp8_base: true` does for a base_model the engine loads (the benchmark builds its model, so it
+    converts it here)."""
     model = engine_model(cfg.model)
-    if cfg.tool == "ours-fp8":
+    if cfg.tool in FP8_STORED:
         from engine.models.fp8 import store_in_fp8
 
         store_in_fp8(model.unet)

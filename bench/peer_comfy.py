@@ -71,9 +71,6 @@ def comfy_model(model: str):
 
 
 def run_config(patcher, cfg):
-    _, nodes_train = import_comfy()
-    import torch
-
     w = WORKLOADS[cfg.model]
     n = max(cfg.batch, DATASET_IMAGES)  # one latent alone would take the node's crashing single-LATENT path
     ctx, pooled = random_cond(cfg.model, n, device="cpu")
@@ -86,6 +83,20 @@ def run_config(patcher, cfg):
             extra = {"pooled_output": pooled[i:i + 1], "width": s, "height": s, "target_width": s,
                      "target_height": s, "crop_w": 0, "crop_h": 0}
         positive.append([ctx[i:i + 1], extra])
+
+    clock = train_timed(patcher, [{"samples": latents[i:i + 1]} for i in range(n)], positive, cfg)
+    times = clock.step_times(cfg.warmup)
+    row = finish_row(cfg, times, cfg.batch, notes=[f"UNet batch {cfg.batch * cfg.batch} per step (B*B)"])
+    if row.step_ms:
+        row.notes.append(f"{cfg.batch * cfg.batch / (row.step_ms / 1000):.2f} UNet samples/s")
+    return row
+
+
+def train_timed(patcher, latents: list[dict], positive: list, cfg) -> StepClock:
+    """`TrainLoraNode.execute` as a workflow runs it (inference mode, inputs as lists), each step timed
+    at the node's loss callback."""
+    _, nodes_train = import_comfy()
+    import torch
 
     clock = StepClock()
     original_init, original_sample = nodes_train.TrainSampler.__init__, nodes_train.TrainSampler.sample
@@ -110,18 +121,14 @@ def run_config(patcher, cfg):
     try:
         with torch.inference_mode():  # as ComfyUI runs nodes
             nodes_train.TrainLoraNode.execute(
-                model=[patcher], latents=[{"samples": latents[i:i + 1]} for i in range(n)], positive=[positive],
+                model=[patcher], latents=latents, positive=[positive],
                 batch_size=[cfg.batch], steps=[cfg.warmup + cfg.steps], grad_accumulation_steps=[1],
                 learning_rate=[5e-4], rank=[RANK], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
                 training_dtype=["bf16"], lora_dtype=["bf16"], algorithm=["LoRA"],
                 gradient_checkpointing=[cfg.gradient_checkpointing], existing_lora=["[None]"])
     finally:
         nodes_train.TrainSampler.__init__, nodes_train.TrainSampler.sample = original_init, original_sample
-    times = clock.step_times(cfg.warmup)
-    row = finish_row(cfg, times, cfg.batch, notes=[f"UNet batch {cfg.batch * cfg.batch} per step (B*B)"])
-    if row.step_ms:
-        row.notes.append(f"{cfg.batch * cfg.batch / (row.step_ms / 1000):.2f} UNet samples/s")
-    return row
+    return clock
 
 
 def main(argv=None):

@@ -6,7 +6,10 @@ init_lora_weights="gaussian", target_modules=...)` added with `unet.add_adapter`
 targets the workload's layers, kohya's defaults (attention, feed-forward and proj_in/out of every
 transformer block: the same 192 / 722 modules ours trains); `diffusers-peft-attn` keeps the scripts'
 own `["to_k", "to_q", "to_v", "to_out.0"]` (128 / 560). LoRA parameters upcast to fp32
-(`cast_training_params`), `Accelerator(mixed_precision="bf16")` (autocast), `torch.optim.AdamW` with
+(`cast_training_params`, as ours keeps float32 masters); `diffusers-peft-bf16` is the loop as the
+scripts really run it under `--mixed_precision bf16`: they upcast only for fp16, so the LoRA weights
+stay in the UNet's bf16 and AdamW updates them there (the row's notes give the dtype).
+`Accelerator(mixed_precision="bf16")` (autocast), `torch.optim.AdamW` with
 its defaults, `clip_grad_norm_(1.0)`, `F.mse_loss` on eps, `accelerator.gather(loss).mean().item()`
 every step. The scripts encode images
 with the VAE every step (bf16 for SD1.x, fp32 for SDXL); the cached rows feed latents and text
@@ -23,6 +26,7 @@ from .workload import build_unet, build_vae, random_cond, random_latents
 TARGETS = {  # tool -> PEFT target_modules
     "diffusers-peft": ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
     "diffusers-peft-attn": ["to_k", "to_q", "to_v", "to_out.0"],
+    "diffusers-peft-bf16": ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
 }
 
 
@@ -41,11 +45,13 @@ def run_config(unet, vae, cfg):
     weight_dtype = torch.bfloat16
     targets = TARGETS[cfg.tool]
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets))
-    cast_training_params(unet, dtype=torch.float32)
+    if cfg.tool != "diffusers-peft-bf16":  # the scripts: `if args.mixed_precision == "fp16": cast_training_params(...)`
+        cast_training_params(unet, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     lora_layers = [p for p in unet.parameters() if p.requires_grad]
+    lora_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in lora_layers})
     optimizer = torch.optim.AdamW(lora_layers, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0,
                                  num_training_steps=cfg.warmup + cfg.steps)
@@ -97,7 +103,8 @@ def run_config(unet, vae, cfg):
             optimizer.zero_grad()
     # steps 1..N+W: the first interval starts after step 0 (CUDA/cuBLAS warm-up), warm-up dropped
     row = finish_row(cfg, clock.step_times(cfg.warmup - 1), b,
-                     notes=[f"PEFT on {'/'.join(targets)} ({len(lora_layers) // 2} modules)"])
+                     notes=[f"PEFT on {'/'.join(targets)} ({len(lora_layers) // 2} modules), LoRA weights in "
+                            f"{'/'.join(lora_dtypes)}"])
     accelerator.free_memory()
     return row
 

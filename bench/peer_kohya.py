@@ -84,23 +84,26 @@ def kohya_args(cfg, root: Path, pipe: Path, data: Path) -> list[str]:
 
 
 def run_config(cfg, root: Path, pipe: Path, data: Path):
-    import accelerate
-    import torch
-
-    import transformers
-
-    if not hasattr(transformers, "CLIPFeatureExtractor"):  # renamed in transformers 5; kohya still imports it
-        transformers.CLIPFeatureExtractor = transformers.CLIPImageProcessor
-    sys.path.insert(0, str(kohya_dir()))
     sdxl = WORKLOADS[cfg.model]["family"] == "sdxl"
     if sdxl:
         import sdxl_train_network as script
 
-        trainer_cls = script.SdxlNetworkTrainer
+        trainer = script.SdxlNetworkTrainer
     else:
         import train_network as script
 
-        trainer_cls = script.NetworkTrainer
+        trainer = script.NetworkTrainer
+    clock = train_timed(script, trainer, kohya_args(cfg, root, pipe, data))
+    notes = [] if sdxl or not cfg.cached else ["SD1.x: kohya has no text-encoder output cache; CLIP runs every step"]
+    return finish_row(cfg, clock.step_times(cfg.warmup), cfg.batch, notes=notes)
+
+
+def train_timed(script, trainer, argv: list[str]) -> StepClock:
+    """One kohya training run with kohya's own arguments, timed at each `accelerator.backward` (kohya
+    reads `loss.item()` every step anyway). `script` is the imported `*_train_network` module,
+    `trainer` its trainer class."""
+    import accelerate
+
     from accelerate.state import AcceleratorState
     from library import strategy_base, train_util
 
@@ -111,7 +114,7 @@ def run_config(cfg, root: Path, pipe: Path, data: Path):
             cls._strategy = None
     AcceleratorState._reset_state(reset_partial_state=True)
     parser = script.setup_parser()
-    args = parser.parse_args(kohya_args(cfg, root, pipe, data))
+    args = parser.parse_args(argv)
     train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
 
@@ -128,11 +131,20 @@ def run_config(cfg, root: Path, pipe: Path, data: Path):
 
     accelerate.Accelerator.backward = backward
     try:
-        trainer_cls().train(args)
+        trainer().train(args)
     finally:
         accelerate.Accelerator.backward = original
-    notes = [] if sdxl or not cfg.cached else ["SD1.x: kohya has no text-encoder output cache; CLIP runs every step"]
-    return finish_row(cfg, clock.step_times(cfg.warmup), cfg.batch, notes=notes)
+    return clock
+
+
+def import_kohya() -> None:
+    """kohya's source tree on sys.path, with the one shim transformers 5 needs."""
+    import transformers
+
+    if not hasattr(transformers, "CLIPFeatureExtractor"):  # renamed in transformers 5; kohya still imports it
+        transformers.CLIPFeatureExtractor = transformers.CLIPImageProcessor
+    if str(kohya_dir()) not in sys.path:
+        sys.path.insert(0, str(kohya_dir()))
 
 
 def main(argv=None):
@@ -145,6 +157,7 @@ def main(argv=None):
             data = image_folder(root, cfg.model, subfolder="10_subject").parent
             for stale in data.glob("*.npz"):
                 stale.unlink()
+            import_kohya()
             row = run_config(cfg, root, pipe, data)
         except BaseException as exc:  # noqa: BLE001 - kohya calls sys.exit on bad arguments
             if isinstance(exc, KeyboardInterrupt):

@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-PEERS = ("comfyui-native", "diffusers-peft", "diffusers-peft-attn", "kohya")
+PEERS = ("comfyui-native", "diffusers-peft", "diffusers-peft-bf16", "diffusers-peft-attn", "kohya", "kohya-fp8")
 # peers that train at least the workload's layers (kohya's defaults): the memory target compares with these;
 # diffusers-peft-attn trains fewer (attention only) and is compared with ours-attn instead
-SAME_LAYER_PEERS = ("comfyui-native", "diffusers-peft", "kohya")
+SAME_LAYER_PEERS = ("comfyui-native", "diffusers-peft", "diffusers-peft-bf16", "kohya")
+FP8_COMPUTE_TOOLS = ("ours-fp8c", "ours-fp8c-fp8", "ours-fp8c-compile")  # issue 23's rows
 TOOL_NOTES = {  # our variant tools, in the table's column order, and what each one is
     "ours-eager": "- ours-eager is our engine with `cuda_graph: false` (the plain step): the difference to ours "
                   "is what replaying the step as one CUDA graph buys.",
@@ -22,6 +23,13 @@ TOOL_NOTES = {  # our variant tools, in the table's column order, and what each 
                  "diffusers-peft-attn.",
     "ours-fp8": "- ours-fp8 is our engine with the UNet's Linear/Conv2d weights stored in fp8 (`fp8_base: true`; "
                 "each layer computes in bf16 under autocast): the optional low-memory mode.",
+    "ours-fp8c": "- ours-fp8c is our engine with `fp8_compute: true`: the transformer blocks' Linear layers multiply "
+                 "on fp8 tensor cores (forward and input gradient, row-wise e4m3 scales; an fp8 copy of their bf16 "
+                 "weights is held for the run), LoRA, convolutions and attention in bf16.",
+    "ours-fp8c-fp8": "- ours-fp8c-fp8 is ours-fp8c on the fp8-stored weights of ours-fp8 (`fp8_base: true` too): "
+                     "no fp8 copy, half the weight memory.",
+    "ours-fp8c-compile": "- ours-fp8c-compile is ours-fp8c with `torch_compile: true` (inductor fuses the fp8 "
+                         "quantisation into the ops before it).",
     "ours-compile": "- ours-compile is our engine with `torch_compile: true` (the step compiled by inductor, "
                     "inside the CUDA graph; compiling happens in the warm-up steps, which are not timed).",
     "ours-host-geglu": "- ours-host-geglu is our engine with each GEGLU running the model's own forward instead of "
@@ -40,6 +48,12 @@ TOOL_NOTES = {  # our variant tools, in the table's column order, and what each 
                     "from another run (each row's notes say which).",
     "ours-comfyui-compile": "- ours-comfyui-compile is ours-comfyui with `torch_compile: true` (Dynamo traces "
                             "ComfyUI's own UNet); the ComfyUI-path lines under Targets compare it with ours-compile.",
+}
+PEER_NOTES = {
+    "diffusers-peft-bf16": "- diffusers-peft-bf16 is diffusers' loop as its scripts run under `--mixed_precision "
+                           "bf16`: the LoRA weights stay bf16 (the scripts upcast them to float32 only for fp16), "
+                           "so AdamW updates bf16 weights; diffusers-peft upcasts them, as our engine keeps float32 "
+                           "masters. The speed targets take the fastest of all peers.",
 }
 # SimpleTuner H100, bf16, cached, batch 1, checkpointing: (GiB, what it trained)
 PUBLISHED_GIB = {"sd15": (1.98, "LoRA r16 on to_q/k/v/out.0 with adamw_bf16, which keeps LoRA weights and optimizer states in bf16"),
@@ -66,6 +80,7 @@ def _cell(r) -> str:
             return e.split(":")[0]
         return "failed"
     mfu = f", {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    mfu += f" / {100 * r['mfu_fp8']:.1f}%" if r.get("mfu_fp8") is not None else ""
     return f"{r['images_per_s']:.2f} img/s, {r['peak_gib']:.2f} GiB{mfu}"
 
 
@@ -145,19 +160,60 @@ def targets(rows) -> list[str]:
     return head + lines + [""] + extra
 
 
+def fp8_targets(rows) -> list[str]:
+    """Issue 23: the best fp8_compute variant against the fastest peer (either diffusers variant included)
+    in every row where both ran, and its memory against every peer's."""
+    lines = []
+    for model, batch, gc, cached in workload_keys(rows):
+        ours = [r for r in (_get(rows, t, model, batch, gc, cached) for t in FP8_COMPUTE_TOOLS) if _ok(r)]
+        peers = [p for p in (_get(rows, t, model, batch, gc, cached) for t in PEERS) if _ok(p)]
+        if not ours or not peers:
+            continue
+        best, fast = max(ours, key=lambda r: r["images_per_s"]), max(peers, key=lambda p: p["images_per_s"])
+        low = min(peers, key=lambda p: p["peak_gib"])
+        ratio = best["images_per_s"] / fast["images_per_s"]
+        lines.append(f"| {model} b{batch} gc={'on' if gc else 'off'}{'' if cached else ' uncached'} | {best['tool']} | "
+                     f"{ratio:.2f}x vs {fast['tool']} (need 1.5x) {'✅' if ratio >= 1.5 else '❌'} | "
+                     f"{best['peak_gib']:.2f} vs {low['peak_gib']:.2f} GiB ({low['tool']}) "
+                     f"{'✅' if best['peak_gib'] <= low['peak_gib'] + 1e-9 else '❌'} | "
+                     f"{_pct(best.get('mfu'))} / {_pct(best.get('mfu_fp8'))} |")
+    if not lines:
+        return []
+    return ["", "## Targets (issue 23: fp8_compute)", "",
+            "| row | fastest fp8_compute tool | speed vs the fastest peer | memory vs the lowest peer | "
+            "MFU bf16 / fp8 peak |", "|---|---|---|---|---|"] + lines
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.1f}%" if v is not None else "–"
+
+
+def _fill_fp8_mfu(rows, gpu: dict) -> None:
+    """MFU against the fp8 peak for rows measured before it was recorded (results.json of older runs)."""
+    from .run import DENSE_FP8_TFLOPS, peak_for
+
+    peak = gpu.get("dense_fp8_tflops") or peak_for(gpu.get("name") or "", DENSE_FP8_TFLOPS)
+    for r in rows:
+        if r.get("tflops") and r.get("mfu_fp8") is None and peak:
+            r["mfu_fp8"] = r["tflops"] / peak
+
+
 def write_report(data: dict, folder: Path) -> None:
     rows = _rows(data)
     tools = ["ours"] + [t for t in (*TOOL_NOTES, *PEERS) if any(r["tool"] == t for r in rows)]
     gpu = data.get("gpu", {})
+    _fill_fp8_mfu(rows, gpu)
     out = ["# Benchmark results", "",
-           f"GPU: {gpu.get('name')} (dense bf16 peak {gpu.get('dense_bf16_tflops')} TFLOP/s, driver "
-           f"{gpu.get('driver')}, CUDA {gpu.get('cuda')}). Date: {data.get('date')}.",
+           f"GPU: {gpu.get('name')} (dense bf16 peak {gpu.get('dense_bf16_tflops')} TFLOP/s, dense fp8 peak "
+           f"{gpu.get('dense_fp8_tflops')} TFLOP/s, driver {gpu.get('driver')}, CUDA {gpu.get('cuda')}). "
+           f"Date: {data.get('date')}.",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in (data.get("versions") or {}).items() if v), "",
-           "Each cell: images/s (median of the timed steps, each step synchronised), peak "
+           "Each cell: images/s (median of the timed steps, each step synchronised; with `--repeat` the "
+           "median of the repetitions, listed in the row's notes), peak "
            "`torch.cuda.max_memory_allocated` during training, MFU (model FLOPs from "
-           "`torch.utils.flop_counter`, no recompute, over the dense bf16 peak). Full-size UNets with random "
-           "weights, LoRA rank 16, bf16, cached latents and text unless marked uncached. How each tool is run: "
-           "bench/README.md.", ""]
+           "`torch.utils.flop_counter`, no recompute, over the dense bf16 peak / over the dense fp8 peak). "
+           "Full-size UNets with random weights, LoRA rank 16, bf16, cached latents and text unless marked "
+           "uncached. How each tool is run: bench/README.md.", ""]
     out.append("| model | batch | ckpt | cached | " + " | ".join(tools) + " | " +
                " | ".join(f"ours / {t}" for t in tools[1:]) + " |")
     out.append("|" + "---|" * (4 + 2 * len(tools) - 1))
@@ -181,7 +237,7 @@ def write_report(data: dict, folder: Path) -> None:
             "any layers; the memory target the lowest peer on the same layers or more.",
             "- ComfyUI's node runs the UNet on B*B samples at batch B (see its notes); images/s counts the B "
             "images a step trains on.",
-        ] + [TOOL_NOTES[t] for t in tools if t in TOOL_NOTES] + [
+        ] + [{**TOOL_NOTES, **PEER_NOTES}[t] for t in tools if t in TOOL_NOTES or t in PEER_NOTES] + [
             "- Peak memory includes the resident bf16 UNet (SD1.5 1.60 GiB, SDXL 4.78 GiB). Ours parks the "
             "VAE and text encoders in CPU memory while it trains from caches; peers that keep them on the "
             "GPU would show them in their peak, those fed cached tensors here (diffusers-peft, comfyui-native) "
@@ -192,7 +248,7 @@ def write_report(data: dict, folder: Path) -> None:
             "before training; each ours row's notes give that figure.",
             "- A ratio marked * compares with the ours row timed in the same run as that tool's row (its "
             "notes say which run); unmarked ratios compare with the ours column.",
-            "", "## Targets (issue 5)", ""] + targets(rows)
+            "", "## Targets (issue 5)", ""] + targets(rows) + fp8_targets(rows)
     errors = [r for r in rows if r.get("error")]
     if errors:
         out += ["", "## Rows without a number", ""]

@@ -3,6 +3,7 @@
     python -m bench.run                       # everything, writes bench/results.json and bench/RESULTS.md
     python -m bench.run --tools ours,diffusers-peft --models sd15 --batches 1,8
     python -m bench.run --report-only         # re-render RESULTS.md / results.png from results.json
+    python -m bench.run --tools ours-fp8c,diffusers-peft-bf16 --models sdxl --batches 8 --repeat 3
 
 Rows already in results.json are replaced by the new run's rows with the same key (tool, model,
 batch, checkpointing, cached); others are kept, so a benchmark can be completed in several runs.
@@ -29,19 +30,35 @@ TOOLS = {  # tool -> module that runs its rows
     "ours-attn": "bench.ours",
     "ours-autocast": "bench.ours",
     "ours-fp8": "bench.ours",
+    "ours-fp8c": "bench.ours",
+    "ours-fp8c-fp8": "bench.ours",
+    "ours-fp8c-compile": "bench.ours",
     "ours-compile": "bench.ours",
     "ours-host-geglu": "bench.ours",
     "ours-cast-each": "bench.ours",
     "ours-copy-up": "bench.ours",
     "diffusers-peft": "bench.peer_diffusers",
     "diffusers-peft-attn": "bench.peer_diffusers",
+    "diffusers-peft-bf16": "bench.peer_diffusers",
     "comfyui-native": "bench.peer_comfy",
     "kohya": "bench.peer_kohya",
+    "kohya-fp8": "bench.peer_kohya_flux",
     "ours-comfyui": "bench.ours_comfy",
     "ours-comfyui-compile": "bench.ours_comfy",
 }
+# Flux.1 rows (model flux1) run in the Flux peers; `ours` comes with the Flux family (issue 16)
+FLUX_TOOLS = {"kohya": "bench.peer_kohya_flux", "kohya-fp8": "bench.peer_kohya_flux",
+              "diffusers-peft": "bench.peer_diffusers_flux", "diffusers-peft-bf16": "bench.peer_diffusers_flux",
+              "comfyui-native": "bench.peer_comfy_flux"}
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1,
                      "RTX 4090": 165.2}
+# dense fp8 (e4m3) with float32 accumulation, from NVIDIA's datasheets; GPUs without fp8 tensor cores have none
+DENSE_FP8_TFLOPS = {"H100 PCIe": 1513.0, "H100": 1978.9, "H200": 1978.9, "L40S": 733.0}
+
+
+def peak_for(name: str, table: dict) -> float | None:
+    """The table's figure for the longest key found in the GPU's name ("H100 PCIe" before "H100")."""
+    return next((v for k, v in sorted(table.items(), key=lambda kv: -len(kv[0])) if k in name), None)
 
 
 def row_key(r: dict) -> tuple:
@@ -64,7 +81,8 @@ def plan(tools, models, batches, steps, warmup, uncached_batch, checkpointing=(F
 
 
 def run_group(tool: str, configs: list[dict], timeout: int, log) -> list[dict]:
-    cmd = [sys.executable, "-m", TOOLS[tool], "--configs", json.dumps(configs)]
+    module = FLUX_TOOLS.get(tool, TOOLS[tool]) if configs[0]["model"] == "flux1" else TOOLS[tool]
+    cmd = [sys.executable, "-m", module, "--configs", json.dumps(configs)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                PYTHONUNBUFFERED="1")
     start = time.time()
@@ -95,13 +113,14 @@ def gpu_info() -> dict:
     import torch
 
     name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in sorted(DENSE_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+    peak = peak_for(name, DENSE_BF16_TFLOPS)
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True, timeout=20).stdout.strip()
     except Exception:  # noqa: BLE001
         driver = ""
-    return {"name": name, "dense_bf16_tflops": peak, "driver": driver, "cuda": torch.version.cuda,
+    return {"name": name, "dense_bf16_tflops": peak, "dense_fp8_tflops": peak_for(name, DENSE_FP8_TFLOPS),
+            "driver": driver, "cuda": torch.version.cuda,
             "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
 
 
@@ -125,7 +144,8 @@ def versions() -> dict:
     return out
 
 
-def add_throughput(rows: list[dict], peak: float | None) -> None:
+def add_throughput(rows: list[dict], peak: float | None, fp8_peak: float | None = None) -> None:
+    """Model TFLOP/s and MFU against the dense bf16 peak (`mfu`) and the dense fp8 peak (`mfu_fp8`)."""
     from .flops import flops_per_image
 
     per_image = {}
@@ -135,6 +155,7 @@ def add_throughput(rows: list[dict], peak: float | None) -> None:
                 per_image[r["model"]] = flops_per_image(r["model"])
             r["tflops"] = r["images_per_s"] * per_image[r["model"]] / 1e12
             r["mfu"] = r["tflops"] / peak if peak else None
+            r["mfu_fp8"] = r["tflops"] / fp8_peak if fp8_peak else None
 
 
 def main(argv=None) -> int:
@@ -150,6 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--fresh", action="store_true", help="drop rows of earlier runs")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every row this many times, in rounds over all tools; each row is the repetition "
+                         "with the median images/s (all of them are listed in the row)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() and not args.fresh else {"rows": []}
@@ -165,20 +189,42 @@ def main(argv=None) -> int:
                       args.steps, args.warmup, args.uncached_batch,
                       tuple(v == "on" for v in args.checkpointing.split(",")))
         log_path = out.with_suffix(".log")
+        runs: dict[tuple, list[dict]] = {}
         with log_path.open("a", encoding="utf-8") as log:
-            for (tool, model), configs in groups.items():
-                print(f"[bench] {tool} {model}: {len(configs)} rows", flush=True)
-                new = run_group(tool, configs, args.timeout, log)
-                keys = {row_key(r) for r in new}
-                data["rows"] = [r for r in data["rows"] if row_key(r) not in keys] + new
-                add_throughput(data["rows"], data["gpu"].get("dense_bf16_tflops"))
-                out.write_text(json.dumps(data, indent=1) + "\n")
-                for r in new:
-                    print("   ", summary(r), flush=True)
+            for rep in range(args.repeat):  # every tool once per round: drift over time hits them alike
+                for (tool, model), configs in groups.items():
+                    round_ = f" (round {rep + 1} of {args.repeat})" if args.repeat > 1 else ""
+                    print(f"[bench] {tool} {model}: {len(configs)} rows{round_}", flush=True)
+                    new = run_group(tool, configs, args.timeout, log)
+                    for r in new:
+                        runs.setdefault(row_key(r), []).append(r)
+                    new = [median_row(runs[row_key(r)]) for r in new]
+                    keys = {row_key(r) for r in new}
+                    data["rows"] = [r for r in data["rows"] if row_key(r) not in keys] + new
+                    add_throughput(data["rows"], data["gpu"].get("dense_bf16_tflops"),
+                                   data["gpu"].get("dense_fp8_tflops"))
+                    out.write_text(json.dumps(data, indent=1) + "\n")
+                    for r in new:
+                        print("   ", summary(r), flush=True)
     from .report import write_report
 
     write_report(data, out.parent)
     return 0
+
+
+def median_row(rows: list[dict]) -> dict:
+    """Of one row's repetitions, the one with the median images/s (the lower middle for an even count),
+    with every repetition's images/s; the last repetition when none has a number."""
+    timed = sorted((r for r in rows if r.get("images_per_s") and not r.get("error")), key=lambda r: r["images_per_s"])
+    if not timed:
+        return rows[-1]
+    row = dict(timed[(len(timed) - 1) // 2])
+    if len(rows) > 1:
+        row["repeat_images_per_s"] = [r.get("images_per_s") for r in rows]
+        speeds = ", ".join(f"{t['images_per_s']:.2f}" for t in timed)
+        failed = f"; {len(rows) - len(timed)} failed" if len(rows) > len(timed) else ""
+        row["notes"] = list(row.get("notes", [])) + [f"median of {len(timed)} repetitions ({speeds} img/s){failed}"]
+    return row
 
 
 def summary(r: dict) -> str:
@@ -186,6 +232,7 @@ def summary(r: dict) -> str:
     if r.get("error"):
         return f"{head}: {r['error']}"
     mfu = f" mfu {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+    mfu += f" ({100 * r['mfu_fp8']:.1f}% of the fp8 peak)" if r.get("mfu_fp8") else ""
     return f"{head}: {r['images_per_s']:.2f} img/s, {r['peak_gib']:.2f} GiB{mfu}"
 
 

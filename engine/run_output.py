@@ -88,7 +88,7 @@ class RunOutput:
             with self.parking.awake() if getattr(self, "parking", None) is not None else contextlib.nullcontext():
                 images = render_previews(self.model, prompts, self.cfg,
                                          self.data.summary().get("resolution", (512, 512)), self.cfg.trigger_word)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             # sampling needs the encoders back and its own activations on top of the training state; a
             # preview that does not fit is skipped, the run goes on (nothing of the training is lost)
             if self.device.type == "cuda":
@@ -112,6 +112,9 @@ class RunOutput:
                                losses=self.losses, output_dir=self.out, warnings=self.warnings,
                                fast_steps=fast_steps)
         path, tensors, metadata = self._write_lora(self.out / f"{self.cfg.output_name}.safetensors")
+        if (unchanged := self.change_check.warning(self.network, self.position.step)) is not None:
+            self.warnings.append(unchanged)
+            self.events.emit("info", message=unchanged)
         from .plot import loss_plot
 
         loss_plot(self.losses, title=f"{self.cfg.output_name}: loss per step").save(self.out / "loss.png")
@@ -142,8 +145,8 @@ class RunOutput:
             if isinstance(exc, TrainingStopped):
                 exc.checkpoint = str(folder) if folder else None
             self.events.emit("stopped", step=self.position.step, path=str(folder) if folder else None,
-                             message=f"stopped at step {self.position.step}; resume with "
-                                     f"resume_from_checkpoint: latest" if folder else "stopped before the first step")
+                             message=f"stopped at step {self.position.step}; checkpoint kept in {folder}" if folder
+                             else "stopped before the first step")  # each host adds how to resume there
         else:
             self.events.emit("error", step=self.position.step, message=str(exc),
                              path=str(folder) if folder else None)

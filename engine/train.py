@@ -24,10 +24,12 @@ from .encoder_parking import EncoderParking
 from .errors import UserError
 from .events import Callbacks
 from .fast_step import FastStep, unsupported_reason
+from .lora.change_check import ChangeCheck
 from .lora.kohya_io import read_lora, to_network_keys
 from .lora.network import LoRANetwork
 from .lora.targets import build_network
 from .model import TrainableModel
+from .models.fp8_compute import fp8_compute
 from .models.geglu import lean_geglu
 from .optim import build_optimizer, build_scheduler, param_groups
 from .options import EngineOptions
@@ -129,13 +131,14 @@ class Trainer(TrainingLoop, RunOutput):
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / f"{cfg.output_name}.config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         if cfg.log_with == "tensorboard" and self.dist.is_main:
-            from .tensorboard_log import TensorBoardLogger
+            from .tensorboard_log import TensorBoardLogger, tensorboard_dir
 
-            self.events.add(TensorBoardLogger(self.out / "logs"))
+            self.events.add(TensorBoardLogger(tensorboard_dir(cfg, self.out)))
         # a compiled step fuses GEGLU itself (and decides what to keep): the lean one is for eager steps
+        root = model.trainable_roots()[0]
         lean = self.options.lean_geglu and model.info.spec.lean_geglu and not cfg.torch_compile
-        denoiser = model.trainable_roots()[0] if lean else None
-        with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder), lean_geglu(denoiser):
+        with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder), lean_geglu(root if lean else None), \
+                fp8_compute(root, cfg.fp8_compute, self.device, self.precision, self._say):
             with torch.random.fork_rng(devices=[]):  # the host's own random state is left alone
                 torch.manual_seed(cfg.seed)  # the LoRA's initial weights: the same for a seed, on every process
                 network = self._init_network()
@@ -148,6 +151,7 @@ class Trainer(TrainingLoop, RunOutput):
                 self.data.prepare_cache(model, progress=self._cache_progress)
                 self._setup_optimization(network)
                 self._maybe_resume(network)
+                self.change_check = ChangeCheck(network, self.position.step)  # warns at the end if nothing learned
                 self._setup_fast_step()
                 self.parking = EncoderParking.start(model, self.data, self.device, cfg.train_text_encoder)
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
@@ -156,7 +160,7 @@ class Trainer(TrainingLoop, RunOutput):
                 return self._finish()
             except BaseException as exc:
                 self._abort(exc)
-                if isinstance(exc, torch.OutOfMemoryError):
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
                     raise UserError(f"out of memory on {self.device} at step {self.position.step}. Turn on "
                                     f"gradient_checkpointing, lower batch_size or resolution, or use optimizer "
                                     f"AdamW8bit; the run can resume from its last checkpoint.") from exc
@@ -166,6 +170,9 @@ class Trainer(TrainingLoop, RunOutput):
                     self.parking.unpark()
                 network.detach()
                 self._release()
+
+    def _say(self, message: str) -> None:
+        self.events.emit("info", message=message)
 
     def _summary(self) -> str:
         info, d = self.model.info, self.data

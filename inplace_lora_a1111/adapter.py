@@ -281,16 +281,13 @@ class A1111Model(TrainableModel):
         user's own prompt options rather than the ones set for encoding captions."""
         from modules import shared
 
-        from .previews import txt2img
+        from .previews import txt2img_images
 
         with contextlib.ExitStack() as stack:
             for key, value in getattr(self, "_user_options", {}).items():
                 stack.enter_context(temporary_option(shared.opts, key, value))
-            images = []
-            for prompt in prompts:
-                images += txt2img(prompt, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
-                                  height=height)[0]
-        return images
+            return txt2img_images(prompts, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
+                                  height=height)
 
 
 @contextlib.contextmanager

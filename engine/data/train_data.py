@@ -8,7 +8,6 @@ device (`materialize`). Every random choice is seeded by (seed, epoch, slot): re
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,6 @@ from .plan import BatchPlan, Sample, build_samples, count_batches, epoch_batches
 from .records import ImageRecord, Subset, scan_dataset
 from .text import fixed_caption, process_caption, sample_rng, split_tags, tag_frequency, with_trigger
 
-logger = logging.getLogger(__name__)
 CACHE_DIR_NAME = ".lora_cache"  # hidden, so dataset scans never mistake it for a subset
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow < 9.1 has no Resampling
 
@@ -100,9 +98,7 @@ class TrainData:
         self.text_cache_enabled = self._text_cache_ok(train_text_encoder)
         self._store: LatentStore | None = None
         self._text = TextCache()
-        self._digests: dict[int, str] = {}
-        for w in self.warnings:
-            logger.warning(w)
+        self._digests: dict[int, str] = {}  # self.warnings are shown by the host, once (not logged here)
 
     # --- decisions -------------------------------------------------------------------------------
     def _latent_mode(self) -> str | None:

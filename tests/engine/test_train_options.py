@@ -125,5 +125,6 @@ def test_ctrl_c_keeps_a_checkpoint_and_prints_how_to_resume(data, tmp_path, monk
                  "--set", "max_train_steps=5", "--set", "resolution=64"])
     assert code == 130
     out = capsys.readouterr().out
-    assert "step-00000002" in out and "resume_from_checkpoint=latest" in out
+    assert "stopped at step 2; checkpoint kept in " in out and "step-00000002" in out
+    assert "--set resume_from_checkpoint=latest" in out
     assert (tmp_path / "my_lora" / "checkpoints" / "step-00000002").is_dir()

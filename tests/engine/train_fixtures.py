@@ -28,6 +28,20 @@ def pattern_dataset(folder: Path, n: int = 4, size: int = 64) -> Path:
     return folder
 
 
+def tiny_diffusers_folder(folder: Path, seed: int = 3) -> Path:
+    """The tiny SD1 model saved as a diffusers folder (what a user's base_model folder looks like)."""
+    from diffusers import StableDiffusionPipeline
+
+    from engine.models import tiny_sd1
+
+    model = tiny_sd1(seed=seed)
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
+                                   unet=model.unet, scheduler=model._sampling_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
 def quick_config(data: Path, out: Path, **changes) -> TrainConfig:
     base = dict(train_data_dir=str(data), output_dir=str(out), output_name="test_lora", resolution="64",
                 batch_size=2, max_train_steps=4, learning_rate=1e-3, save_every_n_epochs=0, save_precision="fp32")

@@ -7,6 +7,7 @@ sampling, fp32. Images are made in code (no fixtures to download).
 import copy
 import json
 import os
+import subprocess
 
 import numpy as np
 from PIL import Image
@@ -17,7 +18,7 @@ STYLE = "train_style_lora_compare_strengths"
 CAPTION = "caption_folder_then_train"
 CPU_TRAINER = {"steps": 2, "epochs": 1, "rank": 4, "alpha": 0.0, "learning_rate": 0.01, "scheduler": "constant",
                "precision": "fp32", "gradient_checkpointing": True, "preview_every_n_steps": 0,
-               "checkpoint_every_n_steps": 0, "advanced": "sample_steps: 2\nsample_cfg: 1.0"}
+               "checkpoint_every_n_steps": 0, "preview_steps": 2, "advanced": "sample_cfg: 1.0"}
 
 
 def load_api(name):
@@ -106,3 +107,11 @@ def saved_image(server, entry, node):
 
 def ui_text(entry, node):
     return "\n".join(entry["outputs"][node]["text"])
+
+
+def run_probe(comfy_python, script):
+    """Run a probe script of this folder with the ComfyUI venv's python; its last stdout line as JSON."""
+    out = subprocess.run([comfy_python, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -109,6 +109,18 @@ FLUX_SMALL = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, 
               "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "patch_size": 2}
 
 
+def flux_config() -> dict:
+    """FLUX_SMALL with the fields newer ComfyUI requires (0.2x added `txt_ids_dims`; Flux.1 has none)."""
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    config = dict(FLUX_SMALL)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+        config.setdefault("txt_ids_dims", [])
+    return config
+
+
 def adapter_checks():
     """ComfyModel on ComfyUI's own model classes (meta device): family / prediction detection, the
     SDXL `y` vector against ComfyUI's encode_adm, and the refusals users see for other models."""
@@ -158,7 +170,7 @@ def adapter_checks():
     lcm = mp.clone()
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     out["sd1_lcm"] = attempt(ModelSamplingDiscrete().patch(lcm, "lcm", False)[0], clip)
-    flux = comfy.model_detection.model_config_from_unet_config(dict(FLUX_SMALL)).get_model({}, device="meta")
+    flux = comfy.model_detection.model_config_from_unet_config(flux_config()).get_model({}, device="meta")
     out["flux"] = attempt(*wrap(flux, sd1_clip))
     return out
 

@@ -3,25 +3,18 @@ ComfyUI are the standalone trainer's, for full-size SD1.5 and
 SDXL: ComfyUI's own UNet and CLIP classes (meta device, in the ComfyUI venv) named by our adapter,
 against the diffusers architectures the CLI trains. Also: our LDM->diffusers names agree with
 comfy.utils.unet_to_diffusers for SD1.5, SD2.1, SDXL and SSD-1B layouts. No server needed."""
-import json
-import os
-import subprocess
-
 import pytest
 
 from engine.config import TrainConfig
 from engine.lora.targets import build_network
 from engine.models import full_size_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from comfy_workflows import run_probe
 
 
 @pytest.fixture(scope="module")
 def comfy_side(comfy_python):
-    out = subprocess.run([comfy_python, os.path.join(HERE, "keys_probe.py")], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout)
+    return run_probe(comfy_python, "keys_probe.py")
 
 
 @pytest.mark.parametrize("family,config,count", [("sd1", "SD15", 264), ("sdxl", "SDXL", 986)])
