@@ -29,10 +29,14 @@ from .fast_step import MAX_GRAPHS
 
 logger = logging.getLogger(__name__)
 
+BACKEND = "inductor"  # the defaults; image runs pass EngineOptions' values, the text mode uses these
+DEVICES = ("cuda",)
+
+
 def loss_for_run(loss: Callable[..., torch.Tensor], device: torch.device, say: Callable[[str], None], *,
-                 backend: str = "inductor", devices: tuple[str, ...] = ("cuda",)) -> Callable[..., torch.Tensor]:
+                 backend: str | None = None, devices: tuple[str, ...] | None = None) -> Callable[..., torch.Tensor]:
     """The loss a `torch_compile: true` run trains with: compiled on CUDA, the plain one elsewhere."""
-    if device.type not in devices:
+    if device.type not in (devices or DEVICES):
         say(f"torch_compile: runs on CUDA only (on {device.type}, torch's inductor can return wrong "
             f"gradients for SD UNets); training without it")
         return loss
@@ -44,9 +48,9 @@ class CompiledLoss:
     """Call the compiled loss; on a compile failure, say why once and call the plain loss from then on."""
 
     def __init__(self, loss: Callable[..., torch.Tensor], on_fallback: Callable[[str], None] | None = None,
-                 backend: str = "inductor"):
+                 backend: str | None = None):
         self.plain = loss
-        self.compiled = torch.compile(loss, dynamic=False, backend=backend)
+        self.compiled = torch.compile(loss, dynamic=False, backend=backend or BACKEND)
         self.on_fallback = on_fallback
         self.failed: str | None = None
 

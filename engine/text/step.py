@@ -92,6 +92,9 @@ class TextGraphStep(FastStep):
 
     def __init__(self, trainer, *, capture: bool = True):
         self.t = trainer
+        self.optimizer, self.scheduler, self.max_grad_norm = trainer.optimizer, trainer.scheduler, trainer.cfg.max_grad_norm
+        self.device = trainer.device
+        self.steps = 0
         self.capture = capture
         self.params = [p for p in trainer.params if p.requires_grad]
         self.graphs, self.seen, self.eager_only = {}, set(), set()

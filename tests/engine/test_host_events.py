@@ -46,7 +46,7 @@ def test_a_hosts_stop_exception_ends_the_run_stopped_with_a_checkpoint(data, tmp
               callbacks=[_cancel_at_step(2), FunctionCallback(events.append)], stop_exceptions=(HostCancel,))
     stopped = [e for e in events if e.kind == "stopped"]
     assert len(stopped) == 1 and stopped[0].step == 2 and stopped[0].path
-    assert stopped[0].message == "stopped at step 2; resume with resume_from_checkpoint: latest"
+    assert stopped[0].message == f"stopped at step 2; checkpoint kept in {stopped[0].path}"  # hosts add how to resume
     assert not any(e.kind == "error" for e in events)
 
 
