@@ -44,7 +44,7 @@ def _dataset(folder: Path) -> Path:
     return folder
 
 
-def _config(kind: str, data, out, batch_size: int, **changes):
+def _config(kind: str, data, out, batch_size: int = B, **changes):
     base = dict(resolution="96", bucket_reso_steps=32, min_bucket_reso=64, batch_size=batch_size,
                 max_train_steps=STEPS, seed=5, lr_scheduler="constant")
     if kind == "flow":
@@ -84,17 +84,17 @@ def _train(kind: str, cfg, die_at_predict: int | None = None, catch: bool = Fals
     def denoise(*args):
         counts["predicts"] += 1
         if counts["predicts"] == die_at_predict:
+            (Path(cfg.output_dir) / "died_at").write_text(str(time.time()))
             os._exit(3)
         return predict(*args)
 
     model.encode_images, model.encode_text, model.predict = images, text, denoise
-    started = time.monotonic()
     try:
         result = train(cfg, model)
     except Exception as exc:
         if not catch:
             raise
-        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - started}
+        return {"error": f"{type(exc).__name__}: {exc}", "ended_at": time.time()}
     return {"tensors": {k: v.clone() for k, v in result.tensors.items()}, "losses": list(result.losses),
             "lora_path": str(result.lora_path), "counts": counts}
 
@@ -159,7 +159,9 @@ def runs(tmp_path_factory):
             ("sdxl", "sdxl", _config("sdxl", data, root / "sdxl_2p", B, cache_latents="disk",
                                      cache_dir=str(root / "cache_2p")), None),
             ("flow", "flow", _config("flow", data, root / "flow_2p", B), None),
-            ("resume", "sd1", _config("sd1", data, root / "resume_2p", B, resume_from_checkpoint="latest"), None)]
+            ("resume", "sd1", _config("sd1", data, root / "resume_2p", B, resume_from_checkpoint="latest"), None),
+            # last: process 1 exits at its third denoiser call (steps 1 and 2 done; process 0 is in step 3)
+            ("dying", "sd1", _config("sd1", data, root / "dying_2p", B), 3)]
     several = _launch(jobs)
     return root, data, one, several
 
@@ -206,17 +208,14 @@ def test_resume_from_one_process_on_two(runs):
 def test_a_dead_process_ends_the_other_with_a_checkpoint_to_resume_two_on_one(runs):
     from engine.checkpoint import ResumeMismatch
 
-    root, data, one, _ = runs
+    root, data, one, several = runs
     out = root / "dying_2p"
-    # process 1 exits at its third denoiser call: steps 1 and 2 are done, process 0 waits in step 3's all-reduce
-    started = time.monotonic()
-    results = _launch([("dying", "sd1", _config("sd1", data, out, B), 3)], timeout=120)
-    survivor = results[("dying", 0)]
-    assert ("dying", 1) not in results
-    assert survivor["seconds"] < 60 and time.monotonic() - started < 120
+    survivor = several[("dying", 0)]
+    assert ("dying", 1) not in several  # it died (and the launch waited for both processes to end)
+    assert survivor["ended_at"] - float((out / "died_at").read_text()) < 60
     assert survivor["error"].startswith("ProcessLost: process 0 of 2: another process of this run stopped")
     assert "resume_from_checkpoint: latest" in survivor["error"]
-    assert (out / "test_lora" / "checkpoints" / "step-00000002").is_dir()
+    assert [p.name for p in (out / "test_lora" / "checkpoints").iterdir()] == ["step-00000002"]
     # 2 -> 1: the same global batch on one process continues the run exactly
     resumed = _train("sd1", _config("sd1", data, out, 2 * B, resume_from_checkpoint="latest"))
     assert resumed["losses"] == pytest.approx(one["sd1"]["losses"][2:], rel=RTOL_LOSS)
@@ -225,3 +224,80 @@ def test_a_dead_process_ends_the_other_with_a_checkpoint_to_resume_two_on_one(ru
     with pytest.raises(ResumeMismatch, match=r"batch_size: 4 -> 2 \(the global batch: batch_size x processes; "
                                              r"the checkpoint's run had 2 process\(es\), this one has 1\)"):
         _train("sd1", _config("sd1", data, out, B, resume_from_checkpoint="latest"))
+
+
+def test_a_run_stopped_between_accumulated_micro_batches_resumes_exactly(runs, tmp_path):
+    """Ctrl-C (or a dead process) inside a step: the checkpoint is the last finished step, not a data
+    position and generator state halfway into the next one."""
+    _, data, _, _ = runs
+    cfg = dict(gradient_accumulation_steps=2, batch_size=2, max_train_steps=3)
+    whole = _train("sd1", _config("sd1", data, tmp_path / "whole", **cfg))
+    with pytest.raises(KeyboardInterrupt):
+        _train_interrupted(_config("sd1", data, tmp_path / "cut", **cfg), at_predict=4)  # step 2's second half
+    assert [p.name for p in (tmp_path / "cut" / "test_lora" / "checkpoints").iterdir()] == ["step-00000001"]
+    resumed = _train("sd1", _config("sd1", data, tmp_path / "cut", resume_from_checkpoint="latest", **cfg))
+    assert resumed["losses"] == pytest.approx(whole["losses"][1:], rel=RTOL_LOSS)
+    _assert_same_run({**whole, "losses": whole["losses"][1:]}, resumed)
+
+
+def _train_interrupted(cfg, at_predict: int):
+    from engine.train import train
+
+    model, calls = _model("sd1"), []
+    predict = model.predict
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == at_predict:
+            raise KeyboardInterrupt
+        return predict(*args)
+
+    model.predict = interrupted
+    train(cfg, model)
+
+
+@pytest.mark.parametrize("world,batch_size", [(2, 1), (2, 3), (3, 2), (4, 2)])
+def test_every_sample_is_trained_once_per_epoch_across_processes(tmp_path, world, batch_size):
+    """Buckets, repeats and regularisation images split between processes: each epoch sample (its slot)
+    lands on exactly one process, in the global batch one process with batch_size x processes takes."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from engine.data.shards import ShardedData
+    from engine.data.train_data import TrainData
+
+    data = _dataset(tmp_path / "data")
+    reg = _dataset(tmp_path / "reg")
+    cfg = _config("sd1", data, tmp_path / "out", batch_size, repeats=3, reg_data_dir=str(reg))
+    whole = TrainData(cfg, native_resolution=64, model_key="k", train_text_encoder=False)
+    parts = [ShardedData(whole, SimpleNamespace(rank=r, world=world)) for r in range(world)]
+    assert len(whole.samples) == 2 * 8 * 3  # 8 images x 3 repeats, as many reg samples
+    for epoch in (0, 1):
+        reference = whole.epoch_plan(epoch, batch_size * world)
+        plans = [p.epoch_plan(epoch) for p in parts]
+        assert all(len(plan) == len(reference) == p.batches_per_epoch() for plan, p in zip(plans, parts))
+        seen = Counter()
+        for i, batch in enumerate(reference):
+            shares = [plan[i] for plan in plans]
+            assert {s.bucket for s in shares} == {batch.bucket}
+            assert sum(s.share.weight for s in shares) == pytest.approx(1.0)
+            taken = [sample for s in shares if s.share.count for sample in s.samples]
+            assert tuple(taken) == batch.samples  # the global batch, in order, split by rank
+            seen.update(sample.slot for sample in taken)
+        assert seen == Counter(range(len(whole.samples)))  # every sample once: none twice, none skipped
+
+
+def test_sigterm_from_the_launcher_stops_the_run():
+    import signal
+
+    from engine.distributed import Distributed
+    from engine.errors import TrainingStopped
+
+    dist = Distributed()  # one process: no handler, SIGTERM keeps its meaning
+    dist.enabled, dist.rank, dist.world = True, 1, 2
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped, match="process 1 of 2 stopped by the launcher"):
+        with dist.stop_on_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) == before
