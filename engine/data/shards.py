@@ -80,11 +80,17 @@ class ShardedData:
 
     @torch.no_grad()
     def prepare_cache(self, model, *, progress=None) -> None:
-        """Each encoder job runs on one process; then every process holds (or reads) every result."""
+        """Each encoder job runs on one process, in rounds of one job per process; after each round every
+        process holds (or reads from the disk cache) its results. A round's exchange is one VAE batch
+        per process, so the memory it takes does not grow with the dataset."""
         jobs = self._data.cache_jobs()
         self.dist.barrier()  # every process has listed what is missing before anyone writes to the disk cache
-        mine = jobs[self.rank::self.world]
-        self._data.run_cache_jobs(model, mine, progress=progress)
-        for rank, entries in enumerate(self.dist.gather(self._data.cache_entries(mine))):
-            if rank != self.rank:  # the gather also waits until every disk entry is written
-                self._data.add_cache_entries(entries)
+        starts = range(0, len(jobs), self.world)
+        for n, start in enumerate(starts, 1):
+            mine = jobs[start + self.rank:start + self.rank + 1]
+            self._data.run_cache_jobs(model, mine)
+            for rank, entries in enumerate(self.dist.gather(self._data.cache_entries(mine))):
+                if rank != self.rank:  # the gather also waits until every disk entry is written
+                    self._data.add_cache_entries(entries)
+            if progress is not None:
+                progress(n, len(starts))

@@ -1,5 +1,5 @@
-"""Several processes (gloo on the CPU, as `accelerate launch --cpu --num_processes 2` or torchrun would
-start them) train the LoRA one process trains with their global batch: the same loss curve and weights
+"""Several processes (gloo on the CPU, as torchrun or `accelerate launch --multi_gpu --num_processes 2`
+start them; `--cpu` would start one) train the LoRA one process trains with their global batch: the same loss curve and weights
 for SD1, SDXL and a flow model, each sample once per epoch, every encoder input encoded once, files
 written by one process while the others go on, resume across process counts, and a dead process ends
 the others at once with a checkpoint to resume from.
