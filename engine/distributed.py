@@ -37,7 +37,9 @@ class ProcessLost(UserError):
 
 
 class Distributed:
-    def __init__(self):
+    def __init__(self, timeout_minutes: float = 0):
+        """`timeout_minutes` (the config's ddp_timeout; 0: 30): how long a collective waits for a hung
+        (not dead) process."""
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,8 +48,7 @@ class Distributed:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             if torch.cuda.is_available():
                 torch.cuda.set_device(self.local_rank)
-            minutes = float(os.environ.get("INPLACE_LORA_DIST_TIMEOUT_MIN", "30"))  # a hung (not dead) peer
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes or 30))
 
     @property
     def is_main(self) -> bool:

@@ -57,7 +57,7 @@ def train(cfg: TrainConfig, model: TrainableModel | None = None, *, callbacks=()
 class Trainer(TrainingLoop, RunOutput):
     def __init__(self, cfg: TrainConfig, model: TrainableModel | None, events: Callbacks, data,
                  options: EngineOptions | None = None, stop_exceptions: tuple[type[BaseException], ...] = ()):
-        self.dist = Distributed()
+        self.dist = Distributed(cfg.ddp_timeout)
         self.cfg, self.model, self.data = cfg, model, data
         self.options = options or EngineOptions()
         self.stop_exceptions = stop_exceptions

@@ -62,7 +62,9 @@ def shard_plan(plan: BatchPlan, rank: int, world: int) -> BatchPlan:
 
 
 class ShardedData:
-    """TrainData as one process of several sees it; everything else is TrainData's."""
+    """TrainData as one process of several sees it; everything else (read or set) is TrainData's."""
+
+    _OWN = ("_data", "dist", "rank", "world", "global_batch")
 
     def __init__(self, data, dist):
         self._data, self.dist = data, dist
@@ -71,6 +73,12 @@ class ShardedData:
 
     def __getattr__(self, name):
         return getattr(self._data, name)
+
+    def __setattr__(self, name, value):  # the run sets step_encode_precision: TrainData's batches read it
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._data, name, value)
 
     def batches_per_epoch(self) -> int:
         return self._data.batches_per_epoch(self.global_batch)

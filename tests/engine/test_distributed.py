@@ -285,6 +285,8 @@ def test_every_sample_is_trained_once_per_epoch_across_processes(tmp_path, world
             assert tuple(taken) == batch.samples  # the global batch, in order, split by rank
             seen.update(sample.slot for sample in taken)
         assert seen == Counter(range(len(whole.samples)))  # every sample once: none twice, none skipped
+    parts[0].step_encode_precision = "bf16"  # what the run sets reaches the batches
+    assert whole.step_encode_precision == "bf16"
 
 
 def test_sigterm_from_the_launcher_stops_the_run():
