@@ -33,7 +33,13 @@ RESUME_HINT = ("resume with resume_from_checkpoint: latest, on any number of pro
 
 
 class ProcessLost(UserError):
-    """Another process of a several-GPU run stopped; this one ends too (with a checkpoint)."""
+    """Another process of a several-GPU run stopped; this one ends too, with a checkpoint (`checkpoint`,
+    set once it is written, is named in the message)."""
+
+    checkpoint: str | None = None
+
+    def __str__(self) -> str:
+        return super().__str__() + (f" The checkpoint: {self.checkpoint}" if self.checkpoint else "")
 
 
 class Distributed:
@@ -64,7 +70,7 @@ class Distributed:
         try:
             return fn()
         except (RuntimeError, ConnectionError) as exc:  # gloo: connection reset; NCCL: DistBackendError
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:200]
             raise ProcessLost(f"process {self.rank} of {self.world}: another process of this run stopped during "
                               f"{what} ({first}). This process ends too; {RESUME_HINT}.") from exc
 

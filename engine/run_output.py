@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .distributed import ProcessLost
 from .errors import NonFiniteLoss, TrainingStopped
 from .lora.kohya_io import save_lora
 from .lora.metadata import build_metadata
@@ -146,6 +147,8 @@ class RunOutput:
         if folder is None and self.position.step:
             found = ckpt.checkpoint_dirs(self.ckpt_root)
             folder = found[-1] if found else None
+        if isinstance(exc, ProcessLost):
+            exc.checkpoint = str(folder) if folder else None
         if isinstance(exc, (TrainingStopped, KeyboardInterrupt, *self.stop_exceptions)):
             if isinstance(exc, TrainingStopped):
                 exc.checkpoint = str(folder) if folder else None

@@ -215,6 +215,7 @@ def test_a_dead_process_ends_the_other_with_a_checkpoint_to_resume_two_on_one(ru
     assert survivor["ended_at"] - float((out / "died_at").read_text()) < 60
     assert survivor["error"].startswith("ProcessLost: process 0 of 2: another process of this run stopped")
     assert "resume_from_checkpoint: latest" in survivor["error"]
+    assert survivor["error"].endswith(f"The checkpoint: {out / 'test_lora' / 'checkpoints' / 'step-00000002'}")
     assert [p.name for p in (out / "test_lora" / "checkpoints").iterdir()] == ["step-00000002"]
     # 2 -> 1: the same global batch on one process continues the run exactly
     resumed = _train("sd1", _config("sd1", data, out, 2 * B, resume_from_checkpoint="latest"))
