@@ -29,6 +29,8 @@ from train_fixtures import quick_config
 
 B, STEPS, WORLD = 2, 4, 2
 RTOL_LOSS, ATOL_WEIGHTS = 1e-5, 1e-4
+# the text encoder's LoRA trained too (captions encoded every step) and two micro-batches per update
+TE_ACCUM = dict(train_text_encoder=True, gradient_accumulation_steps=2, max_train_steps=2)
 
 
 def _dataset(folder: Path) -> Path:
@@ -151,7 +153,8 @@ def runs(tmp_path_factory):
     one = {"sd1": _train("sd1", _config("sd1", data, root / "sd1_1p", 2 * B, **preview)),
            "sdxl": _train("sdxl", _config("sdxl", data, root / "sdxl_1p", 2 * B, cache_latents="disk",
                                           cache_dir=str(root / "cache_1p"))),
-           "flow": _train("flow", _config("flow", data, root / "flow_1p", 2 * B))}
+           "flow": _train("flow", _config("flow", data, root / "flow_1p", 2 * B)),
+           "sd1-te": _train("sd1", _config("sd1", data, root / "te_1p", 2 * B, **TE_ACCUM))}
     # 1 -> 2: the one-process run's checkpoint at step 2, continued by two processes
     ckpt = root / "sd1_1p" / "test_lora" / "checkpoints" / "step-00000002"
     shutil.copytree(ckpt, root / "resume_2p" / "test_lora" / "checkpoints" / ckpt.name)
@@ -159,6 +162,7 @@ def runs(tmp_path_factory):
             ("sdxl", "sdxl", _config("sdxl", data, root / "sdxl_2p", B, cache_latents="disk",
                                      cache_dir=str(root / "cache_2p")), None),
             ("flow", "flow", _config("flow", data, root / "flow_2p", B), None),
+            ("sd1-te", "sd1", _config("sd1", data, root / "te_2p", B, **TE_ACCUM), None),
             ("resume", "sd1", _config("sd1", data, root / "resume_2p", B, resume_from_checkpoint="latest"), None),
             # last: process 1 exits at its third denoiser call (steps 1 and 2 done; process 0 is in step 3)
             ("dying", "sd1", _config("sd1", data, root / "dying_2p", B), 3)]
@@ -166,7 +170,7 @@ def runs(tmp_path_factory):
     return root, data, one, several
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sdxl", "flow"])
+@pytest.mark.parametrize("kind", ["sd1", "sdxl", "flow", "sd1-te"])
 def test_two_processes_train_the_one_process_lora(runs, kind):
     _, _, one, several = runs
     first, second = several[(kind, 0)], several[(kind, 1)]
@@ -174,6 +178,9 @@ def test_two_processes_train_the_one_process_lora(runs, kind):
     assert first["losses"] == second["losses"]  # the summed loss, the same on every process
     assert all(torch.equal(first["tensors"][k], second["tensors"][k]) for k in first["tensors"])  # one LoRA
     assert first["lora_path"].endswith("test_lora.safetensors") and second["lora_path"] == "None"
+    if kind == "sd1-te":  # the text encoder's LoRA learned too, the same on both
+        assert any(v.abs().sum() > 0 for k, v in first["tensors"].items() if k.startswith("lora_te_")
+                   and k.endswith("lora_up.weight"))
 
 
 def test_caching_encodes_every_image_and_caption_once(runs):
