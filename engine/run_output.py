@@ -59,7 +59,7 @@ class RunOutput:
         return build_metadata(self.cfg, self.model.info, data_summary=summary, steps=self.position.step,
                               epoch=self.position.micro // self.bpe, total_steps=self.total_steps,
                               batches_per_epoch=self.bpe, started_at=self.started_at,
-                              mixed_precision=self.precision, session_id=self.session_id)
+                              mixed_precision=self.precision, session_id=self.session_id, processes=self.dist.world)
 
     def _write_lora(self, path: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
         tensors = self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.save_precision])

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from safetensors import safe_open
 
 from train_fixtures import quick_config
 
@@ -178,6 +179,10 @@ def test_two_processes_train_the_one_process_lora(runs, kind):
     assert first["losses"] == second["losses"]  # the summed loss, the same on every process
     assert all(torch.equal(first["tensors"][k], second["tensors"][k]) for k in first["tensors"])  # one LoRA
     assert first["lora_path"].endswith("test_lora.safetensors") and second["lora_path"] == "None"
+    metadata = safe_open(first["lora_path"], "pt").metadata()  # kohya's numbers for a run of several GPUs
+    assert (metadata["ss_batch_size_per_device"], metadata["ss_total_batch_size"]) == \
+        (str(B), str(B * WORLD * (2 if kind == "sd1-te" else 1)))
+    assert metadata["ss_num_batches_per_epoch"] == "3"
     if kind == "sd1-te":  # the text encoder's LoRA learned too, the same on both
         assert any(v.abs().sum() > 0 for k, v in first["tensors"].items() if k.startswith("lora_te_")
                    and k.endswith("lora_up.weight"))
