@@ -4,8 +4,11 @@ The N processes train one LoRA as one process would with batch N x batch_size: e
 batch (one bucket, from the same epoch plan) is split between the processes (engine/data/shards.py),
 each draws the noise and timesteps of the whole global batch from the same seeded generator and keeps
 its slice, and the LoRA gradients, each weighted by the process's share of the batch, are summed
-before each update (together with the loss, in one flattened all-reduce: a LoRA's gradients are a few
-MB). So every process holds the same LoRA, and the loss curve is the one-process curve up to float32
+before each update (together with the loss, in one flattened all-reduce after the backward: rank 16 on
+kohya's layers is 26 MiB of float32 gradients for SD1.5 and 162 MiB for SDXL, well under a millisecond
+over NVLink against steps of a quarter to one second at batch 8, so overlapping it with the backward
+would gain next to nothing; it lives outside the CUDA graph, which several processes therefore do not
+use yet). So every process holds the same LoRA, and the loss curve is the one-process curve up to float32
 summation order. The frozen base model is not wrapped in DDP at all.
 
 Only the first process writes files and talks to the console, and nothing it writes waits on the
@@ -76,8 +79,7 @@ class Distributed:
 
     def reduce_step(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
         """Sum every process's (share-weighted) LoRA gradients and loss; the summed loss comes back.
-
-        One flattened all-reduce: the gradients are a few MB, so bucketing them would gain nothing."""
+        One flattened all-reduce (see the module docstring for why not bucketed)."""
         if not self.enabled:
             return loss
         grads = [p.grad for p in params if p.grad is not None]
