@@ -26,16 +26,19 @@ REPO = Path(__file__).resolve().parent.parent
 BATCH = 2
 
 
-def write_config(root: Path, launcher: str, steps: int) -> Path:
+def demo_config(path: Path, **keys) -> Path:
+    """A YAML config at `path` training the built-in demo model on the demo images (beside it), plus `keys`."""
     from engine.demo import write_dataset
 
-    data = write_dataset(root / "data")
-    cfg = root / f"{launcher}.yaml"
-    cfg.write_text(f"base_model: {REPO / 'engine/assets/demo/demo_model.safetensors'}\ntrain_data_dir: {data}\n"
-                   f"output_dir: {root / launcher}\noutput_name: lost\nresolution: 64\nbatch_size: {BATCH}\n"
-                   f"max_train_steps: {steps}\nsave_steps: 10\nsave_every_n_epochs: 0\nlearning_rate: 0.001\n"
-                   f"overwrite: true\n", encoding="utf-8")
-    return cfg
+    base = dict(base_model=REPO / "engine/assets/demo/demo_model.safetensors", train_data_dir=write_dataset(
+        path.parent / "data"), resolution=64, save_every_n_epochs=0, learning_rate=0.001, overwrite="true")
+    path.write_text("".join(f"{k}: {v}\n" for k, v in {**base, **keys}.items()), encoding="utf-8")
+    return path
+
+
+def write_config(root: Path, launcher: str, steps: int) -> Path:
+    return demo_config(root / f"{launcher}.yaml", output_dir=root / launcher, output_name="lost", batch_size=BATCH,
+                       max_train_steps=steps, save_steps=10)
 
 
 def launch_line(launcher: str, gpus: int, cfg: Path) -> list[str]:

@@ -17,21 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .multi_gpu_failure import REPO, launch_line
+from .multi_gpu_failure import REPO, demo_config, launch_line
 
 BATCH, STEPS = 2, 30
 
 
 def config(root: Path, name: str, batch: int) -> Path:
-    from engine.demo import write_dataset
-
-    data = write_dataset(root / "data")
-    cfg = root / f"{name}.yaml"
-    cfg.write_text(f"base_model: {REPO / 'engine/assets/demo/demo_model.safetensors'}\ntrain_data_dir: {data}\n"
-                   f"output_dir: {root}\noutput_name: {name}\nresolution: 64\nbatch_size: {batch}\n"
-                   f"max_train_steps: {STEPS}\nsave_every_n_epochs: 0\nlearning_rate: 0.001\nmixed_precision: 'no'\n"
-                   f"cuda_graph: false\nsave_precision: fp32\noverwrite: true\n", encoding="utf-8")
-    return cfg
+    return demo_config(root / f"{name}.yaml", output_dir=root, output_name=name, batch_size=batch,
+                       max_train_steps=STEPS, mixed_precision="'no'", cuda_graph="false", save_precision="fp32")
 
 
 def lora(root: Path, name: str):
