@@ -38,6 +38,8 @@ def train_main(argv: list[str]) -> int:
     result = train_in_console(lambda callbacks: train(cfg, callbacks=callbacks), command)
     if result is None:
         return 130
+    if result.lora_path is None:  # another process of a several-GPU run: the first one wrote the file
+        return 0
     print(f"LoRA written to {result.lora_path}\nUse it as <lora:{cfg.output_name}:0.8> after copying it into "
           f"your models/loras (ComfyUI) or models/Lora (A1111) folder.")
     return 0

@@ -12,6 +12,7 @@ those still load through torch's `weights_only` loader where the host and torch 
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -66,8 +67,10 @@ def fingerprint(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer, scheduler, scaler,
                     position: Position, rng: list[dict[str, Any]], cfg_dict: dict[str, Any],
                     lora_file: str | None) -> Path:
-    """`rng` holds every process's RNG state, in rank order (one entry without several GPUs)."""
-    tmp = folder.with_name(folder.name + ".tmp")
+    """`rng`: the RNG state the run resumes with (one entry; several processes share their generator).
+    Processes of a several-GPU run that ends early may write the same step at once: same contents, the
+    first complete folder stays."""
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
@@ -83,14 +86,20 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
         "config": cfg_dict,
     })
     shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if state_file(folder) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process of the run wrote this step first
     return folder
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and state_file(p) is not None]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+             and state_file(p) is not None]  # not a step-N.tmp<pid> being written
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -187,6 +196,11 @@ def load_checkpoint(folder: Path, cfg_dict: dict[str, Any]) -> tuple[dict[str, t
     state = read_state(folder)
     saved, now = state["fingerprint"], fingerprint(cfg_dict)
     changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in FINGERPRINT_KEYS if saved.get(k) != now.get(k)]
+    if any(c.startswith("batch_size") for c in changed):
+        runs = state.get("config", {}).get("processes", 1), cfg_dict.get("processes", 1)
+        changed = [c + (f" (the global batch: batch_size x processes; the checkpoint's run had {runs[0]} "
+                        f"process(es), this one has {runs[1]})" if c.startswith("batch_size") else "")
+                   for c in changed]
     if changed:
         raise ResumeMismatch(folder, changed)
     return load_file(str(folder / WEIGHTS_FILE)), state

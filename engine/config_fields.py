@@ -169,6 +169,9 @@ class TrainConfig:
                              "for 1.15x at batch 8), so it pays off on long runs. CUDA only (needs Triton); "
                              "elsewhere, or for a model it cannot compile, the run trains without it (logged).")
     seed: int = _f(42, "Random seed (data order, noise, timesteps).", minimum=0)
+    ddp_timeout: int = _f(0, "Several GPUs: minutes a process waits for the others in a gradient exchange before "
+                          "it gives up (0: 30). A process that dies ends the others at once; this bounds a hung one.",
+                          minimum=0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", minimum=0)
     min_snr_gamma: float = _f(5.0, "Min-SNR loss weighting gamma; 0 turns it off.", minimum=0)
 

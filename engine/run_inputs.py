@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import TrainConfig
 from .data.cache import weights_digest
-from .distributed import ShardedData
+from .data.shards import ShardedData
 from .errors import ConfigError
 from .families import FamilySpec, get_family
 from .model import TrainableModel
@@ -96,7 +96,7 @@ def _dataset(cfg: TrainConfig, dist, native_resolution: int, key: str, spec: Fam
 
     data = TrainData(cfg, native_resolution=native_resolution, model_key=key,
                      train_text_encoder=cfg.train_text_encoder, max_bucket_reso=spec.max_bucket_reso)
-    return ShardedData(data, dist.rank, dist.world) if dist.enabled else data
+    return ShardedData(data, dist) if dist.enabled else data
 
 
 def model_key(model: TrainableModel) -> str:

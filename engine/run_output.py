@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .distributed import ProcessLost
 from .errors import NonFiniteLoss, TrainingStopped
 from .lora.kohya_io import save_lora
 from .lora.metadata import build_metadata
@@ -58,24 +59,26 @@ class RunOutput:
         return build_metadata(self.cfg, self.model.info, data_summary=summary, steps=self.position.step,
                               epoch=self.position.micro // self.bpe, total_steps=self.total_steps,
                               batches_per_epoch=self.bpe, started_at=self.started_at,
-                              mixed_precision=self.precision, session_id=self.session_id)
+                              mixed_precision=self.precision, session_id=self.session_id, processes=self.dist.world)
 
     def _write_lora(self, path: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
         tensors = self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.save_precision])
         metadata = self._metadata()
         return save_lora(path, tensors, metadata), tensors, metadata
 
-    def _save_checkpoint(self) -> Path | None:
+    def _save_checkpoint(self, writer: bool | None = None) -> Path | None:
+        """The main process writes (`writer`: another one, when a run of several ends without it); the
+        processes hold the same LoRA, optimizer and generator state, so nobody waits for this."""
         step = self.position.step
-        rng = self.dist.gather(ckpt.rng_state(self.generator))  # collective: every process takes part
         self.saved_step = step
-        if not self.dist.is_main:
+        if not (self.dist.is_main if writer is None else writer):
             return None
         lora_path, _, _ = self._write_lora(self.out / f"{self.cfg.output_name}-step{step:08d}.safetensors")
         folder = ckpt.save_checkpoint(
             self.ckpt_root / f"step-{step:08d}", weights=self.network.kohya_state_dict(None),
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, position=self.position,
-            rng=rng, cfg_dict=self.cfg.to_dict(), lora_file=lora_path.name)
+            rng=[ckpt.rng_state(self.generator)], cfg_dict=self.dist.run_settings(self.cfg.to_dict()),
+            lora_file=lora_path.name)
         ckpt.prune(self.ckpt_root, self.cfg.save_last_n_checkpoints)
         self.events.emit("checkpoint", step=step, path=str(folder), lora_path=str(lora_path))
         return folder
@@ -133,14 +136,19 @@ class RunOutput:
             self.events.emit("error", step=self.position.step, message=str(exc))
             return
         folder = None
-        if self.position.step > self.saved_step and not self.dist.enabled:  # a save is collective with several GPUs
-            try:
-                folder = self._save_checkpoint()
+        if getattr(self, "step_end", None) is not None:  # ended inside a step: keep the last finished one
+            self.position, generator_state = self.step_end
+            self.generator.set_state(generator_state)
+        if self.position.step > self.saved_step:
+            try:  # several processes: each survivor writes (the main one may be the one that died)
+                folder = self._save_checkpoint(writer=True)
             except Exception as save_exc:  # never hide the original error behind a failed save
                 logger.error("could not save a checkpoint after the run stopped: %s", save_exc)
-        elif self.position.step:
+        if folder is None and self.position.step:
             found = ckpt.checkpoint_dirs(self.ckpt_root)
             folder = found[-1] if found else None
+        if isinstance(exc, ProcessLost):
+            exc.checkpoint = str(folder) if folder else None
         if isinstance(exc, (TrainingStopped, KeyboardInterrupt, *self.stop_exceptions)):
             if isinstance(exc, TrainingStopped):
                 exc.checkpoint = str(folder) if folder else None

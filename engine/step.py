@@ -43,8 +43,11 @@ class TrainingStep:
 
     # --- the three parts ----------------------------------------------------------------------------
     def draw(self, batch) -> dict[str, torch.Tensor]:
-        """The step's random draws (the same ones, in the same order, on every path)."""
-        return self.objective.draw(batch.latents.to(self.device, torch.float32), self.generator)
+        """The step's random draws (the same ones, in the same order, on every path); with several
+        processes, this process's slice of the global batch's draws (engine/data/shards.py)."""
+        x0 = batch.latents.to(self.device, torch.float32)
+        share = getattr(batch, "share", None)
+        return self.objective.draw(x0, self.generator) if share is None else share.draw(self.objective, x0, self.generator)
 
     def tensors(self, batch, drawn: dict[str, torch.Tensor], cond: dict[str, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor]:
@@ -72,7 +75,8 @@ class TrainingStep:
     # --- the plain step ---------------------------------------------------------------------------------
     def forward_backward(self, batch, accum: int, scaler=None) -> torch.Tensor:
         """One micro-batch eagerly, text encoded here when it is not cached (text-encoder training);
-        the gradients of loss / accum accumulate in the LoRA weights."""
+        the gradients of loss / accum accumulate in the LoRA weights. With several processes the loss
+        is weighted by this process's share of the global batch (the processes' parts are summed)."""
         drawn = self.draw(batch)
         with self.network.cast_weights(self.cast_dtype):
             cond = batch.cond
@@ -80,6 +84,9 @@ class TrainingStep:
                 with autocast(self.device, self.precision, self.use_autocast):
                     cond = self.model.encode_text(batch.captions)
             loss = self.loss(self.tensors(batch, drawn, cond))
+            share = getattr(batch, "share", None)
+            if share is not None:
+                loss = loss * share.weight
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return loss

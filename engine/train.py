@@ -57,7 +57,7 @@ def train(cfg: TrainConfig, model: TrainableModel | None = None, *, callbacks=()
 class Trainer(TrainingLoop, RunOutput):
     def __init__(self, cfg: TrainConfig, model: TrainableModel | None, events: Callbacks, data,
                  options: EngineOptions | None = None, stop_exceptions: tuple[type[BaseException], ...] = ()):
-        self.dist = Distributed()
+        self.dist = Distributed(cfg.ddp_timeout)
         self.cfg, self.model, self.data = cfg, model, data
         self.options = options or EngineOptions()
         self.stop_exceptions = stop_exceptions
@@ -121,7 +121,8 @@ class Trainer(TrainingLoop, RunOutput):
         # a host that cannot join windows says so here
         self.model.set_token_windows(self.cfg.max_token_length // self.model.info.spec.token_window)
         try:
-            return self._run_loaded()
+            with self.dist.stop_on_sigterm():
+                return self._run_loaded()
         finally:
             self.model.token_windows = windows_before
 
@@ -198,7 +199,8 @@ class Trainer(TrainingLoop, RunOutput):
         self.optimizer = build_optimizer(cfg, param_groups(cfg, network.unet_parameters(), te_params), self.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = grad_scaler(self.device, self.precision)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.dist.rank)
+        # the same on every process: each draws the global batch's noise and keeps its slice
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         # LoRA weights cast once per step and held to its end, unless checkpointing: then each layer casts
         # as it runs, so only the recomputed block's casts are alive in backward (SDXL: 81 MiB less).
         # A compiled step casts inside its graph (the compiler decides what to keep for backward).
@@ -240,13 +242,13 @@ class Trainer(TrainingLoop, RunOutput):
             if self.cfg.resume_from_checkpoint:
                 self.events.emit("info", message=f"no checkpoint in {self.ckpt_root}; starting a new run")
             return
-        weights, state = ckpt.load_checkpoint(folder, self.cfg.to_dict())
+        weights, state = ckpt.load_checkpoint(folder, self.dist.run_settings(self.cfg.to_dict()))
         network.load_kohya_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng(state["rng"][self.dist.rank], self.generator)
+        ckpt.restore_rng(state["rng"][0], self.generator)  # the processes share one generator state
         self.position = ckpt.Position(step=state["step"], micro=state["micro"])
         self.saved_step = self.position.step
         self.events.emit("info", message=f"resumed from {folder} at step {self.position.step}")

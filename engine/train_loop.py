@@ -47,6 +47,7 @@ class TrainingLoop:
         last_flush = time.monotonic()
         window = torch.zeros((), device=self.device)
         in_window = 0
+        self._mark_step_end()
         while pos.step < self.total_steps:
             epoch, index = divmod(pos.micro, self.bpe)
             if epoch != plan_epoch:
@@ -64,8 +65,9 @@ class TrainingLoop:
             if stepped:
                 self.fast.scheduler_step()
             else:
-                self._update()
+                window = self._update(window)
             pos.step += 1
+            self._mark_step_end()
             pending.append((pos.step, window / in_window))
             window, in_window = torch.zeros((), device=self.device), 0
             now = time.monotonic()
@@ -84,8 +86,14 @@ class TrainingLoop:
             if self._preview_due(pos.step, crossed_epoch, pos.micro // self.bpe):
                 self._preview(pos.step)
 
-    def _update(self) -> None:
-        self.dist.average_gradients(self.params)
+    def _mark_step_end(self) -> None:
+        """Where the last finished step left the data stream and the draws: a run that ends inside a
+        step (a dead process, Ctrl-C between accumulated micro-batches) checkpoints this point."""
+        self.step_end = (ckpt.Position(self.position.step, self.position.micro), self.generator.get_state())
+
+    def _update(self, window: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; with several processes their gradients and losses (`window`) are summed first."""
+        window = self.dist.reduce_step(self.params, window)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm > 0:
@@ -97,6 +105,7 @@ class TrainingLoop:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return window
 
     def _flush(self, pending: list[tuple[int, torch.Tensor]]) -> list[tuple[int, float]]:
         if not pending:

@@ -14,6 +14,7 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class BatchPlan:
     index: int  # position within the epoch
     bucket: tuple[int, int]
     samples: tuple[Sample, ...]
+    share: Any = None  # several processes: this process's shards.Share of the global batch
 
     def __len__(self) -> int:
         return len(self.samples)

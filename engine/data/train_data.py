@@ -39,6 +39,7 @@ class Batch:
     cond: Conditioning | None  # from the text cache when valid, else None (the loop encodes captions)
     time_ids: torch.Tensor  # [B,6] float: orig_h, orig_w, crop_top, crop_left, target_h, target_w
     loss_weights: torch.Tensor  # [B]: 1.0, or prior_loss_weight for regularisation images
+    share: object = None  # several processes: the shards.Share of the global batch these samples are
 
 
 @dataclass
@@ -53,6 +54,7 @@ class HostBatch:
     records: list[int] = field(default_factory=list)  # their record indices
     pixels: torch.Tensor | None = None  # [len(missing), 3, h, w] in [0, 1], cropped, before flip/jitter
     jitter: list | None = None
+    share: object = None  # the plan's shards.Share (several processes)
 
 
 class TrainData:
@@ -128,11 +130,12 @@ class TrainData:
     def _bucket_of(self, record: int) -> tuple[int, int]:
         return self.placements[record].bucket
 
-    def batches_per_epoch(self) -> int:
-        return count_batches(self.samples, self._bucket_of, self.cfg.batch_size)
+    def batches_per_epoch(self, batch_size: int | None = None) -> int:
+        """`batch_size`: the global batch of several processes (engine/data/shards.py); default the config's."""
+        return count_batches(self.samples, self._bucket_of, batch_size or self.cfg.batch_size)
 
-    def epoch_plan(self, epoch: int) -> list[BatchPlan]:
-        return epoch_batches(self.samples, self._bucket_of, self.cfg.batch_size, self.cfg.seed, epoch)
+    def epoch_plan(self, epoch: int, batch_size: int | None = None) -> list[BatchPlan]:
+        return epoch_batches(self.samples, self._bucket_of, batch_size or self.cfg.batch_size, self.cfg.seed, epoch)
 
     def summary(self) -> dict:
         counts: dict[tuple[int, int], int] = {}
@@ -198,7 +201,11 @@ class TrainData:
     @torch.no_grad()
     def prepare_cache(self, model: TrainableModel, *, progress: Callable[[int, int], None] | None = None) -> None:
         """Encode what can be cached, batching encoder calls; disk entries already present are reused."""
-        jobs: list[tuple[str, list[int] | list[str]]] = []
+        self.run_cache_jobs(model, self.cache_jobs(), progress=progress)
+
+    def cache_jobs(self) -> list[tuple[str, list]]:
+        """The encoder calls caching needs: ("latents", record ids of one bucket) and ("text", captions)."""
+        jobs: list[tuple[str, list]] = []
         if self.latent_cache_mode:
             store = self._open_store()
             todo = [i for i in self._used if not store.has(self._latent_key(i), self.cfg.flip_aug)]
@@ -211,6 +218,11 @@ class TrainData:
         if self.text_cache_enabled:
             captions = [c for c in self.cached_captions() if c not in self._text]
             jobs += [("text", captions[k:k + 16]) for k in range(0, len(captions), 16)]
+        return jobs
+
+    @torch.no_grad()
+    def run_cache_jobs(self, model: TrainableModel, jobs: list[tuple[str, list]], *,
+                       progress: Callable[[int, int], None] | None = None) -> None:
         for n, (kind, items) in enumerate(jobs, 1):
             if kind == "latents":
                 self._encode_into_cache(model, items)
@@ -218,6 +230,22 @@ class TrainData:
                 self._text.put_batch(items, model.encode_text(items))
             if progress is not None:
                 progress(n, len(jobs))
+
+    def cache_entries(self, jobs: list[tuple[str, list]]) -> dict:
+        """What `jobs` put in the memory caches (disk latents are shared through the disk), for other processes."""
+        memory = self.latent_cache_mode == "memory"
+        latents = {self._latent_key(i): self._store.get(self._latent_key(i))
+                   for kind, ids in jobs if kind == "latents" and memory for i in ids}
+        text = [c for kind, items in jobs if kind == "text" for c in items]
+        return {"latents": latents, "text": (text, self._text.batch(text, torch.device("cpu")) if text else None)}
+
+    def add_cache_entries(self, entries: dict) -> None:
+        """Another process's `cache_entries`."""
+        for key, entry in entries["latents"].items():
+            self._open_store().put(key, entry)
+        captions, cond = entries["text"]
+        if captions:
+            self._text.put_batch(captions, cond)
 
     def _encode_into_cache(self, model: TrainableModel, ids: list[int]) -> None:
         crops = [self.placements[i].centre_crop() for i in ids]
@@ -266,7 +294,7 @@ class TrainData:
         cfg = self.cfg
         store = self._open_store() if self.latent_cache_mode else None
         n = len(plan.samples)
-        host = HostBatch(latents=[None] * n)
+        host = HostBatch(latents=[None] * n, share=plan.share)
         missing: list[tuple[int, tuple[int, int]]] = []
         for k, s in enumerate(plan.samples):
             rec, place = self.records[s.record], self.placements[s.record]
@@ -316,4 +344,5 @@ class TrainData:
             cond=self._text.batch(captions, device) if self.text_cache_enabled and len(self._text) else None,
             time_ids=torch.tensor(host.time_ids, dtype=torch.float32, device=device),
             loss_weights=torch.tensor(host.weights, dtype=torch.float32, device=device),
+            share=host.share,
         )

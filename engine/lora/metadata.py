@@ -30,8 +30,10 @@ def _s(value: Any) -> str:
 
 def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, steps: int, epoch: int,
                    total_steps: int, batches_per_epoch: int, started_at: float, mixed_precision: str,
-                   session_id: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, str]:
-    """Metadata for a LoRA written after `steps` optimizer steps (also for intermediate saves)."""
+                   session_id: str | None = None, extra: dict[str, Any] | None = None, processes: int = 1
+                   ) -> dict[str, str]:
+    """Metadata for a LoRA written after `steps` optimizer steps (also for intermediate saves); `processes`:
+    the GPUs of a several-GPU run (kohya's total batch counts them)."""
     spec = info.spec
     version = spec.version(info.prediction_type)
     width, height = data_summary.get("resolution", (info.resolution, info.resolution))
@@ -57,7 +59,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_steps": steps,
         "ss_max_train_steps": total_steps,
         "ss_batch_size_per_device": cfg.batch_size,
-        "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps,
+        "ss_total_batch_size": cfg.batch_size * processes * cfg.gradient_accumulation_steps,
         "ss_gradient_checkpointing": cfg.gradient_checkpointing,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_lr_warmup_steps": cfg.warmup_steps,
