@@ -28,6 +28,7 @@ from .lora.change_check import ChangeCheck
 from .lora.kohya_io import read_lora, to_network_keys
 from .lora.network import LoRANetwork
 from .lora.targets import build_network
+from .memory.run import memory_note
 from .model import TrainableModel
 from .models.fp8_compute import fp8_compute
 from .models.geglu import lean_geglu
@@ -178,7 +179,7 @@ class Trainer(TrainingLoop, RunOutput):
         info, d = self.model.info, self.data
         return (f"{info.family} ({self.step.objective.describe()}), {len(self.network)} LoRA modules, "
                 f"{d.num_train_images} images ({d.num_reg_images} reg), {self.bpe} batches/epoch, "
-                f"{self.total_steps} steps, {self._precision_text()}")
+                f"{self.total_steps} steps, {self._precision_text()}" + memory_note(self))
 
     def _precision_text(self) -> str:
         if self.precision == "no":
