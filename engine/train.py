@@ -28,6 +28,7 @@ from .lora.change_check import ChangeCheck
 from .lora.kohya_io import read_lora, to_network_keys
 from .lora.network import LoRANetwork
 from .lora.targets import build_network
+from .memory.recovery import OutOfMemoryRecovery
 from .memory.run import memory_note
 from .model import TrainableModel
 from .models.fp8_compute import fp8_compute
@@ -154,6 +155,7 @@ class Trainer(TrainingLoop, RunOutput):
                 self._maybe_resume(network)
                 self.change_check = ChangeCheck(network, self.position.step)  # warns at the end if nothing learned
                 self._setup_fast_step()
+                self.recovery = OutOfMemoryRecovery(self)
                 self.parking = EncoderParking.start(model, self.data, self.device, cfg.train_text_encoder)
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
                                  message=self._summary())
@@ -253,6 +255,8 @@ class Trainer(TrainingLoop, RunOutput):
         self.events.emit("info", message=f"resumed from {folder} at step {self.position.step}")
 
     def _release(self) -> None:
+        if getattr(self, "recovery", None) is not None:
+            self.recovery.close()  # checkpointing the recovery turned on
         if getattr(self, "fast", None) is not None:
             self.fast.close()
         for name in ("fast", "step", "optimizer", "scheduler", "scaler", "params"):

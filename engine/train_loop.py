@@ -51,20 +51,27 @@ class TrainingLoop:
             epoch, index = divmod(pos.micro, self.bpe)
             if epoch != plan_epoch:
                 plan, plan_epoch = self.data.epoch_plan(epoch), epoch
-            batch = self._batch(prefetch, plan, epoch, index)
-            loss = self.fast.step(batch) if self.fast is not None else None
-            stepped = loss is not None
-            if not stepped:
-                loss = self.step.forward_backward(batch, accum, self.scaler)
-            window = window + loss.detach()
-            in_window += 1
-            pos.micro += 1
-            if pos.micro % accum and pos.micro < self.total_micro:
+            if not in_window:
+                self.recovery.mark(pos.micro)  # where an out-of-memory retry of this step starts
+            try:
+                batch = self._batch(prefetch, plan, epoch, index)
+                last = (pos.micro + 1) % accum == 0 or pos.micro + 1 >= self.total_micro
+                self.recovery.maybe_inject(last)
+                loss, stepped = self._micro_step(batch, accum)
+                window = window + loss.detach()
+                in_window += 1
+                pos.micro += 1
+                if not last:
+                    continue
+                if stepped:
+                    self.fast.scheduler_step()
+                else:
+                    self._update()
+            except torch.cuda.OutOfMemoryError as exc:  # engine/memory/recovery.py: free, change the plan, retry
+                batch = loss = None
+                pos.micro = self.recovery.recover(exc)
+                window, in_window = torch.zeros((), device=self.device), 0
                 continue
-            if stepped:
-                self.fast.scheduler_step()
-            else:
-                self._update()
             pos.step += 1
             pending.append((pos.step, window / in_window))
             window, in_window = torch.zeros((), device=self.device), 0
@@ -83,6 +90,16 @@ class TrainingLoop:
                 self._save_checkpoint()
             if self._preview_due(pos.step, crossed_epoch, pos.micro // self.bpe):
                 self._preview(pos.step)
+
+    def _micro_step(self, batch, accum: int) -> tuple[torch.Tensor, bool]:
+        """One micro-batch: (its loss, whether the fast step also took the optimizer step)."""
+        if self.fast is not None:
+            loss = self.fast.step(batch)
+            if loss is not None:
+                return loss, True
+        if self.recovery.split > 1:
+            return self.recovery.forward_backward(batch, accum, self.scaler), False
+        return self.step.forward_backward(batch, accum, self.scaler), False
 
     def _update(self) -> None:
         self.dist.average_gradients(self.params)
