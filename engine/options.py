@@ -27,4 +27,7 @@ class EngineOptions:
     # recovery changes applied before the listed steps as if an out-of-memory error had asked for them
     inject_oom_at: tuple[int, ...] = ()
     recovery_plan_at: tuple[tuple[int, str], ...] = ()
+    # test hook of the NaN guard (engine/nan_guard.py): these optimizer steps get a NaN loss and NaN gradients
+    # (the CUDA-graph step, which has already applied its update: NaN LoRA weights)
+    inject_nan_at: tuple[int, ...] = ()
     compile_devices: tuple[str, ...] = ("cuda",)  # where `torch_compile: true` compiles (compiled_loss.py says why)

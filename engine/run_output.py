@@ -59,8 +59,9 @@ class RunOutput:
                                   epoch=self.position.micro // self.bpe, total_steps=self.total_steps,
                                   batches_per_epoch=self.bpe, started_at=self.started_at,
                                   mixed_precision=self.precision, session_id=self.session_id)
-        recovery = getattr(self, "recovery", None)
-        return {**metadata, **recovery.metadata()} if recovery is not None else metadata
+        for guard in (getattr(self, "recovery", None), getattr(self, "nan_guard", None)):  # what they changed
+            metadata.update(guard.metadata() if guard is not None else {})
+        return metadata
 
     def _write_lora(self, path: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
         tensors = self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.save_precision])

@@ -31,6 +31,7 @@ from .lora.targets import build_network
 from .memory.recovery import OutOfMemoryRecovery
 from .memory.run import memory_note
 from .model import TrainableModel
+from .nan_guard import NanGuard
 from .models.fp8_compute import fp8_compute
 from .models.geglu import lean_geglu
 from .optim import build_optimizer, build_scheduler, param_groups
@@ -156,6 +157,7 @@ class Trainer(TrainingLoop, RunOutput):
                 self.change_check = ChangeCheck(network, self.position.step)  # warns at the end if nothing learned
                 self._setup_fast_step()
                 self.recovery = OutOfMemoryRecovery(self)
+                self.nan_guard = NanGuard(self)
                 self.parking = EncoderParking.start(model, self.data, self.device, cfg.train_text_encoder)
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
                                  message=self._summary())

@@ -4,19 +4,19 @@ Part of `Trainer` (engine/train.py), split out by job. Each micro-batch goes thr
 (CUDA graph) when there is one and it takes the batch, else through the plain training step; after
 `gradient_accumulation_steps` micro-batches the optimizer steps. The loss stays on the device and is
 read back about twice a second on a GPU (every step on the CPU), so the host does not wait on the GPU
-every step; a non-finite loss stops the run with advice.
+every step. A non-finite update is the NaN guard's (engine/nan_guard.py: skipped, checked with one sync
+per update on the plain step), an out-of-memory error inside a step the recovery's
+(engine/memory/recovery.py).
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
-from . import checkpoint as ckpt
 from .data.prefetch import Prefetch
-from .errors import NonFiniteLoss, TrainingStopped
+from .errors import TrainingStopped
 from .fast_step import host_lrs
 
 
@@ -65,8 +65,10 @@ class TrainingLoop:
                     continue
                 if stepped:
                     self.fast.scheduler_step()
-                else:
+                elif self.nan_guard.allows_update(window):  # engine/nan_guard.py: a NaN update is skipped
                     self._update()
+                else:
+                    self.scheduler.step()
             except torch.cuda.OutOfMemoryError as exc:  # engine/memory/recovery.py: free, change the plan, retry
                 batch = loss = None
                 pos.micro = self.recovery.recover(exc)
@@ -96,10 +98,12 @@ class TrainingLoop:
         if self.fast is not None:
             loss = self.fast.step(batch)
             if loss is not None:
-                return loss, True
+                return self.nan_guard.maybe_inject(loss, fast=True), True
         if self.recovery.split > 1:
-            return self.recovery.forward_backward(batch, accum, self.scaler), False
-        return self.step.forward_backward(batch, accum, self.scaler), False
+            loss = self.recovery.forward_backward(batch, accum, self.scaler)
+        else:
+            loss = self.step.forward_backward(batch, accum, self.scaler)
+        return self.nan_guard.maybe_inject(loss, fast=False), False
 
     def _update(self) -> None:
         self.dist.average_gradients(self.params)
@@ -119,13 +123,6 @@ class TrainingLoop:
         if not pending:
             return []
         values = torch.stack([v for _, v in pending]).float().cpu().tolist()
-        reported = [(s, v) for (s, _), v in zip(pending, values)]
-        for step, value in reported:
-            if not math.isfinite(value):
-                last = ckpt.checkpoint_dirs(self.ckpt_root)
-                where = f"The last good checkpoint is {last[-1]}." if last else "No checkpoint was written yet."
-                raise NonFiniteLoss(f"the loss became {value} at step {step}. {where} Common causes: fp16 "
-                                    f"overflow (try mixed_precision: bf16, or no), a learning rate that is too "
-                                    f"high (now {self.cfg.learning_rate}), or a broken image/VAE (NaN latents).")
+        reported = self.nan_guard.check_read_back([(s, v) for (s, _), v in zip(pending, values)])
         self.losses.extend(v for _, v in reported)
         return reported
