@@ -30,4 +30,8 @@ class EngineOptions:
     # test hook of the NaN guard (engine/nan_guard.py): these optimizer steps get a NaN loss and NaN gradients
     # (the CUDA-graph step, which has already applied its update: NaN LoRA weights)
     inject_nan_at: tuple[int, ...] = ()
+    # the stall watchdog (engine/watchdog.py): a step over (x the running median, and seconds) is reported;
+    # `clock` replaces time.monotonic (tests step a fake clock)
+    stall_after: tuple[float, float] = (10.0, 30.0)
+    clock: Any = None
     compile_devices: tuple[str, ...] = ("cuda",)  # where `torch_compile: true` compiles (compiled_loss.py says why)

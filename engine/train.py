@@ -41,6 +41,7 @@ from .run_output import RunOutput, TrainResult
 from .runtime import compute_dtype, grad_scaler
 from .step import TrainingStep
 from .train_loop import TrainingLoop
+from .watchdog import StallWatchdog
 
 logger = logging.getLogger(__name__)
 __all__ = ["TrainResult", "Trainer", "train"]
@@ -158,6 +159,9 @@ class Trainer(TrainingLoop, RunOutput):
                 self._setup_fast_step()
                 self.recovery = OutOfMemoryRecovery(self)
                 self.nan_guard = NanGuard(self)
+                factor, seconds = self.options.stall_after
+                self.watchdog = StallWatchdog(self._say, clock=self.options.clock, factor=factor, min_seconds=seconds,
+                                              compiling=cfg.torch_compile)
                 self.parking = EncoderParking.start(model, self.data, self.device, cfg.train_text_encoder)
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
                                  message=self._summary())

@@ -53,8 +53,10 @@ class TrainingLoop:
                 plan, plan_epoch = self.data.epoch_plan(epoch), epoch
             if not in_window:
                 self.recovery.mark(pos.micro)  # where an out-of-memory retry of this step starts
+                self.watchdog.start()
             try:
-                batch = self._batch(prefetch, plan, epoch, index)
+                with self.watchdog.loading():
+                    batch = self._batch(prefetch, plan, epoch, index)
                 last = (pos.micro + 1) % accum == 0 or pos.micro + 1 >= self.total_micro
                 self.recovery.maybe_inject(last)
                 loss, stepped = self._micro_step(batch, accum)
@@ -85,6 +87,7 @@ class TrainingLoop:
             lr = self.fast.lr() if self.fast is not None else host_lrs(self.scheduler, self.optimizer)[0]
             self.events.emit("step", step=pos.step, total_steps=self.total_steps, epoch=pos.micro // self.bpe,
                              lr=lr, loss=reported[-1][1] if reported else None, losses=reported)
+            self.watchdog.end(pos.step)  # a step far slower than usual is reported (engine/watchdog.py)
             if self.events.should_stop():
                 raise TrainingStopped("stopped by the user")
             crossed_epoch = (pos.micro // self.bpe) > ((pos.micro - accum) // self.bpe)
