@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 
@@ -65,6 +66,9 @@ class OutOfMemoryRecovery:
         raise a UserError with the estimate's advice when no plan is left."""
         t = self.trainer
         step = t.position.step + 1
+        # the traceback's frames hold the failed forward's activations (and its autograd graph) alive
+        exc.__traceback__ = None
+        gc.collect()
         t.optimizer.zero_grad(set_to_none=True)
         if t.fast is not None:  # a graph that failed mid-capture or mid-replay is not replayed again
             t.fast.close()

@@ -88,3 +88,34 @@ def test_no_plan_left_ends_with_a_checkpoint_and_the_advice(data, tmp_path):
     assert model_fingerprint(model) == before
     error = [e for e in events if e.kind == "error"][-1]
     assert error.path and error.path.endswith("step-00000002")  # the last finished step is kept
+
+
+def test_the_failed_steps_tensors_are_freed_before_the_retry(data, tmp_path, monkeypatch):
+    """What the failed forward held (alive through the exception's traceback) must be gone when the
+    step is trained again, or a real out-of-memory error would repeat on the retry."""
+    import gc
+    import weakref
+
+    import engine.memory.recovery as recovery
+
+    held = []
+    original = recovery.OutOfMemoryRecovery.maybe_inject
+
+    def inject(self, last_micro):
+        step = self.trainer.position.step + 1
+        if last_micro and step in self._inject:
+            activations = torch.ones(1000)  # a tensor only the failing frame refers to
+            held.append(weakref.ref(activations))
+        original(self, last_micro)
+
+    monkeypatch.setattr(recovery.OutOfMemoryRecovery, "maybe_inject", inject)
+    seen_alive = []
+    original_apply = recovery.OutOfMemoryRecovery._apply
+
+    def apply(self, change, step, why):
+        seen_alive.append(any(r() is not None for r in held))
+        original_apply(self, change, step, why)
+
+    monkeypatch.setattr(recovery.OutOfMemoryRecovery, "_apply", apply)
+    result, _ = _run(data, tmp_path, EngineOptions(inject_oom_at=(2,)))
+    assert result.steps == 5 and seen_alive == [False]
