@@ -135,16 +135,7 @@ class OutOfMemoryRecovery:
             lo, hi = int(part[0]), int(part[-1]) + 1
             piece = _slice(batch, lo, hi, n)
             piece_drawn = {k: v[lo:hi] if v.dim() and v.shape[0] == n else v for k, v in drawn.items()}
-            with step.network.cast_weights(step.cast_dtype):
-                cond = piece.cond
-                if cond is None:
-                    from ..runtime import autocast
-
-                    with autocast(step.device, step.precision, step.use_autocast):
-                        cond = step.model.encode_text(piece.captions)
-                loss = step.loss(step.tensors(piece, piece_drawn, cond))
-                scaled = loss * ((hi - lo) / n) / accum
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss = step.forward_backward(piece, accum, scaler, drawn=piece_drawn, share=(hi - lo) / n)
             total = total + loss.detach() * ((hi - lo) / n)
         return total
 
