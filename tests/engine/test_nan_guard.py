@@ -14,7 +14,7 @@ from engine.lora.kohya_io import read_lora
 from engine.models import tiny_sd1
 from engine.options import EngineOptions
 from engine.train import train
-from tests.engine.train_fixtures import FAST_ON_CPU, model_fingerprint, pattern_dataset, quick_config
+from tests.engine.train_fixtures import model_fingerprint, pattern_dataset, quick_config
 
 
 @pytest.fixture

@@ -93,7 +93,6 @@ def test_no_plan_left_ends_with_a_checkpoint_and_the_advice(data, tmp_path):
 def test_the_failed_steps_tensors_are_freed_before_the_retry(data, tmp_path, monkeypatch):
     """What the failed forward held (alive through the exception's traceback) must be gone when the
     step is trained again, or a real out-of-memory error would repeat on the retry."""
-    import gc
     import weakref
 
     import engine.memory.recovery as recovery
