@@ -27,6 +27,7 @@ from .data.records import CLIP_TOKEN_LIMIT, estimate_tokens
 from .data.text import fixed_caption
 from .data.train_data import TrainData
 from .errors import DatasetError, UserError
+from .memory.run import advice_before_loading
 
 # Community rule of thumb for character/style LoRAs at batch 1 (kohya / lora-scripts guides), which
 # lands most datasets at roughly 1,500-3,000 image views: (up to N images, repeats, epochs, rank).
@@ -126,6 +127,7 @@ class DatasetReport:
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     plan_source: str = ""  # whose steps/epochs/batch size the plan uses, when not the config's own
+    memory: str = ""  # the training peak against the device's free memory (engine/memory), when a model is set
 
     @property
     def image_count(self) -> int:
@@ -189,6 +191,8 @@ class DatasetReport:
         views = s["image_views"]
         lines.append(f"Recommendation: {self.recommendation}. This plan's {views:,} image views are "
                      f"{views_verdict(self.image_count, views)}.")
+        if self.memory:
+            lines.append(f"Memory: {self.memory}")
         problems = self.problems()
         lines.append(f"Problems ({len(problems)}):" if problems else "No problems found.")
         lines += [f"  - {p}" for p in problems]
@@ -207,7 +211,7 @@ class DatasetReport:
                 "missing_captions": [rel(p) for p in self.missing_captions],
                 "empty_captions": [rel(p) for p in self.empty_captions],
                 "long_captions": [[rel(p), n] for p, n in self.long_captions],
-                "tag_frequency": self.tag_frequency, "problems": self.problems()}
+                "tag_frequency": self.tag_frequency, "memory": self.memory, "problems": self.problems()}
 
 
 def check_dataset(cfg: TrainConfig, *, native_resolution: int = 512, near_distance: int = 6) -> DatasetReport:
@@ -247,6 +251,8 @@ def check_dataset(cfg: TrainConfig, *, native_resolution: int = 512, near_distan
     report.exact_duplicates, report.near_duplicates = _duplicates(paths, near_distance)
     reported_above = ("Skipped ", "have no caption", "will be truncated")  # listed in detail by this report
     report.warnings = [w for w in data.warnings if not any(k in w for k in reported_above)]
+    advice = advice_before_loading(cfg, data)
+    report.memory = advice.text if advice is not None else ""
     return report
 
 

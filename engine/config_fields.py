@@ -135,6 +135,10 @@ class TrainConfig:
     optimizer_args: dict = _f({}, "Extra optimizer keyword arguments, e.g. {betas: [0.9, 0.99]}.")
     weight_decay: float = _f(0.01, "Decoupled weight decay.", minimum=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 turns it off.", minimum=0)
+    nan_guard_steps: int = _f(3, "NaN guard: an update whose loss or gradients are NaN/inf is skipped; after this "
+                              "many in a row the run restores the last good LoRA state and switches fp16 to bf16 "
+                              "(where the GPU has bf16) or halves the learning rate, and goes on. 0: the first "
+                              "NaN loss stops the run.", minimum=0)
     mixed_precision: str = _f("auto", "auto (bf16 where the GPU supports it, else fp16; fp32 on CPU), "
                               "no (fp32), fp16, bf16.", choices=("auto", "no", "fp16", "bf16"),
                               synonyms={False: "no", "fp32": "no", "float32": "no", "float16": "fp16",

@@ -150,6 +150,12 @@ class TrainableModel(ABC):
             yield self
 
     # --- optional ----------------------------------------------------------------------------------
+    def checkpointing(self, train_text_encoder: bool):
+        """A context manager that turns gradient checkpointing on from now until it exits (what
+        `session(gradient_checkpointing=True)` does), for the out-of-memory recovery to turn it on in
+        the middle of a run; None where the adapter cannot (the recovery then skips that plan)."""
+        return None
+
     def vae_module(self) -> nn.Module | None:
         """The VAE as a module, so the disk latent cache can key on its weights (None: the host hides
         it, and the cache keys on the checkpoint's name or hash instead)."""

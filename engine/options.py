@@ -22,4 +22,16 @@ class EngineOptions:
     # config: how the CPU tests check that the graphed step trains exactly like the plain one
     fast_step_without_graph: bool = False
     compile_backend: Any = "inductor"  # torch.compile's backend for `torch_compile: true` (tests: aot_eager)
+    # test hooks of the out-of-memory recovery (engine/memory/recovery.py): an out-of-memory error raised in
+    # the last micro-batch of each listed optimizer step (1-based; a step listed twice fails twice), and
+    # recovery changes applied before the listed steps as if an out-of-memory error had asked for them
+    inject_oom_at: tuple[int, ...] = ()
+    recovery_plan_at: tuple[tuple[int, str], ...] = ()
+    # test hook of the NaN guard (engine/nan_guard.py): these optimizer steps get a NaN loss and NaN gradients
+    # (the CUDA-graph step, which has already applied its update: NaN LoRA weights)
+    inject_nan_at: tuple[int, ...] = ()
+    # the stall watchdog (engine/watchdog.py): a step over (x the running median, and seconds) is reported;
+    # `clock` replaces time.monotonic (tests step a fake clock)
+    stall_after: tuple[float, float] = (10.0, 30.0)
+    clock: Any = None
     compile_devices: tuple[str, ...] = ("cuda",)  # where `torch_compile: true` compiles (compiled_loss.py says why)

@@ -56,10 +56,14 @@ class RunOutput:
         summary = self.data.summary()
         summary.setdefault("num_train_images", self.data.num_train_images)
         summary.setdefault("num_reg_images", self.data.num_reg_images)
-        return build_metadata(self.cfg, self.model.info, data_summary=summary, steps=self.position.step,
-                              epoch=self.position.micro // self.bpe, total_steps=self.total_steps,
-                              batches_per_epoch=self.bpe, started_at=self.started_at,
-                              mixed_precision=self.precision, session_id=self.session_id, processes=self.dist.world)
+        metadata = build_metadata(self.cfg, self.model.info, data_summary=summary, steps=self.position.step,
+                                  epoch=self.position.micro // self.bpe, total_steps=self.total_steps,
+                                  batches_per_epoch=self.bpe, started_at=self.started_at,
+                                  mixed_precision=self.precision, session_id=self.session_id,
+                                  processes=self.dist.world)
+        for guard in (getattr(self, "recovery", None), getattr(self, "nan_guard", None)):  # what they changed
+            metadata.update(guard.metadata() if guard is not None else {})
+        return metadata
 
     def _write_lora(self, path: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
         tensors = self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.save_precision])

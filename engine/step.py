@@ -73,20 +73,23 @@ class TrainingStep:
         return self.objective.loss(prediction, noised, tensors["loss_weights"])
 
     # --- the plain step ---------------------------------------------------------------------------------
-    def forward_backward(self, batch, accum: int, scaler=None) -> torch.Tensor:
+    def forward_backward(self, batch, accum: int, scaler=None, *, drawn: dict[str, torch.Tensor] | None = None,
+                         share: float = 1.0) -> torch.Tensor:
         """One micro-batch eagerly, text encoded here when it is not cached (text-encoder training);
         the gradients of loss / accum accumulate in the LoRA weights. With several processes the loss
-        is weighted by this process's share of the global batch (the processes' parts are summed)."""
-        drawn = self.draw(batch)
+        is weighted by this process's share of the global batch (the processes' parts are summed).
+        `drawn` and `share`: a part of a batch split after an out-of-memory error
+        (engine/memory/recovery.py), with its slice of the batch's draws and its share of the batch."""
+        drawn = self.draw(batch) if drawn is None else drawn
         with self.network.cast_weights(self.cast_dtype):
             cond = batch.cond
             if cond is None:
                 with autocast(self.device, self.precision, self.use_autocast):
                     cond = self.model.encode_text(batch.captions)
             loss = self.loss(self.tensors(batch, drawn, cond))
-            share = getattr(batch, "share", None)
-            if share is not None:
-                loss = loss * share.weight
-            scaled = loss / accum
+            process_share = getattr(batch, "share", None)
+            if process_share is not None:
+                loss = loss * process_share.weight
+            scaled = loss / accum if share == 1.0 else loss * share / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return loss

@@ -28,7 +28,10 @@ from .lora.change_check import ChangeCheck
 from .lora.kohya_io import read_lora, to_network_keys
 from .lora.network import LoRANetwork
 from .lora.targets import build_network
+from .memory.recovery import OutOfMemoryRecovery
+from .memory.run import memory_note
 from .model import TrainableModel
+from .nan_guard import NanGuard
 from .models.fp8_compute import fp8_compute
 from .models.geglu import lean_geglu
 from .optim import build_optimizer, build_scheduler, param_groups
@@ -38,6 +41,7 @@ from .run_output import RunOutput, TrainResult
 from .runtime import compute_dtype, grad_scaler
 from .step import TrainingStep
 from .train_loop import TrainingLoop
+from .watchdog import StallWatchdog
 
 logger = logging.getLogger(__name__)
 __all__ = ["TrainResult", "Trainer", "train"]
@@ -154,6 +158,11 @@ class Trainer(TrainingLoop, RunOutput):
                 self._maybe_resume(network)
                 self.change_check = ChangeCheck(network, self.position.step)  # warns at the end if nothing learned
                 self._setup_fast_step()
+                self.recovery = OutOfMemoryRecovery(self)
+                self.nan_guard = NanGuard(self)
+                factor, seconds = self.options.stall_after
+                self.watchdog = StallWatchdog(self._say, clock=self.options.clock, factor=factor, min_seconds=seconds,
+                                              compiling=cfg.torch_compile)
                 self.parking = EncoderParking.start(model, self.data, self.device, cfg.train_text_encoder)
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
                                  message=self._summary())
@@ -179,7 +188,7 @@ class Trainer(TrainingLoop, RunOutput):
         info, d = self.model.info, self.data
         return (f"{info.family} ({self.step.objective.describe()}), {len(self.network)} LoRA modules, "
                 f"{d.num_train_images} images ({d.num_reg_images} reg), {self.bpe} batches/epoch, "
-                f"{self.total_steps} steps, {self._precision_text()}")
+                f"{self.total_steps} steps, {self._precision_text()}" + memory_note(self))
 
     def _precision_text(self) -> str:
         if self.precision == "no":
@@ -254,6 +263,8 @@ class Trainer(TrainingLoop, RunOutput):
         self.events.emit("info", message=f"resumed from {folder} at step {self.position.step}")
 
     def _release(self) -> None:
+        if getattr(self, "recovery", None) is not None:
+            self.recovery.close()  # checkpointing the recovery turned on
         if getattr(self, "fast", None) is not None:
             self.fast.close()
         for name in ("fast", "step", "optimizer", "scheduler", "scaler", "params"):

@@ -4,19 +4,19 @@ Part of `Trainer` (engine/train.py), split out by job. Each micro-batch goes thr
 (CUDA graph) when there is one and it takes the batch, else through the plain training step; after
 `gradient_accumulation_steps` micro-batches the optimizer steps. The loss stays on the device and is
 read back about twice a second on a GPU (every step on the CPU), so the host does not wait on the GPU
-every step; a non-finite loss stops the run with advice.
+every step. A non-finite update is the NaN guard's (engine/nan_guard.py: skipped, checked with one sync
+per update on the plain step), an out-of-memory error inside a step the recovery's
+(engine/memory/recovery.py).
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
-from . import checkpoint as ckpt
 from .data.prefetch import Prefetch
-from .errors import NonFiniteLoss, TrainingStopped
+from .errors import TrainingStopped
 from .fast_step import host_lrs
 
 
@@ -52,20 +52,33 @@ class TrainingLoop:
             epoch, index = divmod(pos.micro, self.bpe)
             if epoch != plan_epoch:
                 plan, plan_epoch = self.data.epoch_plan(epoch), epoch
-            batch = self._batch(prefetch, plan, epoch, index)
-            loss = self.fast.step(batch) if self.fast is not None else None
-            stepped = loss is not None
-            if not stepped:
-                loss = self.step.forward_backward(batch, accum, self.scaler)
-            window = window + loss.detach()
-            in_window += 1
-            pos.micro += 1
-            if pos.micro % accum and pos.micro < self.total_micro:
+            if not in_window:
+                self.recovery.mark(pos.micro)  # where an out-of-memory retry of this step starts
+                self.watchdog.start()
+            try:
+                with self.watchdog.loading():
+                    batch = self._batch(prefetch, plan, epoch, index)
+                last = (pos.micro + 1) % accum == 0 or pos.micro + 1 >= self.total_micro
+                self.recovery.maybe_inject(last)
+                loss, stepped = self._micro_step(batch, accum)
+                window = window + loss.detach()
+                in_window += 1
+                pos.micro += 1
+                if not last:
+                    continue
+                if stepped:
+                    self.fast.scheduler_step()
+                else:  # several processes: gradients and losses summed first, so every guard decides alike
+                    window = self.dist.reduce_step(self.params, window)
+                    if self.nan_guard.allows_update(window):  # engine/nan_guard.py: a NaN update is skipped
+                        self._update()
+                    else:
+                        self.scheduler.step()
+            except torch.cuda.OutOfMemoryError as exc:  # engine/memory/recovery.py: free, change the plan, retry
+                batch = loss = None
+                pos.micro = self.recovery.recover(exc)
+                window, in_window = torch.zeros((), device=self.device), 0
                 continue
-            if stepped:
-                self.fast.scheduler_step()
-            else:
-                window = self._update(window)
             pos.step += 1
             self._mark_step_end()
             pending.append((pos.step, window / in_window))
@@ -78,6 +91,7 @@ class TrainingLoop:
             lr = self.fast.lr() if self.fast is not None else host_lrs(self.scheduler, self.optimizer)[0]
             self.events.emit("step", step=pos.step, total_steps=self.total_steps, epoch=pos.micro // self.bpe,
                              lr=lr, loss=reported[-1][1] if reported else None, losses=reported)
+            self.watchdog.end(pos.step)  # a step far slower than usual is reported (engine/watchdog.py)
             if self.events.should_stop():
                 raise TrainingStopped("stopped by the user")
             crossed_epoch = (pos.micro // self.bpe) > ((pos.micro - accum) // self.bpe)
@@ -91,9 +105,20 @@ class TrainingLoop:
         step (a dead process, Ctrl-C between accumulated micro-batches) checkpoints this point."""
         self.step_end = (ckpt.Position(self.position.step, self.position.micro), self.generator.get_state())
 
-    def _update(self, window: torch.Tensor) -> torch.Tensor:
-        """One optimizer step; with several processes their gradients and losses (`window`) are summed first."""
-        window = self.dist.reduce_step(self.params, window)
+    def _micro_step(self, batch, accum: int) -> tuple[torch.Tensor, bool]:
+        """One micro-batch: (its loss, whether the fast step also took the optimizer step)."""
+        if self.fast is not None:
+            loss = self.fast.step(batch)
+            if loss is not None:
+                return self.nan_guard.maybe_inject(loss, fast=True), True
+        if self.recovery.split > 1:
+            loss = self.recovery.forward_backward(batch, accum, self.scaler)
+        else:
+            loss = self.step.forward_backward(batch, accum, self.scaler)
+        return self.nan_guard.maybe_inject(loss, fast=False), False
+
+    def _update(self) -> None:
+        """One optimizer step on gradients already summed over the processes (`dist.reduce_step`)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm > 0:
@@ -105,19 +130,11 @@ class TrainingLoop:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return window
 
     def _flush(self, pending: list[tuple[int, torch.Tensor]]) -> list[tuple[int, float]]:
         if not pending:
             return []
         values = torch.stack([v for _, v in pending]).float().cpu().tolist()
-        reported = [(s, v) for (s, _), v in zip(pending, values)]
-        for step, value in reported:
-            if not math.isfinite(value):
-                last = ckpt.checkpoint_dirs(self.ckpt_root)
-                where = f"The last good checkpoint is {last[-1]}." if last else "No checkpoint was written yet."
-                raise NonFiniteLoss(f"the loss became {value} at step {step}. {where} Common causes: fp16 "
-                                    f"overflow (try mixed_precision: bf16, or no), a learning rate that is too "
-                                    f"high (now {self.cfg.learning_rate}), or a broken image/VAE (NaN latents).")
+        reported = self.nan_guard.check_read_back([(s, v) for (s, _), v in zip(pending, values)])
         self.losses.extend(v for _, v in reported)
         return reported

@@ -267,12 +267,16 @@ class A1111Model(TrainableModel):
                     if getattr(embedder, "input_key", None) == "txt":
                         stack.enter_context(temporary_attr(embedder, "is_trainable", True))
             if gradient_checkpointing:
-                stack.enter_context(block_checkpointing(self.unet))
+                stack.enter_context(self.checkpointing(train_text_encoder))
             if train_text_encoder:
                 for _ in self.text_encoder_layers():  # creates the fused-attention proxies to wrap
                     pass
                 stack.enter_context(self.fused.installed())
             yield self
+
+    def checkpointing(self, train_text_encoder: bool):
+        """Checkpointing of the UNet's blocks (the session's, or the out-of-memory recovery's mid-run)."""
+        return block_checkpointing(self.unet)
 
     # --- previews -------------------------------------------------------------------------------------
     def sample(self, prompts: list[str], *, seed: int, steps: int, cfg: float, width: int, height: int,

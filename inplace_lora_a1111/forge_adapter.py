@@ -219,14 +219,19 @@ class ForgeModel(TrainableModel):
             stack.enter_context(linear_views(self.trainable_roots()))
             stack.enter_context(borrowed_weights(self.trainable_roots(), swap))
             if gradient_checkpointing:
-                stack.enter_context(checkpointed_forwards(recompute_units(unet_blocks(self.unet)),
-                                                          copy_dict_args=True))
+                stack.enter_context(self.checkpointing(train_text_encoder))
             if train_text_encoder:
                 stack.enter_context(clip_backprop_guard(self.text_models()))
                 for embedder in getattr(getattr(self.sd, "conditioner", None), "embedders", []):
                     if getattr(embedder, "input_key", None) == "txt":  # sgm runs the others under no_grad
                         stack.enter_context(temporary_attr(embedder, "is_trainable", True))
             yield self
+
+    @contextlib.contextmanager
+    def checkpointing(self, train_text_encoder: bool):
+        """Checkpointing of the UNet's blocks (the session's, or the out-of-memory recovery's mid-run)."""
+        with checkpointed_forwards(recompute_units(unet_blocks(self.unet)), copy_dict_args=True):
+            yield
 
     # --- previews -----------------------------------------------------------------------------------------
     def sample(self, prompts: list[str], *, seed: int, steps: int, cfg: float, width: int, height: int,

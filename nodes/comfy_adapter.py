@@ -189,10 +189,16 @@ class ComfyModel(TrainableModel):
         with contextlib.ExitStack() as stack:
             stack.enter_context(borrowed_weights(self.trainable_roots(), swap))
             if gradient_checkpointing:
-                stack.enter_context(checkpointed_forwards(recompute_units(unet_blocks(unet)), copy_dict_args=True))
+                stack.enter_context(self.checkpointing(train_text_encoder))
             if train_text_encoder:
                 stack.enter_context(clip_backprop_guard(self.text_models()))
             yield self
+
+    @contextlib.contextmanager
+    def checkpointing(self, train_text_encoder: bool):
+        """Checkpointing of the UNet's blocks (the session's, or the out-of-memory recovery's mid-run)."""
+        with checkpointed_forwards(recompute_units(unet_blocks(self.mp.model.diffusion_model)), copy_dict_args=True):
+            yield
 
     # --- previews -----------------------------------------------------------------------------------
     @torch.no_grad()

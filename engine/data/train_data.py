@@ -22,6 +22,7 @@ from ..model import Conditioning, TrainableModel
 from ..runtime import autocast
 from .augment import color_jitter, flip_where, jitter_params
 from .buckets import BucketAssigner, Placement
+from .latent_check import bad_samples, encode_checked
 from .cache import CachedLatent, LatentStore, TextCache, file_digest
 from .images import load_image
 from .plan import BatchPlan, Sample, build_samples, count_batches, epoch_batches
@@ -97,6 +98,7 @@ class TrainData:
         # latents encoded during training (not cached) run under autocast in this precision on CUDA; the
         # trainer sets "bf16" when it trains in bf16 (bf16 has fp32's range: no fp16 VAE overflow)
         self.step_encode_precision = "no"
+        self.reencoded = 0  # images whose latents the VAE gave NaN/black in half precision, encoded again in fp32
         self.text_cache_enabled = self._text_cache_ok(train_text_encoder)
         self._store: LatentStore | None = None
         self._text = TextCache()
@@ -273,12 +275,12 @@ class TrainData:
     def _encode(self, model: TrainableModel, pixels01: torch.Tensor, ids: list[int]) -> torch.Tensor:
         pixels = (pixels01.to(model.device) * 2 - 1)
         with torch.no_grad():
-            latents = model.encode_images(pixels).float()
-        bad = [self.records[i].path for i, ok in zip(ids, torch.isfinite(latents).flatten(1).all(1).tolist())
-               if not ok]
+            latents, again = encode_checked(model, pixels)  # fp16 VAE overflow: those images again in fp32
+        self.reencoded += again
+        bad = [self.records[i].path for i, wrong in zip(ids, bad_samples(latents).tolist()) if wrong]
         if bad:
             raise DatasetError(
-                f"The VAE produced NaN/inf latents for '{bad[0]}'"
+                f"The VAE produced NaN/inf or all-zero (black) latents for '{bad[0]}'"
                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}. This is the fp16 VAE overflowing "
                 f"(common with SDXL): encode with an fp32 VAE (mixed_precision: no, or the VAE in full "
                 f"precision / the fp16-fix VAE), or check that the image is not corrupt.")

@@ -204,13 +204,16 @@ class DiffusersModel(TrainableModel):
         """On the device, frozen, checkpointing as asked; everything undone afterwards. Owned models
         stay on the device; borrowed ones go back where they were, bit-identical."""
         movable = self.trainable_roots() + ([self.vae] if self.vae is not None else [])
-        gc_roots = ([self.unet] + (self.text_encoders if train_text_encoder else [])) if gradient_checkpointing else []
         with contextlib.ExitStack() as stack:
             stack.enter_context(super().session(gradient_checkpointing, train_text_encoder))
             stack.enter_context(placed_on(movable, self.device, restore=not self.owns_weights))
-            stack.enter_context(_gc_and_mode(gc_roots))
+            if gradient_checkpointing:
+                stack.enter_context(self.checkpointing(train_text_encoder))
             stack.enter_context(attention_kernel(self.unet, self.attention))
             yield self
+
+    def checkpointing(self, train_text_encoder: bool):
+        return _gc_and_mode([self.unet] + (self.text_encoders if train_text_encoder else []))
 
     # --- previews --------------------------------------------------------------------------------------
     def _sampling_scheduler(self):

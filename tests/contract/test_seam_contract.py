@@ -81,3 +81,27 @@ def test_the_host_is_bit_identical_after_a_run(hosted, tmp_path):
     assert fingerprint(hosted.roots) == before
     assert result.steps == 2 and all(np.isfinite(result.losses))
     assert any(v.abs().sum() > 0 for k, v in result.tensors.items() if k.endswith("lora_up.weight"))
+
+
+def test_out_of_memory_recovery_turns_checkpointing_on_and_leaves_the_host_as_it_was(hosted, tmp_path):
+    """The recovery's first plan enters the adapter's `checkpointing()` in the middle of a run; the
+    host's model must be bit-identical afterwards as after any run."""
+    from engine.options import EngineOptions
+
+    assert hasattr(hosted.model.checkpointing(False), "__enter__")  # every adapter here offers the plan
+    if not hosted.checkpointing:  # the fake ComfyUI's UNet cannot run checkpointed blocks: the offer is all
+        return
+    with hosted.model.session(False, False), torch.no_grad():
+        hosted.model.encode_text(["warm up"])
+    before = fingerprint(hosted.roots)
+    infos = []
+    cfg = TrainConfig(train_data_dir=str(pattern_dataset(tmp_path / "data", n=2)), output_dir=str(tmp_path / "out"),
+                      output_name="contract", resolution="64", batch_size=2, max_train_steps=2, lora_rank=4,
+                      learning_rate=1e-2, save_every_n_epochs=0, save_precision="fp32")
+    from engine.events import FunctionCallback
+
+    result = hosted.train(cfg, hosted.model, options=EngineOptions(inject_oom_at=(1,)),
+                          callbacks=[FunctionCallback(lambda e: infos.append(e.message) if e.kind == "info" else None)])
+    assert fingerprint(hosted.roots) == before
+    assert result.steps == 2 and all(np.isfinite(result.losses))
+    assert any("gradient checkpointing turned on" in m for m in infos)

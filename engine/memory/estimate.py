@@ -1,0 +1,151 @@
+"""The training peak of a run, predicted before its first step.
+
+    weights  = what stays on the device: the denoiser (fp8_base: 1 byte per Linear/Conv2d weight), the
+               text encoders unless their outputs are cached and they are not trained, the VAE unless
+               latents are cached (the engine parks cached encoders in CPU memory, encoder_parking.py)
+    lora     = LoRA parameters x (4 weight + 4 gradient + the optimizer's state) + a 2-byte copy of each
+               when the step casts them once (bf16/fp16 without checkpointing)
+    step     = batch x latent pixels of the largest bucket x the family's bytes per latent pixel
+               (checkpointing on or off; x2 in fp32), plus a trained text encoder's own activations;
+               uncached latents are encoded first, so the VAE's transient counts when it is the larger
+    fixed    = cuBLAS workspace and the step's small tensors; fp8_base's per-layer casts
+
+The per-family numbers are in families.py; `weights_of_model` counts a loaded model's parameters on
+the device (dtypes as they are), `weights_of_family` the full-size model's before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .families import FamilyMemory, family_memory
+
+GiB = 1 << 30
+OPTIMIZER_STATE = {"AdamW": 8, "AdamW8bit": 2, "Lion": 4, "Adafactor": 4, "Prodigy": 16}  # bytes per parameter
+WORKSPACE = 64 << 20  # cuBLAS workspace, the step's noise/timesteps/loss, the CUDA graph's pool overhead
+VAE_ENCODE = 1024  # bytes per image pixel while the VAE encodes without grad (a few 128-channel maps alive)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The settings the peak depends on."""
+
+    family: str
+    batch_size: int
+    latent_pixels: int  # of the largest bucket (the peak is at its steps)
+    precision: str  # "bf16", "fp16" or "no" (fp32)
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True  # every latent cached: the VAE waits in CPU memory
+    cache_text: bool = True  # every caption's conditioning cached
+    train_text_encoder: bool = False
+    optimizer: str = "AdamW"
+    token_windows: int = 1
+
+    def but(self, **changes) -> "RunShape":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def text_on_device(self) -> bool:
+        return self.train_text_encoder or not self.cache_text
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Bytes of the frozen model by part, and the LoRA's parameter counts."""
+
+    denoiser: int
+    text_encoders: int
+    vae: int
+    fp8: int = 0  # of `denoiser`, the bytes stored in fp8 (fp8_base)
+    lora_params: int = 0  # denoiser LoRA
+    text_lora_params: int = 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    shape: RunShape
+    parts: dict[str, int]  # what the peak is made of, in bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def breakdown(self) -> str:
+        names = {"weights": "model", "lora": "LoRA + optimizer", "activations": "activations",
+                 "vae_encode": "VAE encoding", "fixed": "workspace"}
+        return ", ".join(f"{names.get(k, k)} {gib(v)}" for k, v in self.parts.items() if v >= 0.05 * GiB) + " GiB"
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.1f}"
+
+
+def estimate(shape: RunShape, weights: Weights) -> Estimate | None:
+    """The predicted training peak, or None for a family without memory data."""
+    fam = family_memory(shape.family)
+    if fam is None:
+        return None
+    half = shape.precision in ("bf16", "fp16")
+    on_device = weights.denoiser + (weights.text_encoders if shape.text_on_device else 0) + (
+        0 if shape.cache_latents else weights.vae)
+    params = weights.lora_params + (weights.text_lora_params if shape.train_text_encoder else 0)
+    per_param = 8 + OPTIMIZER_STATE.get(shape.optimizer, 8) + (2 if half and not shape.gradient_checkpointing else 0)
+    activations = _activations(fam, shape) * (1 if half else 2)
+    if shape.train_text_encoder:
+        activations += shape.batch_size * shape.token_windows * fam.text_activations * (1 if half else 2)
+    vae = 0 if shape.cache_latents else shape.batch_size * shape.latent_pixels * fam.latent_factor ** 2 * VAE_ENCODE
+    fixed = WORKSPACE + (weights.fp8 // 10 + (100 << 20) if weights.fp8 else 0)
+    step = max(activations, vae)
+    parts = {"weights": on_device, "lora": params * per_param,
+             "activations" if step == activations else "vae_encode": step, "fixed": fixed}
+    return Estimate(shape, parts)
+
+
+def _activations(fam: FamilyMemory, shape: RunShape) -> int:
+    per_pixel = fam.checkpointed if shape.gradient_checkpointing else fam.activations
+    return shape.batch_size * shape.latent_pixels * per_pixel
+
+
+# --- where the numbers come from ---------------------------------------------------------------------
+def weights_of_family(family: str, *, precision: str, fp8_base: bool = False, rank: int = 16) -> Weights | None:
+    """A full-size model of the family as the engine loads it (denoiser and text encoders in the compute
+    dtype, VAE in fp32), before anything is loaded."""
+    fam = family_memory(family)
+    if fam is None:
+        return None
+    width = 2 if precision in ("bf16", "fp16") else 4
+    denoiser = fam.denoiser_params * (1 if fp8_base else width)
+    return Weights(denoiser=denoiser, text_encoders=sum(fam.text_encoder_params) * width, vae=fam.vae_params * 4,
+                   fp8=denoiser if fp8_base else 0, lora_params=rank * fam.lora_width,
+                   text_lora_params=rank * fam.text_lora_width)
+
+
+def _bytes(module, device_type: str | None) -> tuple[int, int]:
+    """(bytes, bytes stored in 1-byte floats) of a module's tensors, those on `device_type` only if given."""
+    total = fp8 = 0
+    if module is None:
+        return 0, 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if device_type is not None and t.device.type != device_type:
+            continue
+        n = t.numel() * t.element_size()
+        total += n
+        fp8 += n if t.is_floating_point() and t.element_size() == 1 else 0
+    return total, fp8
+
+
+def weights_of_model(model, network=None, *, on_device_only: bool = True) -> Weights:
+    """A loaded model's weights as they are: dtypes, fp8 storage and (`on_device_only`) only what is on
+    the model's device now (encoders a host or the engine keeps in CPU memory do not count)."""
+    kind = model.device.type if on_device_only else None
+    roots = model.trainable_roots()
+    denoiser, fp8 = _bytes(roots[0], kind)
+    text = sum(_bytes(r, kind)[0] for r in roots[1:])
+    vae = _bytes(model.vae_module(), kind)[0]
+    lora = text_lora = 0
+    if network is not None:
+        lora = sum(p.numel() for p in network.unet_parameters())
+        text_lora = sum(p.numel() for p in network.text_encoder_parameters())
+    return Weights(denoiser=denoiser, text_encoders=text, vae=vae, fp8=fp8, lora_params=lora,
+                   text_lora_params=text_lora)

@@ -1,0 +1,118 @@
+"""The memory estimate: the measured H100 peaks it was fitted to, the advice text, a loaded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.memory import RunShape, advise, estimate, weights_of_family, weights_of_model
+
+GiB = 1 << 30
+# bench/RESULTS.md, `ours` (bf16, rank 16, AdamW, cached latents and text), H100: (model, batch, ckpt) -> GiB
+MEASURED = {("sd1", 1, False): 2.58, ("sd1", 4, False): 4.98, ("sd1", 8, False): 8.20,
+            ("sd1", 1, True): 1.93, ("sd1", 4, True): 2.43, ("sd1", 8, True): 3.09,
+            ("sdxl", 1, False): 11.04, ("sdxl", 4, False): 27.74, ("sdxl", 8, False): 50.02,
+            ("sdxl", 1, True): 6.04, ("sdxl", 4, True): 7.87, ("sdxl", 8, True): 10.31}
+LATENT = {"sd1": 64 * 64, "sdxl": 128 * 128}
+
+
+def _shape(family, batch, ckpt, **kw):
+    return RunShape(family=family, batch_size=batch, latent_pixels=LATENT[family], precision="bf16",
+                    gradient_checkpointing=ckpt, **kw)
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED))
+def test_estimate_matches_the_measured_peaks(key):
+    family, batch, ckpt = key
+    est = estimate(_shape(family, batch, ckpt), weights_of_family(family, precision="bf16"))
+    measured = MEASURED[key] * GiB
+    assert -0.05 <= est.total / measured - 1 <= 0.10, (key, est.describe(), MEASURED[key])
+
+
+def test_fp8_base_and_uncached_rows():
+    # fp8_base at batch 1 with checkpointing (config_fields' help: SD1.5 1.30, SDXL 3.93 GiB) and the
+    # uncached rows at batch 4 without checkpointing (5.30, 28.06 GiB)
+    for family, measured in (("sd1", 1.30), ("sdxl", 3.93)):
+        est = estimate(_shape(family, 1, True), weights_of_family(family, precision="bf16", fp8_base=True))
+        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, est.describe())
+    for family, measured in (("sd1", 5.30), ("sdxl", 28.06)):
+        est = estimate(_shape(family, 4, False, cache_latents=False), weights_of_family(family, precision="bf16"))
+        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, est.describe())
+
+
+def test_advice_names_the_settings_that_fit():
+    weights = weights_of_family("sdxl", precision="bf16")
+    shape = _shape("sdxl", 4, False)
+    advice = advise(shape, weights, 12 * GiB, device_name="this GPU")
+    assert not advice.fits
+    assert advice.text.startswith("needs about 27.8 GiB at batch 4; this GPU has 12.0 GiB free: ")
+    assert "free: turn on gradient checkpointing (about 7.9 GiB) or use batch 1 with gradient_accumulation_steps x4 (about 11.1 GiB)" in advice.text
+    assert advice.fix.gradient_checkpointing and advice.fix.batch_size == 4
+    roomy = advise(shape, weights, 40 * GiB)
+    assert roomy.fits and "fits (model 4.8, LoRA + optimizer 0.7, activations 22.3" in roomy.text
+    # nothing fits: says what else to do
+    assert "will not fit even at batch 1" in advise(shape, weights, 4 * GiB).text
+
+
+def test_batch_halving_is_offered_when_checkpointing_is_on():
+    weights = weights_of_family("sdxl", precision="bf16")
+    advice = advise(_shape("sdxl", 8, True), weights, 9 * GiB)
+    assert not advice.fits and advice.fix.batch_size == 4
+    assert "use batch 4 with gradient_accumulation_steps x2" in advice.text
+
+
+def test_unknown_family_has_no_estimate():
+    assert estimate(RunShape(family="nope", batch_size=1, latent_pixels=4096, precision="bf16"),
+                    weights_of_family("sd1", precision="bf16")) is None
+    assert weights_of_family("nope", precision="bf16") is None
+
+
+def test_loaded_model_is_counted_from_its_modules():
+    from engine.models import tiny_sd1
+
+    model = tiny_sd1(seed=3)
+    w = weights_of_model(model, on_device_only=False)
+    unet = model.trainable_roots()[0]
+    assert w.denoiser == sum(p.numel() * p.element_size() for p in [*unet.parameters(), *unet.buffers()])
+    with torch.no_grad():
+        for m in unet.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+                break
+    assert weights_of_model(model, on_device_only=False).fp8 > 0
+
+
+def test_engine_check_shows_the_estimate_and_the_fix(tmp_path, monkeypatch, capsys):
+    """`python -m engine check --config x.yaml` with an SDXL base_model and a 12 GiB card."""
+    import engine.memory.run as memory_run
+    import engine.models.detect as detect
+    from engine.check import check_main
+    from tests.engine.train_fixtures import pattern_dataset
+
+    data = pattern_dataset(tmp_path / "data", n=4)
+    model = tmp_path / "sdxl.safetensors"
+    model.write_bytes(b"not read: detection is monkeypatched")
+    monkeypatch.setattr(detect, "detect_path", lambda path: detect.Detection(family="sdxl", description="SDXL"))
+    monkeypatch.setattr(memory_run, "free_memory", lambda device: 12 * GiB)
+    config = tmp_path / "x.yaml"
+    config.write_text(f"train_data_dir: {data}\nbase_model: {model}\nresolution: 1024\nbatch_size: 4\n"
+                      f"mixed_precision: bf16\n", encoding="utf-8")
+    assert check_main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert ("Memory: needs about 27.8 GiB at batch 4; cpu has 12.0 GiB free: turn on gradient checkpointing "
+            "(about 7.9 GiB)") in out
+
+
+def test_trainer_start_message_carries_the_estimate(tmp_path, monkeypatch):
+    import engine.memory.run as memory_run
+    from engine.events import FunctionCallback
+    from engine.models import tiny_sd1
+    from engine.train import train
+    from tests.engine.train_fixtures import pattern_dataset, quick_config
+
+    monkeypatch.setattr(memory_run, "free_memory", lambda device: 1 * GiB)
+    starts = []
+    cfg = quick_config(pattern_dataset(tmp_path / "data"), tmp_path / "out", max_train_steps=1)
+    train(cfg, tiny_sd1(seed=3), callbacks=[FunctionCallback(lambda e: starts.append(e.message) if e.kind == "start"
+                                                             else None)])
+    assert "; memory: needs about " in starts[0] and "at batch 2; cpu has 1.0 GiB free" in starts[0]
