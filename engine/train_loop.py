@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from . import checkpoint as ckpt
 from .data.prefetch import Prefetch
 from .errors import TrainingStopped
 from .fast_step import host_lrs
