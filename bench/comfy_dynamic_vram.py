@@ -143,12 +143,12 @@ def server_environment(python: str, work: Path) -> tuple[list[str], list[str], l
 
 
 def run_mode(srv, wf, python: str, root: str, family: str, mode: str, ckpt: Path, work: Path, steps: int,
-             environment=([], [], [])) -> dict:
+             environment=([], [], []), cpu: bool = False) -> dict:
     size = FAMILIES[family]
     pythonpath, comfy_args, stand_ins = environment
     out: dict = {"family": family, "mode": mode, "args": MODES[mode], "stand_ins": stand_ins, "seconds": {}}
     server = srv.ComfyServer(python, str(work / f"base-{family}-{mode}"), extra_args=MODES[mode] + comfy_args,
-                             root=root, cpu=False, pythonpath=pythonpath)
+                             root=root, cpu=cpu, pythonpath=pythonpath)
     srv.make_base_dir(server.base_dir)
     probe = Path(server.base_dir) / "custom_nodes" / "inplace_lora_test_probe"
     if not probe.exists():
@@ -256,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/inplace-lora-dynvram")
     ap.add_argument("--no-standalone", action="store_true", help="skip the standalone engine's speed reference")
     ap.add_argument("--size", type=int, help="train and sample at this size instead (a CPU smoke run: 64)")
+    ap.add_argument("--cpu", action="store_true", help="a smoke run of this script on a machine without a GPU")
+    ap.add_argument("--engine-python", help="python for the standalone engine (default: --python)")
     ap.add_argument("--out", help="also write the JSON summary to this file")
     args = ap.parse_args(argv)
     if args.size:
@@ -273,11 +275,13 @@ def main(argv=None) -> int:
         ckpt = checkpoint(args.python, family, work, environment[0])
         rows = {}
         for mode in args.modes.split(","):
-            rows[mode] = run_mode(srv, wf, args.python, root, family, mode, ckpt, work, args.steps, environment)
+            rows[mode] = run_mode(srv, wf, args.python, root, family, mode, ckpt, work, args.steps, environment,
+                                  cpu=args.cpu)
             summary["rows"].append(rows[mode])
             write(summary, args.out)  # a run cut short by a time limit keeps the rows it finished
         t1 = time.monotonic()
-        alone = standalone(args.python, family, ckpt, work, args.steps) if not args.no_standalone else {}
+        alone = {} if args.no_standalone else standalone(args.engine_python or args.python, family, ckpt, work,
+                                                          args.steps)
         alone["seconds"] = round(time.monotonic() - t1, 1)
         summary["standalone"][family] = alone
         summary.setdefault("seconds", {})[family] = round(time.monotonic() - t0, 1)
