@@ -235,6 +235,13 @@ def standalone(python: str, family: str, ckpt: Path, work: Path, steps: int) -> 
     return json.loads(line[len("RESULT "):])
 
 
+def lora_file(work: Path, family: str, mode: str) -> str | None:
+    """The LoRA a mode's server saved, also by an earlier call with the same --work (the default and
+    nodyn modes may run in separate calls on a machine whose calls are time-limited)."""
+    path = work / f"base-{family}-{mode}" / "models" / "loras" / "dynvram" / f"{family}_{mode}.safetensors"
+    return str(path) if path.exists() else None
+
+
 def lora_difference(python: str, a: str | None, b: str | None) -> dict | None:
     """Largest relative difference between two LoRA files' tensors (same seed, same data)."""
     if not a or not b:
@@ -293,8 +300,8 @@ def main(argv=None) -> int:
             "prompt_after_ok": default.get("prompt_after_ok"), "cuda_graphed": default.get("cuda_graphed"),
             "node_over_standalone": round(node / ref, 3) if node and ref else None,
             "within_10_percent": bool(node and ref and node <= 1.10 * ref),
-            "dynamic_vs_legacy_lora": lora_difference(args.python, default.get("lora_file"),
-                                                      rows.get("nodyn", {}).get("lora_file")),
+            "dynamic_vs_legacy_lora": lora_difference(args.python, lora_file(work, family, "default"),
+                                                      lora_file(work, family, "nodyn")),
             "low_memory_modes": {m: ("trained" if r.get("trained") else r.get("train_error") or r.get("crash"))
                                  for m, r in rows.items() if m in ("lowvram", "novram")},
         }

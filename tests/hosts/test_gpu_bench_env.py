@@ -64,3 +64,12 @@ def test_nothing_is_added_where_everything_is_installed(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(site))
     path, args, stand_ins = bench.server_environment(sys.executable, tmp_path / "work")
     assert (path, args, stand_ins) == ([str(site)], [], [])
+
+
+def test_the_dynamic_vs_legacy_comparison_finds_a_lora_saved_by_an_earlier_call(tmp_path):
+    # one GPU call may run only `--modes default`, the next `--modes nodyn,...` with the same --work
+    assert bench.lora_file(tmp_path, "sd15", "nodyn") is None
+    saved = tmp_path / "base-sd15-nodyn" / "models" / "loras" / "dynvram" / "sd15_nodyn.safetensors"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"")
+    assert bench.lora_file(tmp_path, "sd15", "nodyn") == str(saved)
