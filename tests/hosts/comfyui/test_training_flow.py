@@ -152,7 +152,7 @@ def test_host_unchanged_after_training_and_lora_sampling(host_after_style_run, h
     control_before, control_after = comfy_own_patching
     assert weights_only(now) == weights_only(host_before)
     strict = all(control_after[p]["flags"] == control_before[p]["flags"] for p in ("unet", "clip", "vae"))
-    print("compared", "everything" if strict else "weights, hooks and forwards (ComfyUI's patching changes flags);",
+    print("compared", "everything;" if strict else "weights, hooks and forwards (ComfyUI's patching changes flags);",
           "flags unchanged too:", now == host_before)  # pytest -rP shows it: which check a ComfyUI version got
     if strict:
         assert now == host_before
