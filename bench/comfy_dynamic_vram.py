@@ -22,6 +22,12 @@ speed to compare with: the issue asks for the node within 10% of it.
 
 `--python` is the ComfyUI venv (torch with CUDA, ComfyUI's requirements including comfy-aimdo, this
 repository's requirements.txt); this script itself needs only the standard library.
+
+On an offline GPU machine whose Python has torch but no ComfyUI (wheels carried and unpacked with
+`pip install --target DIR`, then `PYTHONPATH=DIR`): the servers get that PYTHONPATH, and whatever of
+PyAV and comfy-kitchen (36 MB and 58 MB wheels) that Python lacks is replaced by the import-only
+stand-ins in bench/stubs/; without comfyui-frontend-package (22 MB) the servers get an empty
+`--front-end-root` (the API needs no page). Every row says which stand-ins it ran with.
 """
 
 from __future__ import annotations
@@ -55,10 +61,12 @@ def _load(name: str):
     return module
 
 
-def checkpoint(python: str, family: str, work: Path) -> Path:
+def checkpoint(python: str, family: str, work: Path, pythonpath: list[str]) -> Path:
+    """The random checkpoint, written with ComfyUI's own model classes (so with the stand-ins too)."""
     path = work / f"{family}_random_seed0.safetensors"
     if not path.exists():
-        subprocess.run([python, str(HOSTS / "make_checkpoint.py"), str(path), "--family", family], check=True)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath))
+        subprocess.run([python, str(HOSTS / "make_checkpoint.py"), str(path), "--family", family], check=True, env=env)
     return path
 
 
@@ -105,16 +113,50 @@ def history_run(data, name: str) -> dict | None:
     return None
 
 
-def run_mode(srv, wf, python: str, root: str, family: str, mode: str, ckpt: Path, work: Path, steps: int) -> dict:
+STUBS = Path(__file__).resolve().parent / "stubs"
+STAND_INS = ("av", "comfy_kitchen")  # bench/stubs/ packages, used only where the real one is missing
+
+
+def missing(python: str, modules) -> list[str]:
+    """The modules `python` (with this process's PYTHONPATH) cannot import."""
+    return [m for m in modules
+            if subprocess.run([python, "-c", f"import {m}"], capture_output=True).returncode != 0]
+
+
+def server_environment(python: str, work: Path) -> tuple[list[str], list[str], list[str]]:
+    """(PYTHONPATH entries, extra ComfyUI arguments, stand-ins used) for every server."""
+    stand_ins = missing(python, STAND_INS)
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if stand_ins:
+        only = work / "stand-ins"  # just the missing ones: a real package must not be shadowed
+        only.mkdir(parents=True, exist_ok=True)
+        for name in stand_ins:
+            if not (only / name).exists():
+                (only / name).symlink_to(STUBS / name, target_is_directory=True)
+        path.insert(0, str(only))
+    args = []
+    if missing(python, ["comfyui_frontend_package"]):
+        (work / "frontend-empty").mkdir(parents=True, exist_ok=True)
+        args = ["--front-end-root", str(work / "frontend-empty")]
+        stand_ins.append("comfyui_frontend_package (empty --front-end-root)")
+    return path, args, stand_ins
+
+
+def run_mode(srv, wf, python: str, root: str, family: str, mode: str, ckpt: Path, work: Path, steps: int,
+             environment=([], [], []), cpu: bool = False) -> dict:
     size = FAMILIES[family]
-    out: dict = {"family": family, "mode": mode, "args": MODES[mode]}
-    server = srv.ComfyServer(python, str(work / f"base-{family}-{mode}"), extra_args=MODES[mode], root=root, cpu=False)
+    pythonpath, comfy_args, stand_ins = environment
+    out: dict = {"family": family, "mode": mode, "args": MODES[mode], "stand_ins": stand_ins, "seconds": {}}
+    server = srv.ComfyServer(python, str(work / f"base-{family}-{mode}"), extra_args=MODES[mode] + comfy_args,
+                             root=root, cpu=cpu, pythonpath=pythonpath)
     srv.make_base_dir(server.base_dir)
     probe = Path(server.base_dir) / "custom_nodes" / "inplace_lora_test_probe"
     if not probe.exists():
         probe.symlink_to(HOSTS / "probe_nodes", target_is_directory=True)
+    t0 = time.monotonic()
     try:
         server.start(timeout=600)
+        out["seconds"]["start"] = round(time.monotonic() - t0, 1)
         log = server.log_text()
         out["dynamic_vram"] = "DynamicVRAM support detected and enabled" in log
         out["aimdo_missing"] = "No working comfy-aimdo install detected" in log
@@ -149,6 +191,7 @@ def run_mode(srv, wf, python: str, root: str, family: str, mode: str, ckpt: Path
         entry, ok, error = run(txt2img_graph(wf, name, size))
         out["prompt_after_ok"], out["prompt_after_error"] = ok, error
         out["system_stats_before"], out["system_stats_after"] = stats_before, server.get_json("/system_stats")
+        out["seconds"]["mode_total"] = round(time.monotonic() - t0, 1)
         lora = Path(server.path("models", "loras", "dynvram", f"{family}_{mode}.safetensors"))
         out["lora_file"] = str(lora) if lora.exists() else None
     except Exception as exc:  # a crash is a result too: keep the log tail
@@ -192,6 +235,13 @@ def standalone(python: str, family: str, ckpt: Path, work: Path, steps: int) -> 
     return json.loads(line[len("RESULT "):])
 
 
+def lora_file(work: Path, family: str, mode: str) -> str | None:
+    """The LoRA a mode's server saved, also by an earlier call with the same --work (the default and
+    nodyn modes may run in separate calls on a machine whose calls are time-limited)."""
+    path = work / f"base-{family}-{mode}" / "models" / "loras" / "dynvram" / f"{family}_{mode}.safetensors"
+    return str(path) if path.exists() else None
+
+
 def lora_difference(python: str, a: str | None, b: str | None) -> dict | None:
     """Largest relative difference between two LoRA files' tensors (same seed, same data)."""
     if not a or not b:
@@ -211,21 +261,37 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="default,nodyn,lowvram,novram")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--work", default="/tmp/inplace-lora-dynvram")
+    ap.add_argument("--no-standalone", action="store_true", help="skip the standalone engine's speed reference")
+    ap.add_argument("--size", type=int, help="train and sample at this size instead (a CPU smoke run: 64)")
+    ap.add_argument("--cpu", action="store_true", help="a smoke run of this script on a machine without a GPU")
+    ap.add_argument("--engine-python", help="python for the standalone engine (default: --python)")
+    ap.add_argument("--out", help="also write the JSON summary to this file")
     args = ap.parse_args(argv)
+    if args.size:
+        FAMILIES.update({f: args.size for f in FAMILIES})
     root = os.environ.get("COMFYUI_ROOT")
     if not root:
         ap.error("set COMFYUI_ROOT to the ComfyUI 0.33 folder")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     srv, wf = _load("server"), _load("comfy_workflows")
-    summary = {"comfyui_root": root, "rows": [], "standalone": {}, "checks": {}}
+    environment = server_environment(args.python, work)
+    summary = {"comfyui_root": root, "stand_ins": environment[2], "rows": [], "standalone": {}, "checks": {}}
     for family in args.families.split(","):
-        ckpt = checkpoint(args.python, family, work)
-        rows = {mode: run_mode(srv, wf, args.python, root, family, mode, ckpt, work, args.steps)
-                for mode in args.modes.split(",")}
-        summary["rows"] += list(rows.values())
-        alone = standalone(args.python, family, ckpt, work, args.steps)
+        t0 = time.monotonic()
+        ckpt = checkpoint(args.python, family, work, environment[0])
+        rows = {}
+        for mode in args.modes.split(","):
+            rows[mode] = run_mode(srv, wf, args.python, root, family, mode, ckpt, work, args.steps, environment,
+                                  cpu=args.cpu)
+            summary["rows"].append(rows[mode])
+            write(summary, args.out)  # a run cut short by a time limit keeps the rows it finished
+        t1 = time.monotonic()
+        alone = {} if args.no_standalone else standalone(args.engine_python or args.python, family, ckpt, work,
+                                                          args.steps)
+        alone["seconds"] = round(time.monotonic() - t1, 1)
         summary["standalone"][family] = alone
+        summary.setdefault("seconds", {})[family] = round(time.monotonic() - t0, 1)
         default = rows.get("default", {})
         node, ref = default.get("seconds_per_step"), alone.get("seconds_per_step")
         summary["checks"][family] = {
@@ -234,13 +300,20 @@ def main(argv=None) -> int:
             "prompt_after_ok": default.get("prompt_after_ok"), "cuda_graphed": default.get("cuda_graphed"),
             "node_over_standalone": round(node / ref, 3) if node and ref else None,
             "within_10_percent": bool(node and ref and node <= 1.10 * ref),
-            "dynamic_vs_legacy_lora": lora_difference(args.python, default.get("lora_file"),
-                                                      rows.get("nodyn", {}).get("lora_file")),
+            "dynamic_vs_legacy_lora": lora_difference(args.python, lora_file(work, family, "default"),
+                                                      lora_file(work, family, "nodyn")),
             "low_memory_modes": {m: ("trained" if r.get("trained") else r.get("train_error") or r.get("crash"))
                                  for m, r in rows.items() if m in ("lowvram", "novram")},
         }
-    print(json.dumps(summary, indent=1, default=str))
+    print(write(summary, args.out))
     return 0
+
+
+def write(summary: dict, out: str | None) -> str:
+    text = json.dumps(summary, indent=1, default=str)
+    if out:
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    return text
 
 
 if __name__ == "__main__":

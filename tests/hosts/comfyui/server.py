@@ -58,8 +58,9 @@ def free_port():
 class ComfyServer:
     """One ComfyUI process over one base directory; use as a context manager or start()/stop()."""
 
-    def __init__(self, python, base_dir, extra_args=(), root=None, cpu=True):
+    def __init__(self, python, base_dir, extra_args=(), root=None, cpu=True, pythonpath=()):
         self.python = python
+        self.pythonpath = list(pythonpath)  # bench/ on an offline GPU machine: stand-ins, wheels unpacked with --target
         self.cpu = cpu  # False: ComfyUI picks the GPU and its defaults (dynamic VRAM on 0.2x+), for bench/
         self.base_dir = os.path.abspath(base_dir)
         self.root = root or comfy_root(python)
@@ -86,6 +87,8 @@ class ComfyServer:
                "--disable-auto-launch", "--disable-api-nodes", *self.extra_args]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
         env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if self.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join(self.pythonpath)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
