@@ -171,6 +171,14 @@ class TrainConfig:
     seed: int = _f(42, "Random seed (data order, noise, timesteps).", minimum=0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", minimum=0)
     min_snr_gamma: float = _f(5.0, "Min-SNR loss weighting gamma; 0 turns it off.", minimum=0)
+    multires_noise_iterations: int = _f(0, "Multi-resolution (pyramid) noise levels, 6-10 suggested; 0 = off "
+                                        "(kohya's option; SD1/SD2/SDXL).", minimum=0)
+    multires_noise_discount: float = _f(0.3, "Weight ratio between pyramid-noise levels (kohya's default 0.3).",
+                                        minimum=0)
+    ip_noise_gamma: float = _f(0.0, "Input-perturbation noise strength, about 0.1 (arXiv 2301.11706); 0 = off "
+                               "(SD1/SD2/SDXL).", minimum=0)
+    ip_noise_gamma_random_strength: bool = _f(False, "Draw the input-perturbation strength from [0, "
+                                              "ip_noise_gamma) each step.")
 
     # --- output -------------------------------------------------------------------------------------
     output_dir: str = _f("output", "Where `<output_name>/` is written.", group="save")

@@ -84,7 +84,6 @@ IGNORED: dict[str, str] = {
     "validation_seed": "no validation split", "max_validation_steps": "no validation split",
     "validate_every_n_steps": "no validation split", "validate_every_n_epochs": "no validation split",
     "huber_c": "loss_type is l2", "huber_scale": "loss_type is l2", "huber_schedule": "loss_type is l2",
-    "multires_noise_discount": "only with multires_noise_iterations",
     "lr_decay_steps": "only with kohya's warmup_stable_decay schedule",
 }
 
@@ -94,11 +93,8 @@ UNSUPPORTED: dict[str, str] = {
     "masked_loss": "masked loss is not implemented" + _OURS, "alpha_mask": "masked loss is not implemented" + _OURS,
     "conditioning_data_dir": "masked loss is not implemented" + _OURS,
     "loss_type": "only the l2 (MSE) loss is implemented" + _OURS,
-    "multires_noise_iterations": "multires noise is not implemented; noise_offset is" + _OURS,
     "adaptive_noise_scale": "adaptive noise scale is not implemented; noise_offset is" + _OURS,
     "noise_offset_random_strength": "a random noise-offset strength is not implemented" + _OURS,
-    "ip_noise_gamma": "input perturbation noise is not implemented" + _OURS,
-    "ip_noise_gamma_random_strength": "input perturbation noise is not implemented" + _OURS,
     "min_timestep": "the timestep range is always the whole schedule" + _OURS,
     "max_timestep": "the timestep range is always the whole schedule" + _OURS,
     "debiased_estimation_loss": "debiased estimation is not implemented; min_snr_gamma is" + _OURS,
