@@ -71,6 +71,11 @@ class TrainConfig:
                                group="data", choices=(75, 150, 225))
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", group="data",
                                 aliases=("caption_dropout_rate",), minimum=0)
+    caption_tag_dropout_rate: float = _f(0.0, "Probability of dropping each comma-separated tag of a caption "
+                                         "each step (tags within keep_tokens and the trigger word are kept). "
+                                         "Turns text-encoder caching off.", group="data", minimum=0)
+    caption_dropout_every_n_epochs: int = _f(0, "Train every N-th epoch on empty captions (0 = off).", group="data",
+                                             minimum=0)
     resolution: str = _f("auto", "Training resolution: 512, '768,512' (W,H) or auto (the family's native).",
                          group="data")
     enable_bucket: bool = _f(True, "Aspect-ratio buckets (kohya-compatible resolutions).", group="data")
@@ -252,8 +257,9 @@ class TrainConfig:
         if self.task_type != "image":
             raise ConfigError(f"{source}: task_type {self.task_type} trains a language model from the command line "
                               f"(python -m engine train --config x.yaml); this path trains image LoRAs.")
-        if self.caption_dropout > 1 or self.lora_dropout >= 1:
-            raise ConfigError(f"{source}: caption_dropout and lora_dropout are probabilities (0 to 1).")
+        if self.caption_dropout > 1 or self.lora_dropout >= 1 or self.caption_tag_dropout_rate > 1:
+            raise ConfigError(f"{source}: caption_dropout, caption_tag_dropout_rate and lora_dropout are "
+                              f"probabilities (0 to 1).")
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
             raise ConfigError(f"{source}: warmup_steps is a step count (e.g. 100) or a ratio below 1 "
                               f"(e.g. 0.05), not {self.warmup_steps}.")

@@ -105,8 +105,6 @@ UNSUPPORTED: dict[str, str] = {
     "face_crop_aug_range": "face crops are not implemented" + _OURS,
     "caption_prefix": "use trigger_word (put first in every caption)",
     "caption_suffix": "append it to the captions themselves" + _OURS,
-    "caption_tag_dropout_rate": "tag dropout is not implemented; caption_dropout is" + _OURS,
-    "caption_dropout_every_n_epochs": "use caption_dropout (a per-step probability)",
     "token_warmup_step": "token warm-up is not implemented" + _OURS,
     "token_warmup_min": "token warm-up is not implemented" + _OURS,
     "enable_wildcard": "wildcard captions are not implemented" + _OURS,

@@ -55,6 +55,12 @@ class HostBatch:
     jitter: list | None = None
 
 
+def _dropout_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """kohya's caption_dropout_every_n_epochs: every N-th epoch (counted from 1) trains on empty captions."""
+    n = cfg.caption_dropout_every_n_epochs
+    return n > 0 and (epoch + 1) % n == 0
+
+
 class TrainData:
     def __init__(self, cfg: TrainConfig, *, native_resolution: int, model_key: str, train_text_encoder: bool,
                  max_bucket_reso: int | None = None):
@@ -119,7 +125,8 @@ class TrainData:
         if mode == "off":
             return False
         why = ("the text encoder is trained" if train_text_encoder else
-               "shuffle_caption changes captions every step" if self.cfg.shuffle_caption else "")
+               "shuffle_caption changes captions every step" if self.cfg.shuffle_caption else
+               "caption_tag_dropout_rate changes captions every step" if self.cfg.caption_tag_dropout_rate else "")
         if why and mode == "on":
             self.warnings.append(f"cache_text_encoder_outputs: on is ignored because {why}.")
         return not why
@@ -191,7 +198,7 @@ class TrainData:
     def cached_captions(self) -> list[str]:
         """Every caption a step can train on when captions are fixed ("" too, with caption dropout)."""
         caps = {fixed_caption(self.records[i].caption, trigger_word=self.cfg.trigger_word) for i in self._used}
-        if self.cfg.caption_dropout > 0:
+        if self.cfg.caption_dropout > 0 or self.cfg.caption_dropout_every_n_epochs > 0:
             caps.add("")
         return sorted(caps)
 
@@ -281,7 +288,9 @@ class TrainData:
             host.flips.append(flip)
             host.captions.append(process_caption(rec.caption, sample_rng(cfg.seed, epoch, s.slot, "caption"),
                                                  trigger_word=cfg.trigger_word, shuffle=cfg.shuffle_caption,
-                                                 keep_tokens=cfg.keep_tokens, dropout=cfg.caption_dropout))
+                                                 keep_tokens=cfg.keep_tokens, dropout=cfg.caption_dropout,
+                                                 tag_dropout=cfg.caption_tag_dropout_rate,
+                                                 drop_all=_dropout_epoch(cfg, epoch)))
             left = place.resized[0] - crop[0] - place.bucket[0] if flip else crop[0]
             host.time_ids.append([rec.height, rec.width, crop[1], left, place.bucket[1], place.bucket[0]])
             host.weights.append(cfg.prior_loss_weight if rec.is_reg else 1.0)

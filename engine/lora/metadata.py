@@ -86,6 +86,8 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_caption_dropout_rate": cfg.caption_dropout,
+        "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs or None,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate or None,
         "ss_shuffle_caption": cfg.shuffle_caption,
         "ss_keep_tokens": cfg.keep_tokens,
         "ss_flip_aug": cfg.flip_aug,
