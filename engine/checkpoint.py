@@ -65,12 +65,14 @@ def fingerprint(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer, scheduler, scaler,
                     position: Position, rng: list[dict[str, Any]], cfg_dict: dict[str, Any],
-                    lora_file: str | None) -> Path:
-    """`rng` holds every process's RNG state, in rank order (one entry without several GPUs)."""
+                    lora_file: str | None, more_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """`rng` holds every process's RNG state, in rank order (one entry without several GPUs);
+    `more_weights`: other weight files of the run's state by file name (the EMA's)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
+    for name, tensors in {WEIGHTS_FILE: weights, **(more_weights or {})}.items():
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
     save_state(tmp, {
         "step": position.step,
         "micro": position.micro,

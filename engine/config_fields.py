@@ -184,6 +184,11 @@ class TrainConfig:
                                "(SD1/SD2/SDXL).", minimum=0)
     ip_noise_gamma_random_strength: bool = _f(False, "Draw the input-perturbation strength from [0, "
                                               "ip_noise_gamma) each step.")
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the LoRA weights with this decay per step, "
+                          "e.g. 0.999 (about the last 1000 steps); 0 = off.", minimum=0)
+    ema_start_step: int = _f(0, "The average copies the weights up to this step and averages after it.", minimum=0)
+    ema_save: str = _f("beside", "beside: <name>.safetensors holds the trained weights and <name>_ema.safetensors "
+                       "the average; instead: <name>.safetensors holds the average.", choices=("beside", "instead"))
 
     # --- output -------------------------------------------------------------------------------------
     output_dir: str = _f("output", "Where `<output_name>/` is written.", group="save")
@@ -267,6 +272,8 @@ class TrainConfig:
             raise ConfigError(f"{source}: target_modules must be one of {', '.join(TARGET_PRESETS)} or a "
                               f"list of module-name suffixes such as [to_q, to_k, to_v, to_out.0]; "
                               f"got {self.target_modules!r}.")
+        if self.ema_decay >= 1:
+            raise ConfigError(f"{source}: ema_decay is below 1 (e.g. 0.999), or 0 for no average; got {self.ema_decay}.")
         self.resolution_wh()  # raises on a malformed value
         if any(c in self.output_name for c in '/\\:*?"<>|') or self.output_name in ("", ".", ".."):
             raise ConfigError(f"{source}: output_name {self.output_name!r} must be a plain file name "

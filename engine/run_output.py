@@ -15,6 +15,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .errors import NonFiniteLoss, TrainingStopped
+from .lora.ema import EMA_WEIGHTS_FILE, write_lora_with_ema
 from .lora.kohya_io import save_lora
 from .lora.metadata import build_metadata
 from .sample import load_prompts, render_previews, save_previews
@@ -61,8 +62,11 @@ class RunOutput:
                               mixed_precision=self.precision, session_id=self.session_id)
 
     def _write_lora(self, path: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
-        tensors = self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.save_precision])
         metadata = self._metadata()
+        if getattr(self, "ema", None) is not None:  # the weights' moving average, instead of or beside them
+            return write_lora_with_ema(self.ema, self.cfg.ema_save, path, SAVE_DTYPES[self.cfg.save_precision],
+                                       metadata)
+        tensors = self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.save_precision])
         return save_lora(path, tensors, metadata), tensors, metadata
 
     def _save_checkpoint(self) -> Path | None:
@@ -75,7 +79,8 @@ class RunOutput:
         folder = ckpt.save_checkpoint(
             self.ckpt_root / f"step-{step:08d}", weights=self.network.kohya_state_dict(None),
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, position=self.position,
-            rng=rng, cfg_dict=self.cfg.to_dict(), lora_file=lora_path.name)
+            rng=rng, cfg_dict=self.cfg.to_dict(), lora_file=lora_path.name,
+            more_weights={EMA_WEIGHTS_FILE: self.ema.kohya_state_dict(None)} if getattr(self, "ema", None) else None)
         ckpt.prune(self.ckpt_root, self.cfg.save_last_n_checkpoints)
         self.events.emit("checkpoint", step=step, path=str(folder), lora_path=str(lora_path))
         return folder

@@ -25,6 +25,7 @@ from .errors import UserError
 from .events import Callbacks
 from .fast_step import FastStep, unsupported_reason
 from .lora.change_check import ChangeCheck
+from .lora.ema import LoRAEma, resume_ema
 from .lora.kohya_io import read_lora, to_network_keys
 from .lora.network import LoRANetwork
 from .lora.targets import build_network
@@ -198,6 +199,7 @@ class Trainer(TrainingLoop, RunOutput):
         self.optimizer = build_optimizer(cfg, param_groups(cfg, network.unet_parameters(), te_params), self.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = grad_scaler(self.device, self.precision)
+        self.ema = LoRAEma(network, cfg.ema_decay, cfg.ema_start_step) if cfg.ema_decay > 0 else None
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.dist.rank)
         # LoRA weights cast once per step and held to its end, unless checkpointing: then each layer casts
         # as it runs, so only the recomputed block's casts are alive in backward (SDXL: 81 MiB less).
@@ -250,6 +252,8 @@ class Trainer(TrainingLoop, RunOutput):
         self.position = ckpt.Position(step=state["step"], micro=state["micro"])
         self.saved_step = self.position.step
         self.events.emit("info", message=f"resumed from {folder} at step {self.position.step}")
+        if self.ema is not None:
+            self.events.emit("info", message=resume_ema(self.ema, folder))
 
     def _release(self) -> None:
         if getattr(self, "fast", None) is not None:

@@ -66,6 +66,8 @@ class TrainingLoop:
             else:
                 self._update()
             pos.step += 1
+            if self.ema is not None:
+                self.ema.update(pos.step)
             pending.append((pos.step, window / in_window))
             window, in_window = torch.zeros((), device=self.device), 0
             now = time.monotonic()
