@@ -117,6 +117,20 @@ class TrainConfig:
     conv_rank: int = _f(0, "Rank for 3x3 convs with locon; 0 = lora_rank.", group="network",
                         aliases=("conv_dim",), minimum=0)
     conv_alpha: float = _f(0.0, "Alpha for 3x3 convs with locon; 0 = conv_rank/2.", group="network", minimum=0)
+    down_lr_weight: Any = _f("", "UNet lr multipliers of the down blocks (SD: 12, SDXL: 9), comma-separated, or a "
+                             "preset: cosine, sine, linear, reverse_linear, zeros (+base, e.g. sine+.5). kohya's "
+                             "network_args; a block at 0 gets no LoRA.", group="network")
+    mid_lr_weight: Any = _f("", "UNet lr multipliers of the mid block(s) (SD: 1, SDXL: 3), comma-separated.",
+                            group="network")
+    up_lr_weight: Any = _f("", "UNet lr multipliers of the up blocks (deep to shallow), as down_lr_weight.",
+                           group="network")
+    block_lr_zero_threshold: float = _f(0.0, "Block lr multipliers at or below this count as 0.", group="network",
+                                        minimum=0)
+    block_dims: Any = _f("", "Rank of every UNet block, comma-separated (SD: 25 values, SDXL: 23); 0 = no LoRA "
+                         "there.", group="network")
+    block_alphas: Any = _f("", "Alpha of every UNet block, as block_dims (default: lora_alpha).", group="network")
+    conv_block_dims: Any = _f("", "Rank of the 3x3 convs of every block (LoCon), as block_dims.", group="network")
+    conv_block_alphas: Any = _f("", "Alpha of the 3x3 convs of every block, as block_dims.", group="network")
     network_weights: str = _f("", "Continue from an existing LoRA file (kohya, diffusers/PEFT or "
                               "ComfyUI-native).", group="network", aliases=("init_lora",), path="file")
     train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", group="network")

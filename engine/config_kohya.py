@@ -138,7 +138,9 @@ _KOHYA_OFF = {"loss_type": "l2", "caption_separator": ",", "token_warmup_min": 1
 
 # network_args of networks.lora / lycoris.kohya that map onto ours; the rest are refused by name.
 _NETWORK_ARGS = {"conv_dim": "conv_rank", "conv_rank": "conv_rank", "conv_alpha": "conv_alpha",
-                 "dropout": "lora_dropout"}
+                 "dropout": "lora_dropout",
+                 **{k: k for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
+                                   "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")}}
 _LYCORIS_LATER = ("loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft", "oft")
 # Defaults that differ from kohya's, named when a kohya-style config leaves them unset.
 _DIFFERENT_DEFAULTS = {"lora_alpha": ("network_alpha", "rank/2", "1"), "lr_scheduler": ("lr_scheduler", "cosine", "constant"),
@@ -276,8 +278,10 @@ def _network(data: dict[str, Any], source: str, notes: list[str]) -> None:
         if key in ("verbose",):
             continue
         if key not in _NETWORK_ARGS:
-            raise ConfigError(f"{source}: network_args {key}={value} is not supported here; supported: conv_dim, "
-                              f"conv_alpha, dropout, algo=locon. Remove it to train.")
+            raise ConfigError(f"{source}: network_args {key}={value} is not supported here; supported: "
+                              f"{', '.join(_NETWORK_ARGS)}, algo=locon. Remove it to train.")
+        if isinstance(value, (list, tuple)):  # "block_dims=4,4,..." reads as a tuple: keep kohya's text
+            value = ",".join(map(str, value))
         data.setdefault(_NETWORK_ARGS[key], value)
         if key in ("conv_dim", "conv_rank") and "target_modules" not in data:
             data["target_modules"] = "locon"

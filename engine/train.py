@@ -24,6 +24,7 @@ from .encoder_parking import EncoderParking
 from .errors import UserError
 from .events import Callbacks
 from .fast_step import FastStep, unsupported_reason
+from .lora.blocks import unet_param_groups as block_param_groups
 from .lora.change_check import ChangeCheck
 from .lora.ema import LoRAEma, resume_ema
 from .lora.kohya_io import read_lora, to_network_keys
@@ -196,7 +197,9 @@ class Trainer(TrainingLoop, RunOutput):
             for p in network.text_encoder_parameters():
                 p.requires_grad_(False)
         self.params = network.unet_parameters() + te_params
-        self.optimizer = build_optimizer(cfg, param_groups(cfg, network.unet_parameters(), te_params), self.device)
+        unet_groups = block_param_groups(cfg, network, self.model.info.spec)  # None without block-wise lr
+        self.optimizer = build_optimizer(cfg, param_groups(cfg, network.unet_parameters(), te_params, unet_groups),
+                                         self.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = grad_scaler(self.device, self.precision)
         self.ema = LoRAEma(network, cfg.ema_decay, cfg.ema_start_step) if cfg.ema_decay > 0 else None

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..model import ModelInfo
+from .blocks import network_args as block_network_args
 
 PRODUCT = "inplace-lora-trainer"
 
@@ -41,6 +42,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         network_args = {"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_alpha_value)}
     elif cfg.target_modules != "kohya":
         network_args = {"target_modules": cfg.target_modules}
+    network_args.update(block_network_args(cfg))  # down_lr_weight, block_dims, ... as kohya writes them
     md: dict[str, Any] = {
         "ss_session_id": _session_int(session_id),
         "ss_training_started_at": started_at,

@@ -324,8 +324,9 @@ def test_network_module_and_args():
         TrainConfig.from_dict({"network_module": "lycoris.kohya", "network_args": ["algo=lokr"]})
     with pytest.raises(ConfigError, match="network_module 'networks.dylora' is not supported"):
         TrainConfig.from_dict({"network_module": "networks.dylora"})
-    with pytest.raises(ConfigError, match="network_args block_dims=.* is not supported"):
-        TrainConfig.from_dict({"network_args": ["block_dims=2,4,4"]})
+    with pytest.raises(ConfigError, match="network_args rank_dropout=.* is not supported"):
+        TrainConfig.from_dict({"network_args": ["rank_dropout=0.1"]})
+    assert TrainConfig.from_dict({"network_args": ["block_dims=2,4,4"]}).block_dims == "2,4,4"  # block-wise ranks
     opt = TrainConfig.from_dict({"optimizer_args": ["weight_decay=0.1", "betas=0.9,0.99"]})
     assert opt.optimizer_args == {"weight_decay": 0.1, "betas": (0.9, 0.99)}
 
