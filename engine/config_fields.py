@@ -76,6 +76,10 @@ class TrainConfig:
                                          "Turns text-encoder caching off.", group="data", minimum=0)
     caption_dropout_every_n_epochs: int = _f(0, "Train every N-th epoch on empty captions (0 = off).", group="data",
                                              minimum=0)
+    masked_loss: bool = _f(False, "Weight the loss per pixel by each image's mask: <image>_mask.png beside it "
+                           "(white trains, black is ignored), or its alpha channel with alpha_mask.", group="data")
+    alpha_mask: bool = _f(False, "Use each image's alpha channel as its loss mask (turns masked_loss on).",
+                          group="data")
     resolution: str = _f("auto", "Training resolution: 512, '768,512' (W,H) or auto (the family's native).",
                          group="data")
     enable_bucket: bool = _f(True, "Aspect-ratio buckets (kohya-compatible resolutions).", group="data")

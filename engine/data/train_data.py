@@ -24,6 +24,7 @@ from .augment import color_jitter, flip_where, jitter_params
 from .buckets import BucketAssigner, Placement
 from .cache import CachedLatent, LatentStore, TextCache, file_digest
 from .images import load_image
+from .masks import MaskSource, to_latent_size
 from .plan import BatchPlan, Sample, build_samples, count_batches, epoch_batches
 from .records import ImageRecord, Subset, scan_dataset
 from .text import fixed_caption, process_caption, sample_rng, split_tags, tag_frequency, with_trigger
@@ -39,6 +40,7 @@ class Batch:
     cond: Conditioning | None  # from the text cache when valid, else None (the loop encodes captions)
     time_ids: torch.Tensor  # [B,6] float: orig_h, orig_w, crop_top, crop_left, target_h, target_w
     loss_weights: torch.Tensor  # [B]: 1.0, or prior_loss_weight for regularisation images
+    masks: torch.Tensor | None = None  # [B,1,h,w] loss masks at the latents' size (masked_loss), else None
 
 
 @dataclass
@@ -53,6 +55,7 @@ class HostBatch:
     records: list[int] = field(default_factory=list)  # their record indices
     pixels: torch.Tensor | None = None  # [len(missing), 3, h, w] in [0, 1], cropped, before flip/jitter
     jitter: list | None = None
+    masks: list = field(default_factory=list)  # [1, H, W] pixel loss masks per sample (masked_loss)
 
 
 def _dropout_epoch(cfg: TrainConfig, epoch: int) -> bool:
@@ -105,6 +108,10 @@ class TrainData:
         self._store: LatentStore | None = None
         self._text = TextCache()
         self._digests: dict[int, str] = {}  # self.warnings are shown by the host, once (not logged here)
+        self.masks = MaskSource(cfg.alpha_mask) if cfg.masked_loss or cfg.alpha_mask else None
+        if self.masks is not None and not self.masks.count([self.records[i].path for i in self._used]):
+            self.warnings.append("masked_loss is on but no image has a mask (<image>_mask.png beside it, or an "
+                                 "alpha channel with alpha_mask): every pixel trains.")
 
     # --- decisions -------------------------------------------------------------------------------
     def _latent_mode(self) -> str | None:
@@ -294,6 +301,8 @@ class TrainData:
             left = place.resized[0] - crop[0] - place.bucket[0] if flip else crop[0]
             host.time_ids.append([rec.height, rec.width, crop[1], left, place.bucket[1], place.bucket[0]])
             host.weights.append(cfg.prior_loss_weight if rec.is_reg else 1.0)
+            if self.masks is not None:
+                host.masks.append(self.masks.get(s.record, rec.path, place, crop, flip, keep=not cfg.random_crop))
         if missing:
             host.missing = [k for k, _ in missing]
             host.records = [plan.samples[k].record for k in host.missing]
@@ -325,4 +334,5 @@ class TrainData:
             cond=self._text.batch(captions, device) if self.text_cache_enabled and len(self._text) else None,
             time_ids=torch.tensor(host.time_ids, dtype=torch.float32, device=device),
             loss_weights=torch.tensor(host.weights, dtype=torch.float32, device=device),
+            masks=to_latent_size(torch.stack(host.masks).to(device), latents[0].shape[-2:]) if host.masks else None,
         )

@@ -109,6 +109,8 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_training_comment": cfg.training_comment or None,
         "ss_loss_type": "l2",
         "ss_ema_decay": cfg.ema_decay or None,
+        "ss_masked_loss": cfg.masked_loss or cfg.alpha_mask or None,
+        "ss_alpha_mask": cfg.alpha_mask or None,
         "ss_ema_start_step": cfg.ema_start_step if cfg.ema_decay else None,
         # modelspec (SAI model spec 1.0.1), as kohya writes it
         "modelspec.sai_model_spec": "1.0.1",

@@ -333,8 +333,8 @@ def test_network_module_and_args():
 
 def test_features_we_lack_are_refused_when_on_and_accepted_when_off():
     TrainConfig.from_dict({"masked_loss": False, "loss_type": "l2", "multires_noise_iterations": 0, "vae": ""})
-    with pytest.raises(ConfigError, match="masked_loss = True is not supported here: masked loss"):
-        TrainConfig.from_dict({"masked_loss": True})
+    with pytest.raises(ConfigError, match="debiased_estimation_loss = True is not supported here"):
+        TrainConfig.from_dict({"debiased_estimation_loss": True})
     with pytest.raises(ConfigError, match="loss_type = 'huber'"):
         TrainConfig.from_dict({"loss_type": "huber"})
     with pytest.raises(ConfigError, match="save_model_as 'ckpt'"):
