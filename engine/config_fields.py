@@ -80,6 +80,15 @@ class TrainConfig:
                            "(white trains, black is ignored), or its alpha channel with alpha_mask.", group="data")
     alpha_mask: bool = _f(False, "Use each image's alpha channel as its loss mask (turns masked_loss on).",
                           group="data")
+    validation_data_dir: str = _f("", "Folder of validation images (with captions) for the validation loss.",
+                                  group="data", path="dir")
+    validation_split: float = _f(0.0, "Fraction of the training images held out for the validation loss "
+                                 "(kohya's option); 0 = none.", group="data", minimum=0)
+    validation_seed: int = _f(-1, "Seed of the held-out choice and of the validation noise (-1: seed).", group="data")
+    validate_every_n_steps: int = _f(0, "Validation loss every N steps (0 = off).", group="data", minimum=0)
+    validate_every_n_epochs: int = _f(1, "Validation loss every N epochs (0 = off); always at the end.", group="data",
+                                      minimum=0)
+    max_validation_steps: int = _f(0, "Validation batches per evaluation (0 = all).", group="data", minimum=0)
     resolution: str = _f("auto", "Training resolution: 512, '768,512' (W,H) or auto (the family's native).",
                          group="data")
     enable_bucket: bool = _f(True, "Aspect-ratio buckets (kohya-compatible resolutions).", group="data")
@@ -290,6 +299,8 @@ class TrainConfig:
             raise ConfigError(f"{source}: target_modules must be one of {', '.join(TARGET_PRESETS)} or a "
                               f"list of module-name suffixes such as [to_q, to_k, to_v, to_out.0]; "
                               f"got {self.target_modules!r}.")
+        if self.validation_split >= 1:
+            raise ConfigError(f"{source}: validation_split is the fraction of images held out (e.g. 0.1), below 1.")
         if self.ema_decay >= 1:
             raise ConfigError(f"{source}: ema_decay is below 1 (e.g. 0.999), or 0 for no average; got {self.ema_decay}.")
         self.resolution_wh()  # raises on a malformed value

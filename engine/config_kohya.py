@@ -81,8 +81,6 @@ IGNORED: dict[str, str] = {
     "sample_at_first": "previews are made at the set interval and at the end",
     "resize_interpolation": "images are resized with Lanczos",
     "debug_dataset": "python -m engine check DIR reports on the dataset",
-    "validation_seed": "no validation split", "max_validation_steps": "no validation split",
-    "validate_every_n_steps": "no validation split", "validate_every_n_epochs": "no validation split",
     "huber_c": "loss_type is l2", "huber_scale": "loss_type is l2", "huber_schedule": "loss_type is l2",
     "lr_decay_steps": "only with kohya's warmup_stable_decay schedule",
 }
@@ -113,7 +111,7 @@ UNSUPPORTED: dict[str, str] = {
     "in_json": "kohya's fine-tuning metadata JSON is not read; write metadata.jsonl (file_name, text) and set "
                "metadata_path",
     "dataset_class": "custom dataset classes are not loaded" + _OURS,
-    "dataset_repeats": "set repeats", "validation_split": "no validation split is taken" + _OURS,
+    "dataset_repeats": "set repeats",
     "vae": "a separate VAE file is not loaded; use a checkpoint with the VAE baked in",
     "base_weights": "merging other LoRAs into the base is not implemented" + _OURS,
     "base_weights_multiplier": "merging other LoRAs into the base is not implemented" + _OURS,

@@ -34,6 +34,7 @@ class TrainResult:
     output_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
     fast_steps: int = 0  # steps the fast (CUDA-graph) step took; the rest took the plain step
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss), engine/validation.py
 
 
 def _every(step: int, crossed_epoch: bool, epochs_done: int, n_steps: int, n_epochs: int) -> bool:
@@ -122,7 +123,9 @@ class RunOutput:
             self.events.emit("info", message=unchanged)
         from .plot import loss_plot
 
-        loss_plot(self.losses, title=f"{self.cfg.output_name}: loss per step").save(self.out / "loss.png")
+        validation = list(getattr(self, "validation", []))
+        loss_plot(self.losses, title=f"{self.cfg.output_name}: loss per step",
+                  validation=validation).save(self.out / "loss.png")
         # the LoRA is on disk: free the optimizer and graphs before the encoders come back to the GPU
         # (final preview, unparking), or that moment would be the run's memory peak
         self._release()
@@ -130,7 +133,8 @@ class RunOutput:
             self._preview(self.position.step)
         self.events.emit("done", step=self.position.step, total_steps=self.total_steps, path=str(path))
         return TrainResult(lora_path=path, tensors=tensors, metadata=metadata, steps=self.position.step,
-                           losses=self.losses, output_dir=self.out, warnings=self.warnings, fast_steps=fast_steps)
+                           losses=self.losses, output_dir=self.out, warnings=self.warnings, fast_steps=fast_steps,
+                           validation=validation)
 
     def _abort(self, exc: BaseException) -> None:
         """Keep what the run made: a checkpoint at the last finished step, unless the weights are bad."""

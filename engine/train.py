@@ -40,6 +40,7 @@ from .run_output import RunOutput, TrainResult
 from .runtime import compute_dtype, grad_scaler
 from .step import TrainingStep
 from .train_loop import TrainingLoop
+from .validation import ValidationRun
 
 logger = logging.getLogger(__name__)
 __all__ = ["TrainResult", "Trainer", "train"]
@@ -56,7 +57,7 @@ def train(cfg: TrainConfig, model: TrainableModel | None = None, *, callbacks=()
     return Trainer(cfg, model, Callbacks(callbacks), data, options or EngineOptions(), tuple(stop_exceptions)).run()
 
 
-class Trainer(TrainingLoop, RunOutput):
+class Trainer(TrainingLoop, RunOutput, ValidationRun):
     def __init__(self, cfg: TrainConfig, model: TrainableModel | None, events: Callbacks, data,
                  options: EngineOptions | None = None, stop_exceptions: tuple[type[BaseException], ...] = ()):
         self.dist = Distributed()
@@ -151,6 +152,7 @@ class Trainer(TrainingLoop, RunOutput):
             self.saved_step = 0
             try:
                 self.data.prepare_cache(model, progress=self._cache_progress)
+                self._setup_validation()  # validation_data_dir / validation_split: its images encoded once
                 self._setup_optimization(network)
                 self._maybe_resume(network)
                 self.change_check = ChangeCheck(network, self.position.step)  # warns at the end if nothing learned

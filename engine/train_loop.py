@@ -85,6 +85,8 @@ class TrainingLoop:
                 self._save_checkpoint()
             if self._preview_due(pos.step, crossed_epoch, pos.micro // self.bpe):
                 self._preview(pos.step)
+            if self._validation_due(pos.step, crossed_epoch, pos.micro // self.bpe):
+                self._validate(pos.step)
 
     def _update(self) -> None:
         self.dist.average_gradients(self.params)

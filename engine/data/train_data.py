@@ -27,6 +27,7 @@ from .images import load_image
 from .masks import MaskSource, to_latent_size
 from .plan import BatchPlan, Sample, build_samples, count_batches, epoch_batches
 from .records import ImageRecord, Subset, scan_dataset
+from .validation_split import held_out
 from .text import fixed_caption, process_caption, sample_rng, split_tags, tag_frequency, with_trigger
 
 CACHE_DIR_NAME = ".lora_cache"  # hidden, so dataset scans never mistake it for a subset
@@ -66,7 +67,8 @@ def _dropout_epoch(cfg: TrainConfig, epoch: int) -> bool:
 
 class TrainData:
     def __init__(self, cfg: TrainConfig, *, native_resolution: int, model_key: str, train_text_encoder: bool,
-                 max_bucket_reso: int | None = None):
+                 max_bucket_reso: int | None = None, only: set[Path] | None = None):
+        """`only`: keep just these images (the validation images held out of a dataset, validation.py)."""
         self.cfg = cfg
         self.model_key = model_key
         self.warnings: list[str] = []
@@ -83,6 +85,10 @@ class TrainData:
             self.warnings += [f"Regularisation images: {w}" for w in reg.warnings]
             self.subsets += reg.subsets
         self.records: list[ImageRecord] = [r for s in self.subsets for r in s.records]
+        # validation_split: a fraction of the training images is held out for the validation loss
+        self.held_out = held_out(self.records, cfg) if only is None else set()
+        if only is not None or self.held_out:
+            self.records = [r for r in self.records if (r.path in only if only is not None else r.path not in self.held_out)]
 
         self.resolution = cfg.resolution_wh(native_resolution)
         max_size = cfg.max_bucket_reso
