@@ -80,6 +80,8 @@ class TrainConfig:
                            "(white trains, black is ignored), or its alpha channel with alpha_mask.", group="data")
     alpha_mask: bool = _f(False, "Use each image's alpha channel as its loss mask (turns masked_loss on).",
                           group="data")
+    conditioning_data_dir: str = _f("", "Folder of masks named as the images (kohya's), for masked_loss.",
+                                    group="data", path="dir")
     validation_data_dir: str = _f("", "Folder of validation images (with captions) for the validation loss.",
                                   group="data", path="dir")
     validation_split: float = _f(0.0, "Fraction of the training images held out for the validation loss "

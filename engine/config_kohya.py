@@ -88,7 +88,6 @@ IGNORED: dict[str, str] = {
 _OURS = "; remove it (or set it off) to train here"
 UNSUPPORTED: dict[str, str] = {
     "network_train_text_encoder_only": "the UNet LoRA is always trained" + _OURS,
-    "conditioning_data_dir": "masks are read from <image>_mask.png beside each image (or alpha_mask)",
     "loss_type": "only the l2 (MSE) loss is implemented" + _OURS,
     "adaptive_noise_scale": "adaptive noise scale is not implemented; noise_offset is" + _OURS,
     "noise_offset_random_strength": "a random noise-offset strength is not implemented" + _OURS,

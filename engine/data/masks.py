@@ -1,8 +1,9 @@
 """Loss masks: which pixels of an image the loss counts (kohya's masked_loss / alpha_mask).
 
 A mask is a grey image where white (1) trains and black (0) is ignored: `<image>_mask.png` beside the
-image (any image extension), or, with `alpha_mask`, the image's own alpha channel (kohya's convention;
-opaque trains). An image without one trains everywhere. The mask goes through the image's own resize,
+image (any image extension), or a file of the image's name in `conditioning_data_dir` (kohya's mask
+folder; ComfyUI's Load Dataset writes its MASK input there, `save_masks`), or, with `alpha_mask`, the
+image's own alpha channel (kohya's convention; opaque trains). An image without one trains everywhere. The mask goes through the image's own resize,
 crop and flip, is kept in memory per image and crop (a cached latent keeps its mask), and is
 area-downsampled to the latent's size, where it multiplies the per-pixel loss as kohya's
 `apply_masked_loss` does (the loss is then averaged over all pixels, masked ones counting as 0).
@@ -35,12 +36,17 @@ def is_mask_file(path: Path, siblings: set[str]) -> bool:
     return any(image + ext in siblings or image + ext.upper() in siblings for ext in IMAGE_EXTENSIONS)
 
 
-def mask_file(image: Path) -> Path | None:
-    for ext in IMAGE_EXTENSIONS:
-        for e in (ext, ext.upper()):
-            candidate = image.with_name(f"{image.stem}{MASK_SUFFIX}{e}")
-            if candidate.is_file():
-                return candidate
+def mask_file(image: Path, folder: str | Path = "") -> Path | None:
+    """`<image>_mask.<ext>` beside the image, else `<folder>/<image stem>.<ext>` (or `_mask`) when given."""
+    places = [(image.parent, f"{image.stem}{MASK_SUFFIX}")]
+    if folder:
+        places += [(Path(folder), image.stem), (Path(folder), f"{image.stem}{MASK_SUFFIX}")]
+    for where, stem in places:
+        for ext in IMAGE_EXTENSIONS:
+            for e in (ext, ext.upper()):
+                candidate = where / f"{stem}{e}"
+                if candidate.is_file():
+                    return candidate
     return None
 
 
@@ -58,9 +64,9 @@ def _read(path: Path, alpha: bool) -> Image.Image | None:
         raise DatasetError(f"the mask '{path}' cannot be read ({exc}). Re-export it or remove it.") from None
 
 
-def load_mask(image: Path, use_alpha: bool) -> Image.Image | None:
-    """The image's mask as an 8-bit grey image at the image's size, or None (it trains everywhere)."""
-    found = mask_file(image)
+def load_mask(image: Path, use_alpha: bool, folder: str | Path = "") -> Image.Image | None:
+    """The image's mask as an 8-bit grey image, or None (it trains everywhere)."""
+    found = mask_file(image, folder)
     if found is not None:
         return _read(found, alpha=False)
     return _read(image, alpha=True) if use_alpha else None
@@ -87,8 +93,8 @@ def to_latent_size(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class MaskSource:
     """Masks of one dataset, each read once per (image, crop, flip) and kept in memory."""
 
-    def __init__(self, use_alpha: bool):
-        self.use_alpha = use_alpha
+    def __init__(self, use_alpha: bool, folder: str | Path = ""):
+        self.use_alpha, self.folder = use_alpha, folder
         self._cache: dict[tuple, torch.Tensor] = {}
         self.found = 0  # images that have a mask
 
@@ -97,7 +103,7 @@ class MaskSource:
         key = (record, crop, flip)
         if key in self._cache:
             return self._cache[key]
-        mask = load_mask(path, self.use_alpha)
+        mask = load_mask(path, self.use_alpha, self.folder)
         placed = place_mask(mask, place, crop, flip)
         if keep:  # random crops are not kept (every step has its own)
             self._cache[key] = placed
@@ -105,7 +111,7 @@ class MaskSource:
 
     def count(self, paths: list[Path]) -> int:
         """How many of `paths` have a mask (for the warning when masked_loss finds none)."""
-        self.found = sum(1 for p in paths if mask_file(p) is not None or (self.use_alpha and _has_alpha(p)))
+        self.found = sum(1 for p in paths if mask_file(p, self.folder) is not None or (self.use_alpha and _has_alpha(p)))
         return self.found
 
 
@@ -115,3 +121,19 @@ def _has_alpha(path: Path) -> bool:
             return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     except (OSError, ValueError, SyntaxError):
         return False
+
+
+def save_masks(masks: torch.Tensor, images: list[Path], folder: Path) -> Path:
+    """Write a host's masks ([N, H, W] or [H, W] in [0, 1]: one per image in `images`' order, or one for
+    all) as `<folder>/<image stem>.png`, the folder `conditioning_data_dir` then points at."""
+    masks = masks.detach().float().cpu()
+    if masks.dim() == 2:
+        masks = masks[None]
+    if masks.shape[0] not in (1, len(images)):
+        raise DatasetError(f"the MASK input holds {masks.shape[0]} masks but the dataset has {len(images)} images: "
+                           f"give one mask per image (in file-name order) or one mask for all.")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        arr = (masks[i if masks.shape[0] > 1 else 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(arr, "L").save(folder / f"{image.stem}.png")
+    return folder

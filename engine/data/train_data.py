@@ -114,7 +114,7 @@ class TrainData:
         self._store: LatentStore | None = None
         self._text = TextCache()
         self._digests: dict[int, str] = {}  # self.warnings are shown by the host, once (not logged here)
-        self.masks = MaskSource(cfg.alpha_mask) if cfg.masked_loss or cfg.alpha_mask else None
+        self.masks = MaskSource(cfg.alpha_mask, cfg.conditioning_data_dir) if cfg.masked_loss or cfg.alpha_mask else None
         if self.masks is not None and not self.masks.count([self.records[i].path for i in self._used]):
             self.warnings.append("masked_loss is on but no image has a mask (<image>_mask.png beside it, or an "
                                  "alpha channel with alpha_mask): every pixel trains.")

@@ -126,3 +126,24 @@ def test_fast_step_trains_with_masks_like_the_plain_step(tmp_path):
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(plain.losses, fast.losses)), (plain.losses, fast.losses)
     assert plain.losses != unmasked.losses
     assert TrainConfig.from_dict({"alpha_mask": True}).alpha_mask and plain.metadata["ss_masked_loss"] == "True"
+
+
+def test_a_hosts_masks_saved_to_a_mask_folder_reach_the_batches(tmp_path):
+    from engine.data.masks import save_masks
+
+    from engine.errors import DatasetError
+
+    make_image(tmp_path / "d" / "a.png")
+    make_image(tmp_path / "d" / "b.png")
+    masks = torch.ones(2, 64, 64)  # ComfyUI's MASK: [N, H, W], any size
+    masks[0, :, :32] = 0
+    folder = save_masks(masks, [tmp_path / "d" / "a.png", tmp_path / "d" / "b.png"], tmp_path / "masks")
+    d = _data(tmp_path / "d", masked_loss=True, conditioning_data_dir=str(folder), resolution="128")
+    got = {}
+    for plan in d.epoch_plan(0):
+        batch = d.materialize(plan, FakeModel(), epoch=0)
+        got[d.records[plan.samples[0].record].path.name] = batch.masks[0, 0]
+    assert torch.all(got["a.png"][:, :7] == 0) and torch.all(got["a.png"][:, 9:] == 1)  # upscaled: a soft edge
+    assert torch.all(got["b.png"] == 1)
+    with pytest.raises(DatasetError, match="one mask per image"):
+        save_masks(torch.ones(3, 8, 8), [tmp_path / "d" / "a.png", tmp_path / "d" / "b.png"], tmp_path / "m2")
