@@ -57,6 +57,8 @@ class RunOutput:
         summary = self.data.summary()
         summary.setdefault("num_train_images", self.data.num_train_images)
         summary.setdefault("num_reg_images", self.data.num_reg_images)
+        if getattr(self, "val_data", None) is not None:
+            summary["num_validation_images"] = len(self.val_data.records)
         return build_metadata(self.cfg, self.model.info, data_summary=summary, steps=self.position.step,
                               epoch=self.position.micro // self.bpe, total_steps=self.total_steps,
                               batches_per_epoch=self.bpe, started_at=self.started_at,

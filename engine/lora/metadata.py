@@ -110,6 +110,10 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_loss_type": "l2",
         "ss_ema_decay": cfg.ema_decay or None,
         "ss_masked_loss": cfg.masked_loss or cfg.alpha_mask or None,
+        "ss_validation_split": cfg.validation_split or None,
+        "ss_validation_seed": cfg.validation_seed if cfg.validation_split or cfg.validation_data_dir else None,
+        "ss_max_validation_steps": cfg.max_validation_steps or None,
+        "ss_num_validation_images": data_summary.get("num_validation_images"),
         "ss_alpha_mask": cfg.alpha_mask or None,
         "ss_ema_start_step": cfg.ema_start_step if cfg.ema_decay else None,
         # modelspec (SAI model spec 1.0.1), as kohya writes it
