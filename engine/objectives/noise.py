@@ -10,11 +10,16 @@
   a regulariser against exposure bias. With `ip_noise_gamma_random_strength` the strength is drawn
   uniformly from [0, gamma) each step.
 
-Both are drawn from the run's generator (kohya draws r from Python's `random`), so a seed gives the same
-run on every path and on resume.
+Both are drawn from the run's generator, so a seed gives the same run on every path and on resume. The
+level sizes must be known on the host; kohya draws r from Python's `random`, here a Python generator is
+seeded from the torch generator's state (`host_rng`), which lives on the host even for a CUDA generator:
+no GPU read, so the CUDA-graph step never waits for the previous step to finish.
 """
 
 from __future__ import annotations
+
+import hashlib
+import random
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +30,20 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: i
     """kohya's `pyramid_noise_like` on `noise` [B, C, H, W] (not modified), with draws from `generator`."""
     b, c, h, w = noise.shape
     out = noise.clone()
-    ratios = (torch.rand((iterations,), generator=generator, device=generator.device) * 2 + 2).tolist()  # one read
-    for i, r in enumerate(ratios):
+    rng = host_rng(generator)
+    for i in range(iterations):
+        r = rng.random() * 2 + 2  # each level's side is divided by r**i, r in [2, 4)
         hn, wn = max(1, int(h / (r ** i))), max(1, int(w / (r ** i)))
         coarse = torch.randn((b, c, hn, wn), generator=generator, device=noise.device)
         out = out + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * discount ** i
         if hn == 1 or wn == 1:
             break  # the coarsest level is one pixel wide
     return out / out.std()
+
+
+def host_rng(generator: torch.Generator) -> random.Random:
+    """A Python generator that depends only on `generator`'s current state (read on the host, no sync)."""
+    return random.Random(hashlib.sha256(generator.get_state().numpy().tobytes()).digest())
 
 
 def input_perturbation(x0: torch.Tensor, generator: torch.Generator, gamma: float, random_strength: bool

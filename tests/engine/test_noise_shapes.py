@@ -9,6 +9,7 @@ from engine.config import TrainConfig
 from engine.lora.metadata import build_metadata
 from engine.models import tiny_sd1
 from engine.objectives import DDPMObjective, scaled_linear_alphas_cumprod
+from engine.objectives.noise import host_rng
 
 
 def _objective(**options):
@@ -34,7 +35,8 @@ def test_pyramid_noise_is_kohyas_formula():
     # the same draws, in the same order, by hand
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(x0.shape, generator=g)
-    ratios = (torch.rand((6,), generator=g) * 2 + 2).tolist()
+    rng = host_rng(g)  # kohya's random.random(), from the generator's state (no GPU read)
+    ratios = [rng.random() * 2 + 2 for _ in range(6)]
     coarse = []
     for i, r in enumerate(ratios):
         hn, wn = max(1, int(32 / r ** i)), max(1, int(24 / r ** i))
@@ -105,3 +107,16 @@ def test_the_run_options_reach_the_objective_and_the_metadata(tmp_path):
     # kohya's own config keys are read, not refused
     assert TrainConfig.from_dict({"network_module": "networks.lora", "ip_noise_gamma": 0.1,
                                   "multires_noise_iterations": 6}).ip_noise_gamma == 0.1
+
+
+def test_the_level_sizes_change_from_step_to_step_and_repeat_with_the_seed():
+    objective = _objective(multires_noise_iterations=3)
+    x0 = torch.zeros(1, 4, 64, 64)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [objective.draw(x0, g)["noise"] for _ in range(3)]
+
+    first, again = run(11), run(11)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])
