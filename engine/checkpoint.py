@@ -66,14 +66,16 @@ def fingerprint(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer, scheduler, scaler,
                     position: Position, rng: list[dict[str, Any]], cfg_dict: dict[str, Any],
-                    lora_file: str | None) -> Path:
+                    lora_file: str | None, more_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """`rng`: the RNG state the run resumes with (one entry; several processes share their generator).
     Processes of a several-GPU run that ends early may write the same step at once: same contents, the
-    first complete folder stays."""
+    first complete folder stays. `more_weights`: other weight files of the run's state by file name
+    (the EMA's)."""
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
+    for name, tensors in {WEIGHTS_FILE: weights, **(more_weights or {})}.items():
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name))
     save_state(tmp, {
         "step": position.step,
         "micro": position.micro,

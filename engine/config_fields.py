@@ -71,6 +71,26 @@ class TrainConfig:
                                group="data", choices=(75, 150, 225))
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", group="data",
                                 aliases=("caption_dropout_rate",), minimum=0)
+    caption_tag_dropout_rate: float = _f(0.0, "Probability of dropping each comma-separated tag of a caption "
+                                         "each step (tags within keep_tokens and the trigger word are kept). "
+                                         "Turns text-encoder caching off.", group="data", minimum=0)
+    caption_dropout_every_n_epochs: int = _f(0, "Train every N-th epoch on empty captions (0 = off).", group="data",
+                                             minimum=0)
+    masked_loss: bool = _f(False, "Weight the loss per pixel by each image's mask: <image>_mask.png beside it "
+                           "(white trains, black is ignored), or its alpha channel with alpha_mask.", group="data")
+    alpha_mask: bool = _f(False, "Use each image's alpha channel as its loss mask (turns masked_loss on).",
+                          group="data")
+    conditioning_data_dir: str = _f("", "Folder of masks named as the images (kohya's), for masked_loss.",
+                                    group="data", path="dir")
+    validation_data_dir: str = _f("", "Folder of validation images (with captions) for the validation loss.",
+                                  group="data", path="dir")
+    validation_split: float = _f(0.0, "Fraction of the training images held out for the validation loss "
+                                 "(kohya's option); 0 = none.", group="data", minimum=0)
+    validation_seed: int = _f(-1, "Seed of the held-out choice and of the validation noise (-1: seed).", group="data")
+    validate_every_n_steps: int = _f(0, "Validation loss every N steps (0 = off).", group="data", minimum=0)
+    validate_every_n_epochs: int = _f(1, "Validation loss every N epochs (0 = off); always at the end.", group="data",
+                                      minimum=0)
+    max_validation_steps: int = _f(0, "Validation batches per evaluation (0 = all).", group="data", minimum=0)
     resolution: str = _f("auto", "Training resolution: 512, '768,512' (W,H) or auto (the family's native).",
                          group="data")
     enable_bucket: bool = _f(True, "Aspect-ratio buckets (kohya-compatible resolutions).", group="data")
@@ -112,6 +132,20 @@ class TrainConfig:
     conv_rank: int = _f(0, "Rank for 3x3 convs with locon; 0 = lora_rank.", group="network",
                         aliases=("conv_dim",), minimum=0)
     conv_alpha: float = _f(0.0, "Alpha for 3x3 convs with locon; 0 = conv_rank/2.", group="network", minimum=0)
+    down_lr_weight: Any = _f("", "UNet lr multipliers of the down blocks (SD: 12, SDXL: 9), comma-separated, or a "
+                             "preset: cosine, sine, linear, reverse_linear, zeros (+base, e.g. sine+.5). kohya's "
+                             "network_args; a block at 0 gets no LoRA.", group="network")
+    mid_lr_weight: Any = _f("", "UNet lr multipliers of the mid block(s) (SD: 1, SDXL: 3), comma-separated.",
+                            group="network")
+    up_lr_weight: Any = _f("", "UNet lr multipliers of the up blocks (deep to shallow), as down_lr_weight.",
+                           group="network")
+    block_lr_zero_threshold: float = _f(0.0, "Block lr multipliers at or below this count as 0.", group="network",
+                                        minimum=0)
+    block_dims: Any = _f("", "Rank of every UNet block, comma-separated (SD: 25 values, SDXL: 23); 0 = no LoRA "
+                         "there.", group="network")
+    block_alphas: Any = _f("", "Alpha of every UNet block, as block_dims (default: lora_alpha).", group="network")
+    conv_block_dims: Any = _f("", "Rank of the 3x3 convs of every block (LoCon), as block_dims.", group="network")
+    conv_block_alphas: Any = _f("", "Alpha of the 3x3 convs of every block, as block_dims.", group="network")
     network_weights: str = _f("", "Continue from an existing LoRA file (kohya, diffusers/PEFT or "
                               "ComfyUI-native).", group="network", aliases=("init_lora",), path="file")
     train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", group="network")
@@ -178,6 +212,19 @@ class TrainConfig:
                           minimum=0)
     noise_offset: float = _f(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", minimum=0)
     min_snr_gamma: float = _f(5.0, "Min-SNR loss weighting gamma; 0 turns it off.", minimum=0)
+    multires_noise_iterations: int = _f(0, "Multi-resolution (pyramid) noise levels, 6-10 suggested; 0 = off "
+                                        "(kohya's option; SD1/SD2/SDXL).", minimum=0)
+    multires_noise_discount: float = _f(0.3, "Weight ratio between pyramid-noise levels (kohya's default 0.3).",
+                                        minimum=0)
+    ip_noise_gamma: float = _f(0.0, "Input-perturbation noise strength, about 0.1 (arXiv 2301.11706); 0 = off "
+                               "(SD1/SD2/SDXL).", minimum=0)
+    ip_noise_gamma_random_strength: bool = _f(False, "Draw the input-perturbation strength from [0, "
+                                              "ip_noise_gamma) each step.")
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the LoRA weights with this decay per step, "
+                          "e.g. 0.999 (about the last 1000 steps); 0 = off.", minimum=0)
+    ema_start_step: int = _f(0, "The average copies the weights up to this step and averages after it.", minimum=0)
+    ema_save: str = _f("beside", "beside: <name>.safetensors holds the trained weights and <name>_ema.safetensors "
+                       "the average; instead: <name>.safetensors holds the average.", choices=("beside", "instead"))
 
     # --- output -------------------------------------------------------------------------------------
     output_dir: str = _f("output", "Where `<output_name>/` is written.", group="save")
@@ -251,8 +298,9 @@ class TrainConfig:
         if self.task_type != "image":
             raise ConfigError(f"{source}: task_type {self.task_type} trains a language model from the command line "
                               f"(python -m engine train --config x.yaml); this path trains image LoRAs.")
-        if self.caption_dropout > 1 or self.lora_dropout >= 1:
-            raise ConfigError(f"{source}: caption_dropout and lora_dropout are probabilities (0 to 1).")
+        if self.caption_dropout > 1 or self.lora_dropout >= 1 or self.caption_tag_dropout_rate > 1:
+            raise ConfigError(f"{source}: caption_dropout, caption_tag_dropout_rate and lora_dropout are "
+                              f"probabilities (0 to 1).")
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
             raise ConfigError(f"{source}: warmup_steps is a step count (e.g. 100) or a ratio below 1 "
                               f"(e.g. 0.05), not {self.warmup_steps}.")
@@ -260,6 +308,10 @@ class TrainConfig:
             raise ConfigError(f"{source}: target_modules must be one of {', '.join(TARGET_PRESETS)} or a "
                               f"list of module-name suffixes such as [to_q, to_k, to_v, to_out.0]; "
                               f"got {self.target_modules!r}.")
+        if self.validation_split >= 1:
+            raise ConfigError(f"{source}: validation_split is the fraction of images held out (e.g. 0.1), below 1.")
+        if self.ema_decay >= 1:
+            raise ConfigError(f"{source}: ema_decay is below 1 (e.g. 0.999), or 0 for no average; got {self.ema_decay}.")
         self.resolution_wh()  # raises on a malformed value
         if any(c in self.output_name for c in '/\\:*?"<>|') or self.output_name in ("", ".", ".."):
             raise ConfigError(f"{source}: output_name {self.output_name!r} must be a plain file name "

@@ -81,24 +81,16 @@ IGNORED: dict[str, str] = {
     "sample_at_first": "previews are made at the set interval and at the end",
     "resize_interpolation": "images are resized with Lanczos",
     "debug_dataset": "python -m engine check DIR reports on the dataset",
-    "validation_seed": "no validation split", "max_validation_steps": "no validation split",
-    "validate_every_n_steps": "no validation split", "validate_every_n_epochs": "no validation split",
     "huber_c": "loss_type is l2", "huber_scale": "loss_type is l2", "huber_schedule": "loss_type is l2",
-    "multires_noise_discount": "only with multires_noise_iterations",
     "lr_decay_steps": "only with kohya's warmup_stable_decay schedule",
 }
 
 _OURS = "; remove it (or set it off) to train here"
 UNSUPPORTED: dict[str, str] = {
     "network_train_text_encoder_only": "the UNet LoRA is always trained" + _OURS,
-    "masked_loss": "masked loss is not implemented" + _OURS, "alpha_mask": "masked loss is not implemented" + _OURS,
-    "conditioning_data_dir": "masked loss is not implemented" + _OURS,
     "loss_type": "only the l2 (MSE) loss is implemented" + _OURS,
-    "multires_noise_iterations": "multires noise is not implemented; noise_offset is" + _OURS,
     "adaptive_noise_scale": "adaptive noise scale is not implemented; noise_offset is" + _OURS,
     "noise_offset_random_strength": "a random noise-offset strength is not implemented" + _OURS,
-    "ip_noise_gamma": "input perturbation noise is not implemented" + _OURS,
-    "ip_noise_gamma_random_strength": "input perturbation noise is not implemented" + _OURS,
     "min_timestep": "the timestep range is always the whole schedule" + _OURS,
     "max_timestep": "the timestep range is always the whole schedule" + _OURS,
     "debiased_estimation_loss": "debiased estimation is not implemented; min_snr_gamma is" + _OURS,
@@ -109,8 +101,6 @@ UNSUPPORTED: dict[str, str] = {
     "face_crop_aug_range": "face crops are not implemented" + _OURS,
     "caption_prefix": "use trigger_word (put first in every caption)",
     "caption_suffix": "append it to the captions themselves" + _OURS,
-    "caption_tag_dropout_rate": "tag dropout is not implemented; caption_dropout is" + _OURS,
-    "caption_dropout_every_n_epochs": "use caption_dropout (a per-step probability)",
     "token_warmup_step": "token warm-up is not implemented" + _OURS,
     "token_warmup_min": "token warm-up is not implemented" + _OURS,
     "enable_wildcard": "wildcard captions are not implemented" + _OURS,
@@ -120,7 +110,7 @@ UNSUPPORTED: dict[str, str] = {
     "in_json": "kohya's fine-tuning metadata JSON is not read; write metadata.jsonl (file_name, text) and set "
                "metadata_path",
     "dataset_class": "custom dataset classes are not loaded" + _OURS,
-    "dataset_repeats": "set repeats", "validation_split": "no validation split is taken" + _OURS,
+    "dataset_repeats": "set repeats",
     "vae": "a separate VAE file is not loaded; use a checkpoint with the VAE baked in",
     "base_weights": "merging other LoRAs into the base is not implemented" + _OURS,
     "base_weights_multiplier": "merging other LoRAs into the base is not implemented" + _OURS,
@@ -144,7 +134,9 @@ _KOHYA_OFF = {"loss_type": "l2", "caption_separator": ",", "token_warmup_min": 1
 
 # network_args of networks.lora / lycoris.kohya that map onto ours; the rest are refused by name.
 _NETWORK_ARGS = {"conv_dim": "conv_rank", "conv_rank": "conv_rank", "conv_alpha": "conv_alpha",
-                 "dropout": "lora_dropout"}
+                 "dropout": "lora_dropout",
+                 **{k: k for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
+                                   "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")}}
 _LYCORIS_LATER = ("loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft", "oft")
 # Defaults that differ from kohya's, named when a kohya-style config leaves them unset.
 _DIFFERENT_DEFAULTS = {"lora_alpha": ("network_alpha", "rank/2", "1"), "lr_scheduler": ("lr_scheduler", "cosine", "constant"),
@@ -282,8 +274,10 @@ def _network(data: dict[str, Any], source: str, notes: list[str]) -> None:
         if key in ("verbose",):
             continue
         if key not in _NETWORK_ARGS:
-            raise ConfigError(f"{source}: network_args {key}={value} is not supported here; supported: conv_dim, "
-                              f"conv_alpha, dropout, algo=locon. Remove it to train.")
+            raise ConfigError(f"{source}: network_args {key}={value} is not supported here; supported: "
+                              f"{', '.join(_NETWORK_ARGS)}, algo=locon. Remove it to train.")
+        if isinstance(value, (list, tuple)):  # "block_dims=4,4,..." reads as a tuple: keep kohya's text
+            value = ",".join(map(str, value))
         data.setdefault(_NETWORK_ARGS[key], value)
         if key in ("conv_dim", "conv_rank") and "target_modules" not in data:
             data["target_modules"] = "locon"

@@ -21,6 +21,7 @@ class TrainEvent:
                     since the last report) only on steps where the loss was read back from the GPU
                     (every step on the CPU, about twice a second on a GPU: reading it forces a sync)
     - "preview":    step, images (list of PIL images), prompts
+    - "validation": step, loss (the validation loss, engine/validation.py), losses (every [(step, loss)] so far)
     - "checkpoint": step, path (the checkpoint directory), lora_path (the LoRA file written with it)
     - "done":       step, path (the final LoRA file)
     - "stopped":    step, path (checkpoint to resume from), message

@@ -16,7 +16,11 @@ held) does not carry a full set of gradients (162 MiB for SDXL on kohya's layers
 in a capture stay in the graphs' private pool, where only later captures reuse them.
 What the graph cannot hold falls back to the plain step with the reason logged: fp16 (the grad
 scaler decides on the host), gradient accumulation, optimizers other than AdamW, text-encoder
-training (captions are tokenised on the host each step), and any capture that fails. A shape is
+training and captions that change every step (shuffled or tag-dropped: encoded on the host each
+step), and any capture that fails. The training features ride along: pyramid and input-perturbation
+noise are draws (host side), a loss mask is one more key of the tensor dict, block-wise learning
+rates are param groups of the captured AdamW, the EMA of the weights is updated after each replay,
+and the validation loss runs eagerly between steps. A shape is
 run once eagerly (the warm-up CUDA graphs need; it is a real training step) and captured the
 second time it comes; at most `MAX_GRAPHS` shapes get graphs, all sharing one memory pool.
 
@@ -50,6 +54,8 @@ def unsupported_reason(cfg, device: torch.device, precision: str, optimizer, tra
         return f"{cfg.optimizer} is not the fused AdamW"
     if train_te:
         return "the text encoder is trained (captions are tokenised on the host every step)"
+    if cfg.shuffle_caption or getattr(cfg, "caption_tag_dropout_rate", 0):
+        return "captions change every step (shuffle_caption, caption_tag_dropout_rate): they are encoded on the host"
     return None
 
 

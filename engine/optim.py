@@ -42,9 +42,12 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(cfg: TrainConfig, unet_params, te_params) -> list[dict]:
+def param_groups(cfg: TrainConfig, unet_params, te_params, unet_groups: list[dict] | None = None) -> list[dict]:
+    """`unet_groups`: the UNet's params already grouped (block-wise learning rates, engine/lora/blocks.py)."""
     groups = []
-    if unet_params:
+    if unet_groups is not None:
+        groups += unet_groups
+    elif unet_params:
         groups.append({"params": list(unet_params), "lr": cfg.learning_rate, "name": "unet"})
     if te_params:
         groups.append({"params": list(te_params), "lr": cfg.text_encoder_lr, "name": "text_encoder"})

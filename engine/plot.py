@@ -2,7 +2,8 @@
 tab's live chart and the CLI's loss.png.
 
 Raw per-step loss in light blue, its exponential moving average in dark blue (diffusion losses are
-noisy: the trend is what tells over- or under-training), the learning rate in orange on its own scale.
+noisy: the trend is what tells over- or under-training), the validation loss (engine/validation.py) as
+green points joined by a line on the same scale, the learning rate in orange on its own scale.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ def _fmt(v: float) -> str:
 
 
 def loss_plot(losses: list[float], lrs: list[float] | None = None, title: str = "LoRA training loss",
-              first_step: int = 1):
-    """A PIL image of the run's losses (one per optimizer step from `first_step`) and learning rates."""
+              first_step: int = 1, validation: list[tuple[int, float]] | None = None):
+    """A PIL image of the run's losses (one per optimizer step from `first_step`), learning rates and
+    validation losses ((step, loss) pairs)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (W, H), "white")
@@ -42,7 +44,8 @@ def loss_plot(losses: list[float], lrs: list[float] | None = None, title: str = 
         d.text((x0 + 10, (y0 + y1) // 2), "no steps were trained", fill="black")
         return img
     n = len(values)
-    lo, hi = min(values), max(values)
+    checked = [(s, v) for s, v in (validation or []) if v is not None and math.isfinite(v)]
+    lo, hi = min(values + [v for _, v in checked]), max(values + [v for _, v in checked])
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5 * abs(lo or 1), hi + 0.5 * abs(hi or 1)
 
@@ -63,6 +66,13 @@ def loss_plot(losses: list[float], lrs: list[float] | None = None, title: str = 
     else:
         d.line([xy(i, v, lo, hi) for i, v in enumerate(values)], fill=(160, 190, 240), width=1)
         d.line([xy(i, v, lo, hi) for i, v in enumerate(ema(values))], fill=(30, 60, 200), width=2)
+    if checked:
+        points = [xy(s - first_step, v, lo, hi) for s, v in checked]
+        if len(points) > 1:
+            d.line(points, fill=(20, 150, 60), width=2)
+        for x, y in points:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(20, 150, 60))
+        d.text((x0 + 420, 6), f"validation {_fmt(checked[-1][1])}", fill=(20, 150, 60))
     if lrs:
         lr = [v for v in lrs[:n] if v is not None]
         if lr:

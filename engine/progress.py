@@ -41,6 +41,8 @@ class ConsoleProgress:
             self._write(f"checkpoint: {event.path} (LoRA: {event.lora_path})")
         elif event.kind == "preview":
             self._write(f"previews at step {event.step}")
+        elif event.kind == "validation":
+            self._write(f"validation loss at step {event.step}: {event.loss:.5f}")
         elif event.kind == "stopped":
             self.stopped_message, self.stopped_checkpoint = event.message, event.path
         elif event.kind == "info":

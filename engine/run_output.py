@@ -16,6 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from .distributed import ProcessLost
 from .errors import NonFiniteLoss, TrainingStopped
+from .lora.ema import EMA_WEIGHTS_FILE, write_lora_with_ema
 from .lora.kohya_io import save_lora
 from .lora.metadata import build_metadata
 from .sample import load_prompts, render_previews, save_previews
@@ -34,6 +35,7 @@ class TrainResult:
     output_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
     fast_steps: int = 0  # steps the fast (CUDA-graph) step took; the rest took the plain step
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss), engine/validation.py
 
 
 def _every(step: int, crossed_epoch: bool, epochs_done: int, n_steps: int, n_epochs: int) -> bool:
@@ -56,6 +58,8 @@ class RunOutput:
         summary = self.data.summary()
         summary.setdefault("num_train_images", self.data.num_train_images)
         summary.setdefault("num_reg_images", self.data.num_reg_images)
+        if getattr(self, "val_data", None) is not None:
+            summary["num_validation_images"] = len(self.val_data.records)
         metadata = build_metadata(self.cfg, self.model.info, data_summary=summary, steps=self.position.step,
                                   epoch=self.position.micro // self.bpe, total_steps=self.total_steps,
                                   batches_per_epoch=self.bpe, started_at=self.started_at,
@@ -66,8 +70,11 @@ class RunOutput:
         return metadata
 
     def _write_lora(self, path: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
-        tensors = self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.save_precision])
         metadata = self._metadata()
+        if getattr(self, "ema", None) is not None:  # the weights' moving average, instead of or beside them
+            return write_lora_with_ema(self.ema, self.cfg.ema_save, path, SAVE_DTYPES[self.cfg.save_precision],
+                                       metadata)
+        tensors = self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.save_precision])
         return save_lora(path, tensors, metadata), tensors, metadata
 
     def _save_checkpoint(self, writer: bool | None = None) -> Path | None:
@@ -82,7 +89,8 @@ class RunOutput:
             self.ckpt_root / f"step-{step:08d}", weights=self.network.kohya_state_dict(None),
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, position=self.position,
             rng=[ckpt.rng_state(self.generator)], cfg_dict=self.dist.run_settings(self.cfg.to_dict()),
-            lora_file=lora_path.name)
+            lora_file=lora_path.name,
+            more_weights={EMA_WEIGHTS_FILE: self.ema.kohya_state_dict(None)} if getattr(self, "ema", None) else None)
         ckpt.prune(self.ckpt_root, self.cfg.save_last_n_checkpoints)
         self.events.emit("checkpoint", step=step, path=str(folder), lora_path=str(lora_path))
         return folder
@@ -124,7 +132,9 @@ class RunOutput:
             self.events.emit("info", message=unchanged)
         from .plot import loss_plot
 
-        loss_plot(self.losses, title=f"{self.cfg.output_name}: loss per step").save(self.out / "loss.png")
+        validation = list(getattr(self, "validation", []))
+        loss_plot(self.losses, title=f"{self.cfg.output_name}: loss per step",
+                  validation=validation).save(self.out / "loss.png")
         # the LoRA is on disk: free the optimizer and graphs before the encoders come back to the GPU
         # (final preview, unparking), or that moment would be the run's memory peak
         self._release()
@@ -132,7 +142,8 @@ class RunOutput:
             self._preview(self.position.step)
         self.events.emit("done", step=self.position.step, total_steps=self.total_steps, path=str(path))
         return TrainResult(lora_path=path, tensors=tensors, metadata=metadata, steps=self.position.step,
-                           losses=self.losses, output_dir=self.out, warnings=self.warnings, fast_steps=fast_steps)
+                           losses=self.losses, output_dir=self.out, warnings=self.warnings, fast_steps=fast_steps,
+                           validation=validation)
 
     def _abort(self, exc: BaseException) -> None:
         """Keep what the run made: a checkpoint at the last finished step, unless the weights are bad."""

@@ -56,6 +56,8 @@ class TrainingStep:
         dev = self.device
         cond = batch.cond if cond is None else cond
         out = {"latents": batch.latents.to(dev, torch.float32), "loss_weights": batch.loss_weights.to(dev), **drawn}
+        if getattr(batch, "masks", None) is not None:  # masked_loss: per-pixel weights at the latents' size
+            out["loss_mask"] = batch.masks.to(dev, torch.float32)
         out.update({COND + k: v.to(dev) for k, v in cond.items()})
         out.update({COND + k: getattr(batch, k).to(dev) for k in self.batch_conditioning})
         return out
@@ -70,7 +72,7 @@ class TrainingStep:
         cond = {k[len(COND):]: v for k, v in tensors.items() if k.startswith(COND)}
         with autocast(self.device, self.precision, self.use_autocast):
             prediction = model.predict(noised.noisy.to(model.dtype), noised.timestep, cond)
-        return self.objective.loss(prediction, noised, tensors["loss_weights"])
+        return self.objective.loss(prediction, noised, tensors["loss_weights"], tensors.get("loss_mask"))
 
     # --- the plain step ---------------------------------------------------------------------------------
     def forward_backward(self, batch, accum: int, scaler=None, *, drawn: dict[str, torch.Tensor] | None = None,

@@ -1,4 +1,4 @@
-"""TensorBoard logging (`log_with: tensorboard`): loss and lr scalars, preview images.
+"""TensorBoard logging (`log_with: tensorboard`): loss, validation loss and lr scalars, preview images.
 
 A subscriber to the loop's events like any host, so logging never touches the hot path: it sees the
 losses the loop already read back.
@@ -39,6 +39,8 @@ class TensorBoardLogger:
                 self.writer.add_scalar("loss", loss, step)
             if event.lr is not None:
                 self.writer.add_scalar("lr", event.lr, event.step)
+        elif event.kind == "validation":
+            self.writer.add_scalar("loss/validation", event.loss, event.step)
         elif event.kind == "preview":
             for i, image in enumerate(event.images):
                 self.writer.add_image(f"preview/{i}", np.asarray(image.convert("RGB")), event.step, dataformats="HWC")

@@ -24,7 +24,9 @@ from .encoder_parking import EncoderParking
 from .errors import UserError
 from .events import Callbacks
 from .fast_step import FastStep, unsupported_reason
+from .lora.blocks import unet_param_groups as block_param_groups
 from .lora.change_check import ChangeCheck
+from .lora.ema import LoRAEma, resume_ema
 from .lora.kohya_io import read_lora, to_network_keys
 from .lora.network import LoRANetwork
 from .lora.targets import build_network
@@ -42,6 +44,7 @@ from .runtime import compute_dtype, grad_scaler
 from .step import TrainingStep
 from .train_loop import TrainingLoop
 from .watchdog import StallWatchdog
+from .validation import ValidationRun
 
 logger = logging.getLogger(__name__)
 __all__ = ["TrainResult", "Trainer", "train"]
@@ -58,7 +61,7 @@ def train(cfg: TrainConfig, model: TrainableModel | None = None, *, callbacks=()
     return Trainer(cfg, model, Callbacks(callbacks), data, options or EngineOptions(), tuple(stop_exceptions)).run()
 
 
-class Trainer(TrainingLoop, RunOutput):
+class Trainer(TrainingLoop, RunOutput, ValidationRun):
     def __init__(self, cfg: TrainConfig, model: TrainableModel | None, events: Callbacks, data,
                  options: EngineOptions | None = None, stop_exceptions: tuple[type[BaseException], ...] = ()):
         self.dist = Distributed(cfg.ddp_timeout)
@@ -154,6 +157,7 @@ class Trainer(TrainingLoop, RunOutput):
             self.saved_step = 0
             try:
                 self.data.prepare_cache(model, progress=self._cache_progress)
+                self._setup_validation()  # validation_data_dir / validation_split: its images encoded once
                 self._setup_optimization(network)
                 self._maybe_resume(network)
                 self.change_check = ChangeCheck(network, self.position.step)  # warns at the end if nothing learned
@@ -205,9 +209,12 @@ class Trainer(TrainingLoop, RunOutput):
             for p in network.text_encoder_parameters():
                 p.requires_grad_(False)
         self.params = network.unet_parameters() + te_params
-        self.optimizer = build_optimizer(cfg, param_groups(cfg, network.unet_parameters(), te_params), self.device)
+        unet_groups = block_param_groups(cfg, network, self.model.info.spec)  # None without block-wise lr
+        self.optimizer = build_optimizer(cfg, param_groups(cfg, network.unet_parameters(), te_params, unet_groups),
+                                         self.device)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = grad_scaler(self.device, self.precision)
+        self.ema = LoRAEma(network, cfg.ema_decay, cfg.ema_start_step) if cfg.ema_decay > 0 else None
         # the same on every process: each draws the global batch's noise and keeps its slice
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         # LoRA weights cast once per step and held to its end, unless checkpointing: then each layer casts
@@ -221,6 +228,10 @@ class Trainer(TrainingLoop, RunOutput):
             torch.bfloat16, text_encoder=bool(te_params)))
         # the training step, with the objective the host's model trains with and the run's options
         objective = self.model.objective().for_training(cfg, self.device)
+        if objective.kind != "ddpm" and (cfg.multires_noise_iterations or cfg.ip_noise_gamma):
+            self.warnings.append(f"multires_noise_iterations and ip_noise_gamma apply to SD1/SD2/SDXL (DDPM) models; "
+                                 f"this {self.model.info.family} model trains without them")
+            self.events.emit("info", message=self.warnings[-1])
         self.step = TrainingStep(model=self.model, network=network, objective=objective, generator=self.generator,
                                  precision=self.precision, use_autocast=self.use_autocast,
                                  cast_dtype=self.step_cast_dtype)
@@ -261,6 +272,8 @@ class Trainer(TrainingLoop, RunOutput):
         self.position = ckpt.Position(step=state["step"], micro=state["micro"])
         self.saved_step = self.position.step
         self.events.emit("info", message=f"resumed from {folder} at step {self.position.step}")
+        if self.ema is not None:
+            self.events.emit("info", message=resume_ema(self.ema, folder))
 
     def _release(self) -> None:
         if getattr(self, "recovery", None) is not None:

@@ -81,6 +81,8 @@ class TrainingLoop:
                 window, in_window = torch.zeros((), device=self.device), 0
                 continue
             pos.step += 1
+            if self.ema is not None:
+                self.ema.update(pos.step)
             self._mark_step_end()
             pending.append((pos.step, window / in_window))
             window, in_window = torch.zeros((), device=self.device), 0
@@ -100,6 +102,8 @@ class TrainingLoop:
                 self._save_checkpoint()
             if self._preview_due(pos.step, crossed_epoch, pos.micro // self.bpe):
                 self._preview(pos.step)
+            if self._validation_due(pos.step, crossed_epoch, pos.micro // self.bpe):
+                self._validate(pos.step)
 
     def _mark_step_end(self) -> None:
         """Where the last finished step left the data stream and the draws: a run that ends inside a

@@ -59,6 +59,10 @@ KNOBS = (
     Knob("save_every_n_epochs", "Checkpoint every N epochs", "int"),
     Knob("sample_every_n_epochs", "Preview every N epochs (0 = only at the end)", "int"),
     Knob("seed", "Seed", "int"),
+    Knob("caption_tag_dropout_rate", "Tag dropout (0-1, per tag)", "number"),
+    Knob("masked_loss", "Masked loss (<image>_mask.png)", "bool"),
+    Knob("ema_decay", "EMA of the weights (0 = off, e.g. 0.999)", "number"),
+    Knob("validation_split", "Validation split (0-1 held out)", "number"),
 )
 PREVIEW_FIELDS = ("preview_prompt", "preview_strengths", "preview_steps")
 

@@ -120,6 +120,18 @@ def trainer_plan(prompt: dict | None, node_id) -> dict:
     return {}
 
 
+def write_node_masks(masks, images: list[Path], root: Path) -> Path:
+    """The MASK input as PNGs in ComfyUI's temp folder, one folder per dataset and mask content."""
+    import hashlib
+
+    import folder_paths
+
+    from ..engine.data.masks import save_masks
+
+    digest = hashlib.sha256(masks.detach().float().cpu().numpy().tobytes() + str(root).encode()).hexdigest()[:12]
+    return save_masks(masks, images, Path(folder_paths.get_temp_directory()) / "lora_masks" / digest)
+
+
 def _relative(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -148,6 +160,10 @@ class LoadDataset(io.ComfyNode):
                 io.String.Input("trigger_word", default="", tooltip="Put first in every caption."),
                 io.String.Input("reg_folder", default="", optional=True,
                                 tooltip="Optional regularisation (class) images, same rules as folder."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Optional loss masks (masked loss): one per image in file-name order, or one "
+                                      "for all; white trains, black is ignored. Masks can also be <image>_mask.png "
+                                      "files beside the images (with masked_loss in the trainer's advanced box)."),
             ],
             outputs=[Dataset.Output(display_name="DATASET"),
                      io.Image.Output(display_name="thumbnails"),
@@ -168,12 +184,14 @@ class LoadDataset(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, folder, caption_source, repeats, resolution, buckets, trigger_word, reg_folder=""):
+    def fingerprint_inputs(cls, folder, caption_source, repeats, resolution, buckets, trigger_word, reg_folder="",
+                           masks=None):
+        mask_sig = "" if masks is None else (tuple(masks.shape), float(masks.float().sum()))
         return (folder_signature(folder), folder_signature(reg_folder) if reg_folder else "",
-                caption_source, repeats, resolution, buckets, trigger_word)
+                caption_source, repeats, resolution, buckets, trigger_word, mask_sig)
 
     @classmethod
-    def execute(cls, folder, caption_source, repeats, resolution, buckets, trigger_word, reg_folder=""):
+    def execute(cls, folder, caption_source, repeats, resolution, buckets, trigger_word, reg_folder="", masks=None):
         from ..engine.check import check_dataset
         from ..engine.config import TrainConfig
         from ..engine.data import find_metadata, scan_dataset
@@ -198,6 +216,8 @@ class LoadDataset(io.ComfyNode):
             report.plan_source = "the steps, epochs and batch size set on the LoRA Trainer"
         scan = scan_dataset(root, repeats=repeats, caption_extension=extension)
         records = scan.records
+        if masks is not None:  # written where the trainer reads them (conditioning_data_dir)
+            spec = spec.with_captions(mask_folder=str(write_node_masks(masks, [r.path for r in records], root)))
         captions = tuple((_relative(r.path, root), r.caption) for r in records)
         spec = spec.with_captions(image_count=len(records), report=report.to_text(), captions=captions)
         return io.NodeOutput(spec, thumbnails([r.path for r in records]), spec.report,

@@ -195,7 +195,8 @@ class LoRATrainer(io.ComfyNode):
                            preview=progress.last_preview, steps=result.steps)
         model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, lora.tensors, 1.0, 1.0)
         points = progress.points
-        plot = loss_plot([p[1] for p in points], [p[2] for p in points], title=f"{cfg.output_name}: loss")
+        plot = loss_plot([p[1] for p in points], [p[2] for p in points], title=f"{cfg.output_name}: loss",
+                         validation=result.validation)
         summary = "\n".join([lora.describe(), f"file: {result.lora_path}",
                              f"{seconds:.0f} s in all, {progress.seconds_per_step():.2f} s/step"] + progress.messages)
         return io.NodeOutput(lora, model_out, clip_out, pil_to_image_tensor(plot), ui=ui.PreviewText(summary))

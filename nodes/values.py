@@ -28,13 +28,15 @@ class DatasetSpec:
     image_count: int = 0
     report: str = ""
     captions: tuple[tuple[str, str], ...] = ()  # (file name, caption) as training will read them
+    mask_folder: str = ""  # the MASK input written as one PNG per image (masked loss), or ""
 
     def config_values(self) -> dict[str, Any]:
         """The TrainConfig fields this dataset sets."""
         return {"train_data_dir": self.folder, "repeats": self.repeats, "resolution": self.resolution,
                 "enable_bucket": self.enable_bucket, "trigger_word": self.trigger_word,
                 "caption_extension": self.caption_extension, "metadata_path": self.metadata_path,
-                "reg_data_dir": self.reg_folder}
+                "reg_data_dir": self.reg_folder,
+                **({"conditioning_data_dir": self.mask_folder, "masked_loss": True} if self.mask_folder else {})}
 
     def with_captions(self, **changes: Any) -> "DatasetSpec":
         return replace(self, **changes)

@@ -45,9 +45,14 @@ def is_image_name(path: str | Path) -> bool:
 
 
 def list_image_paths(folder: str | Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name (hidden and `._` files left out)."""
+    """Image files directly inside `folder`, sorted by name (hidden and `._` files left out, and the loss
+    masks `<image>_mask.png` beside their images: masks.py)."""
+    from .masks import is_mask_file
+
     folder = Path(folder)
-    return sorted((p for p in folder.iterdir() if p.is_file() and is_image_name(p)), key=lambda p: p.name)
+    images = [p for p in folder.iterdir() if p.is_file() and is_image_name(p)]
+    names = {p.name for p in images}
+    return sorted((p for p in images if not is_mask_file(p, names)), key=lambda p: p.name)
 
 
 def describe_contents(folder: str | Path) -> str:

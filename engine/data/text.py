@@ -1,4 +1,4 @@
-"""Per-step caption processing (trigger word, tag shuffling, caption dropout) and seeded RNGs.
+"""Per-step caption processing (trigger word, tag shuffling, caption and tag dropout) and seeded RNGs.
 
 Every random choice in the data pipeline comes from `sample_rng(seed, epoch, slot, purpose)`: a
 private generator derived from the run's seed, the epoch and the sample's fixed slot in the epoch.
@@ -49,24 +49,30 @@ def with_trigger(tags: list[str], trigger: str) -> list[str]:
 
 
 def process_caption(caption: str, rng: random.Random, *, trigger_word: str = "", shuffle: bool = False,
-                    keep_tokens: int = 0, dropout: float = 0.0) -> str:
+                    keep_tokens: int = 0, dropout: float = 0.0, tag_dropout: float = 0.0,
+                    drop_all: bool = False) -> str:
     """The caption a step trains on.
 
-    Dropout (probability `dropout`) gives "" — the unconditional caption, trigger included, as kohya
-    does. Otherwise the trigger word is first, and with `shuffle` the comma-separated tags after the
-    first `keep_tokens` (counted with the trigger, and never fewer than the trigger itself) are shuffled.
+    Dropout (probability `dropout`, or `drop_all`: kohya's caption_dropout_every_n_epochs) gives "" — the
+    unconditional caption, trigger included, as kohya does. Otherwise the trigger word is first; the
+    comma-separated tags after the first `keep_tokens` (counted with the trigger, and never fewer than the
+    trigger itself) are shuffled with `shuffle`, and each is then dropped with probability `tag_dropout`
+    (kohya's caption_tag_dropout_rate: kept tokens and the trigger are never dropped).
     """
     # Draw the dropout coin first and always, so shuffling on/off does not change which steps drop.
     dropped = rng.random() < dropout if dropout > 0 else False
-    if dropped:
+    if dropped or drop_all:
         return ""
-    if not trigger_word.strip() and not shuffle:
+    if not trigger_word.strip() and not shuffle and not tag_dropout:
         return caption.strip()
     tags = with_trigger(split_tags(caption), trigger_word)
-    if shuffle:
+    if shuffle or tag_dropout:
         fixed = max(keep_tokens, 1 if trigger_word.strip() else 0)
         head, tail = tags[:fixed], tags[fixed:]
-        rng.shuffle(tail)
+        if shuffle:
+            rng.shuffle(tail)
+        if tag_dropout:  # after the shuffle, as kohya: one coin per tag
+            tail = [t for t in tail if rng.random() >= tag_dropout]
         tags = head + tail
     return ", ".join(tags)
 

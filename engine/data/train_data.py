@@ -25,8 +25,10 @@ from .buckets import BucketAssigner, Placement
 from .latent_check import bad_samples, encode_checked
 from .cache import CachedLatent, LatentStore, TextCache, file_digest
 from .images import load_image
+from .masks import MaskSource, to_latent_size
 from .plan import BatchPlan, Sample, build_samples, count_batches, epoch_batches
 from .records import ImageRecord, Subset, scan_dataset
+from .validation_split import held_out
 from .text import fixed_caption, process_caption, sample_rng, split_tags, tag_frequency, with_trigger
 
 CACHE_DIR_NAME = ".lora_cache"  # hidden, so dataset scans never mistake it for a subset
@@ -41,6 +43,7 @@ class Batch:
     time_ids: torch.Tensor  # [B,6] float: orig_h, orig_w, crop_top, crop_left, target_h, target_w
     loss_weights: torch.Tensor  # [B]: 1.0, or prior_loss_weight for regularisation images
     share: object = None  # several processes: the shards.Share of the global batch these samples are
+    masks: torch.Tensor | None = None  # [B,1,h,w] loss masks at the latents' size (masked_loss), else None
 
 
 @dataclass
@@ -56,11 +59,19 @@ class HostBatch:
     pixels: torch.Tensor | None = None  # [len(missing), 3, h, w] in [0, 1], cropped, before flip/jitter
     jitter: list | None = None
     share: object = None  # the plan's shards.Share (several processes)
+    masks: list = field(default_factory=list)  # [1, H, W] pixel loss masks per sample (masked_loss)
+
+
+def _dropout_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """kohya's caption_dropout_every_n_epochs: every N-th epoch (counted from 1) trains on empty captions."""
+    n = cfg.caption_dropout_every_n_epochs
+    return n > 0 and (epoch + 1) % n == 0
 
 
 class TrainData:
     def __init__(self, cfg: TrainConfig, *, native_resolution: int, model_key: str, train_text_encoder: bool,
-                 max_bucket_reso: int | None = None):
+                 max_bucket_reso: int | None = None, only: set[Path] | None = None):
+        """`only`: keep just these images (the validation images held out of a dataset, validation.py)."""
         self.cfg = cfg
         self.model_key = model_key
         self.warnings: list[str] = []
@@ -77,6 +88,10 @@ class TrainData:
             self.warnings += [f"Regularisation images: {w}" for w in reg.warnings]
             self.subsets += reg.subsets
         self.records: list[ImageRecord] = [r for s in self.subsets for r in s.records]
+        # validation_split: a fraction of the training images is held out for the validation loss
+        self.held_out = held_out(self.records, cfg) if only is None else set()
+        if only is not None or self.held_out:
+            self.records = [r for r in self.records if (r.path in only if only is not None else r.path not in self.held_out)]
 
         self.resolution = cfg.resolution_wh(native_resolution)
         max_size = cfg.max_bucket_reso
@@ -103,6 +118,10 @@ class TrainData:
         self._store: LatentStore | None = None
         self._text = TextCache()
         self._digests: dict[int, str] = {}  # self.warnings are shown by the host, once (not logged here)
+        self.masks = MaskSource(cfg.alpha_mask, cfg.conditioning_data_dir) if cfg.masked_loss or cfg.alpha_mask else None
+        if self.masks is not None and not self.masks.count([self.records[i].path for i in self._used]):
+            self.warnings.append("masked_loss is on but no image has a mask (<image>_mask.png beside it, or an "
+                                 "alpha channel with alpha_mask): every pixel trains.")
 
     # --- decisions -------------------------------------------------------------------------------
     def _latent_mode(self) -> str | None:
@@ -123,7 +142,8 @@ class TrainData:
         if mode == "off":
             return False
         why = ("the text encoder is trained" if train_text_encoder else
-               "shuffle_caption changes captions every step" if self.cfg.shuffle_caption else "")
+               "shuffle_caption changes captions every step" if self.cfg.shuffle_caption else
+               "caption_tag_dropout_rate changes captions every step" if self.cfg.caption_tag_dropout_rate else "")
         if why and mode == "on":
             self.warnings.append(f"cache_text_encoder_outputs: on is ignored because {why}.")
         return not why
@@ -196,7 +216,7 @@ class TrainData:
     def cached_captions(self) -> list[str]:
         """Every caption a step can train on when captions are fixed ("" too, with caption dropout)."""
         caps = {fixed_caption(self.records[i].caption, trigger_word=self.cfg.trigger_word) for i in self._used}
-        if self.cfg.caption_dropout > 0:
+        if self.cfg.caption_dropout > 0 or self.cfg.caption_dropout_every_n_epochs > 0:
             caps.add("")
         return sorted(caps)
 
@@ -311,10 +331,14 @@ class TrainData:
             host.flips.append(flip)
             host.captions.append(process_caption(rec.caption, sample_rng(cfg.seed, epoch, s.slot, "caption"),
                                                  trigger_word=cfg.trigger_word, shuffle=cfg.shuffle_caption,
-                                                 keep_tokens=cfg.keep_tokens, dropout=cfg.caption_dropout))
+                                                 keep_tokens=cfg.keep_tokens, dropout=cfg.caption_dropout,
+                                                 tag_dropout=cfg.caption_tag_dropout_rate,
+                                                 drop_all=_dropout_epoch(cfg, epoch)))
             left = place.resized[0] - crop[0] - place.bucket[0] if flip else crop[0]
             host.time_ids.append([rec.height, rec.width, crop[1], left, place.bucket[1], place.bucket[0]])
             host.weights.append(cfg.prior_loss_weight if rec.is_reg else 1.0)
+            if self.masks is not None:
+                host.masks.append(self.masks.get(s.record, rec.path, place, crop, flip, keep=not cfg.random_crop))
         if missing:
             host.missing = [k for k, _ in missing]
             host.records = [plan.samples[k].record for k in host.missing]
@@ -347,4 +371,5 @@ class TrainData:
             time_ids=torch.tensor(host.time_ids, dtype=torch.float32, device=device),
             loss_weights=torch.tensor(host.weights, dtype=torch.float32, device=device),
             share=host.share,
+            masks=to_latent_size(torch.stack(host.masks).to(device), latents[0].shape[-2:]) if host.masks else None,
         )

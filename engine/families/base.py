@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from .blocks import BlockLayout
+
 # (layer name as the adapter gives it, the adapter's layout object) -> kohya key / aliases
 KeyRule = Callable[[str, Any], str]
 AliasRule = Callable[[str, Any], tuple]
@@ -59,6 +61,7 @@ class FamilySpec:
     denoiser_aliases: AliasRule  # the names other tools give a layer (files to continue from)
     select_denoiser: SelectRule
     conv_shaped: Callable[[str, nn.Module], bool] | None = None  # Linear layers kohya saves as 1x1 convs
+    blocks: BlockLayout | None = None  # block-wise lr and ranks (blocks.py); None: the family has none
 
     # --- text and conditioning -------------------------------------------------------------------------
     text_encoders: tuple[TextEncoderSpec, ...]

@@ -3,6 +3,7 @@ OpenCLIP ViT-H/14, read at its penultimate layer. kohya tells the two apart in `
 and stores proj_in/proj_out as 1x1 convs (see `unet.conv_shaped_proj`)."""
 
 from .base import FamilySpec, TextEncoderSpec
+from .blocks import SD_BLOCKS
 from .clip import BANG_ID, select_clip_layer
 from .unet import conv_shaped_proj, diffusers_key, select_unet_layer, unet_aliases
 
@@ -12,6 +13,7 @@ SPEC = FamilySpec(
     base_model_version="sd_v2", v_base_model_version="sd_v2_v", kohya_v2=True,
     architectures={"sd_v2": "stable-diffusion-v2-512/lora", "sd_v2_v": "stable-diffusion-v2-768-v/lora"},
     denoiser_key=diffusers_key, denoiser_aliases=unet_aliases, select_denoiser=select_unet_layer,
+    blocks=SD_BLOCKS,
     conv_shaped=conv_shaped_proj,
     text_encoders=(TextEncoderSpec(kohya_prefix="lora_te", peft_prefix="text_encoder.", model="OpenCLIP ViT-H/14",
                                    pad_id=BANG_ID, select=select_clip_layer, layers=23),),

@@ -3,6 +3,7 @@ ViT-bigG/14, joined), conditioned also on bigG's pooled embedding and six size i
 crop, target size) that the step takes from the batch. kohya names its UNet keys from LDM names."""
 
 from .base import FamilySpec, TextEncoderSpec
+from .blocks import SDXL_BLOCKS
 from .clip import BANG_ID, EOS_ID, select_clip_layer
 from .unet import ldm_key, select_unet_layer, unet_aliases
 
@@ -12,6 +13,7 @@ SPEC = FamilySpec(
     base_model_version="sdxl_base_v1-0", architectures={"sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora"},
     implementation="https://github.com/Stability-AI/generative-models",
     denoiser_key=ldm_key, denoiser_aliases=unet_aliases, select_denoiser=select_unet_layer,
+    blocks=SDXL_BLOCKS,
     text_encoders=(
         TextEncoderSpec(kohya_prefix="lora_te1", peft_prefix="text_encoder.", model="CLIP ViT-L/14",
                         pad_id=EOS_ID, select=select_clip_layer),

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..model import ModelInfo
+from .blocks import network_args as block_network_args
 
 PRODUCT = "inplace-lora-trainer"
 
@@ -43,6 +44,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         network_args = {"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_alpha_value)}
     elif cfg.target_modules != "kohya":
         network_args = {"target_modules": cfg.target_modules}
+    network_args.update(block_network_args(cfg))  # down_lr_weight, block_dims, ... as kohya writes them
     md: dict[str, Any] = {
         "ss_session_id": _session_int(session_id),
         "ss_training_started_at": started_at,
@@ -80,10 +82,16 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset or None,
         "ss_min_snr_gamma": cfg.min_snr_gamma or None,
+        "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
+        "ss_multires_noise_discount": cfg.multires_noise_discount if cfg.multires_noise_iterations else None,
+        "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,
+        "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength or None,
         "ss_optimizer": f"{cfg.optimizer}({_optimizer_args(cfg)})",
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_caption_dropout_rate": cfg.caption_dropout,
+        "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs or None,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate or None,
         "ss_shuffle_caption": cfg.shuffle_caption,
         "ss_keep_tokens": cfg.keep_tokens,
         "ss_flip_aug": cfg.flip_aug,
@@ -102,6 +110,14 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_new_sd_model_hash": info.sha256,
         "ss_training_comment": cfg.training_comment or None,
         "ss_loss_type": "l2",
+        "ss_ema_decay": cfg.ema_decay or None,
+        "ss_masked_loss": cfg.masked_loss or cfg.alpha_mask or None,
+        "ss_validation_split": cfg.validation_split or None,
+        "ss_validation_seed": cfg.validation_seed if cfg.validation_split or cfg.validation_data_dir else None,
+        "ss_max_validation_steps": cfg.max_validation_steps or None,
+        "ss_num_validation_images": data_summary.get("num_validation_images"),
+        "ss_alpha_mask": cfg.alpha_mask or None,
+        "ss_ema_start_step": cfg.ema_start_step if cfg.ema_decay else None,
         # modelspec (SAI model spec 1.0.1), as kohya writes it
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": spec.architecture(info.prediction_type, info.variant),

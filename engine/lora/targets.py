@@ -14,6 +14,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from ..families.clip import kohya_te_key
 from ..model import TrainableModel
+from .blocks import layout_for, ranks
 from .network import LoRANetwork
 
 
@@ -29,13 +30,20 @@ def build_network(model: TrainableModel, cfg: TrainConfig, *, include_text_encod
     spec = info.spec
     preset = cfg.target_modules
     network = LoRANetwork()
+    layout = layout_for(cfg, spec)
+    per_block = ranks(cfg, layout) if layout is not None else None  # block_dims, or blocks at lr 0 left out
     for name, module in model.unet_layers():
         if not spec.select_denoiser(name, module, preset):
             continue
         is_spatial_conv = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
         rank, alpha = (cfg.conv_dim, cfg.conv_alpha_value) if is_spatial_conv else (cfg.lora_rank, cfg.alpha)
+        key = spec.denoiser_key(name, info.layout)
+        if per_block is not None:
+            rank, alpha = per_block.rank(layout.index(key), is_spatial_conv, (rank, alpha))
+            if rank == 0:
+                continue
         conv_shaped = spec.conv_shaped is not None and spec.conv_shaped(name, module)
-        network.add(spec.denoiser_key(name, info.layout), module, rank, alpha, cfg.lora_dropout,
+        network.add(key, module, rank, alpha, cfg.lora_dropout,
                     aliases=spec.denoiser_aliases(name, info.layout), conv_shaped=conv_shaped)
     train_te = cfg.train_text_encoder if include_text_encoder is None else include_text_encoder
     if train_te:

@@ -46,9 +46,9 @@ class Objective(ABC):
     def noised(self, x0: torch.Tensor, drawn: dict[str, torch.Tensor]) -> Noised:
         """The denoiser's input, timestep, target and weight from x0 and this step's draws."""
 
-    def loss(self, prediction: torch.Tensor, noised: Noised, sample_weights: torch.Tensor | None = None
-             ) -> torch.Tensor:
-        return weighted_mse(prediction, noised.target, noised.weight, sample_weights)
+    def loss(self, prediction: torch.Tensor, noised: Noised, sample_weights: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        return weighted_mse(prediction, noised.target, noised.weight, sample_weights, mask)
 
     def describe(self) -> str:
         """One line for the run's summary."""
@@ -56,9 +56,13 @@ class Objective(ABC):
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                 sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over the batch of per-sample MSE (float32), each times `weight` and then `sample_weights`."""
-    per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, target.dim())))
+                 sample_weights: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of per-sample MSE (float32), each times `weight` and then `sample_weights`;
+    `mask` ([B, 1, h, w], masked_loss) weights each latent pixel first, as kohya's apply_masked_loss."""
+    squared = (prediction.float() - target.float()).pow(2)
+    if mask is not None:
+        squared = squared * mask
+    per_sample = squared.mean(dim=tuple(range(1, target.dim())))
     if weight is not None:
         per_sample = per_sample * weight
     if sample_weights is not None:

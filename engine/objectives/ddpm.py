@@ -4,7 +4,7 @@ x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with a_t = alphas_cumprod[t], t an intege
 uniformly; the target is eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022) by the
 model's prediction type. Options as kohya applies them: min-SNR-gamma weighting (Hang et al. 2023),
 min(SNR, g)/SNR for eps and min(SNR, g)/(SNR + 1) for v; noise offset (a per-channel constant added
-to the noise); a zero-terminal-SNR schedule (Lin et al. 2024) arrives as its alphas_cumprod, which
+to the noise); multi-resolution noise and input perturbation (noise.py); a zero-terminal-SNR schedule (Lin et al. 2024) arrives as its alphas_cumprod, which
 ends at 0. The host adapter builds the objective from its loaded model (schedule and prediction type);
 the run adds its options with `for_training`.
 """
@@ -16,8 +16,12 @@ import dataclasses
 import torch
 
 from .base import Noised, Objective
+from .noise import input_perturbation, pyramid_noise
 
 EPSILON, V_PREDICTION = "epsilon", "v_prediction"
+# the run's noise-shape options (noise.py), under their config names; a config without them leaves them off
+_NOISE_SHAPES = ("multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
+                 "ip_noise_gamma_random_strength")
 
 
 def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000
@@ -33,6 +37,10 @@ class DDPMObjective(Objective):
     prediction_type: str = EPSILON
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
+    ip_noise_gamma_random_strength: bool = False
     kind = "ddpm"
 
     def __post_init__(self):
@@ -41,7 +49,8 @@ class DDPMObjective(Objective):
 
     def for_training(self, cfg, device: torch.device) -> "DDPMObjective":
         return dataclasses.replace(self, alphas_cumprod=self.alphas_cumprod.to(device, torch.float32),
-                                   min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset)
+                                   min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
+                                   **{k: getattr(cfg, k, getattr(self, k)) for k in _NOISE_SHAPES})
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         device = x0.device
@@ -49,8 +58,14 @@ class DDPMObjective(Objective):
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=generator,
                                                             device=device)
+        if self.multires_noise_iterations:
+            noise = pyramid_noise(noise, generator, self.multires_noise_iterations, self.multires_noise_discount)
         t = torch.randint(0, self.alphas_cumprod.shape[0], (x0.shape[0],), generator=generator, device=device)
-        return {"noise": noise, "t": t}
+        drawn = {"noise": noise, "t": t}
+        if self.ip_noise_gamma:  # a key of its own: the CUDA graph gets a buffer for it like any draw
+            drawn["ip_noise"] = input_perturbation(x0, generator, self.ip_noise_gamma,
+                                                   self.ip_noise_gamma_random_strength)
+        return drawn
 
     def _alpha(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         return self.alphas_cumprod[t].view(-1, *([1] * (ndim - 1)))
@@ -73,7 +88,8 @@ class DDPMObjective(Objective):
 
     def noised(self, x0: torch.Tensor, drawn: dict[str, torch.Tensor]) -> Noised:
         noise, t = drawn["noise"], drawn["t"]
-        return Noised(noisy=self.add_noise(x0, noise, t), timestep=t, target=self.target(x0, noise, t),
+        model_noise = noise + drawn["ip_noise"] if "ip_noise" in drawn else noise  # the target keeps `noise`
+        return Noised(noisy=self.add_noise(x0, model_noise, t), timestep=t, target=self.target(x0, noise, t),
                       weight=self.snr_weights(t) if self.min_snr_gamma > 0 else None)
 
     def describe(self) -> str:

@@ -12,6 +12,7 @@ from markdown_it import MarkdownIt
 from PIL import Image
 
 import fake_gradio
+from engine.config import TrainConfig
 from fake_models import FakeSD1
 from fake_webui import install_safe_loading, load_model, stop_training_at
 from inplace_lora_a1111 import tab
@@ -53,6 +54,15 @@ def test_form_becomes_a_typed_request():
     assert request["preview_prompt"] == "a cat" and request["preview_strengths"] == "0, 1"
     with pytest.raises(ValueError):
         tab.build_request("/data", "", "", [1, 2], [])
+
+
+def test_the_training_feature_knobs_reach_the_config():
+    request = tab.build_request("/data", "", tab.DEFAULT, form(caption_tag_dropout_rate=0.1, masked_loss=True,
+                                                              ema_decay=0.999, validation_split=0.2), [])
+    cfg = TrainConfig.from_dict({k: v for k, v in request.items() if k != "preset"})
+    assert (cfg.caption_tag_dropout_rate, cfg.masked_loss, cfg.ema_decay, cfg.validation_split) == (0.1, True, 0.999, 0.2)
+    defaults = dict(zip([k.field for k in tab.KNOBS], tab.knob_values(tab.DEFAULT)))
+    assert (defaults["caption_tag_dropout_rate"], defaults["masked_loss"], defaults["ema_decay"]) == (0.0, False, 0.0)
 
 
 def test_train_button_streams_progress_to_the_end(webui, dataset):

@@ -171,3 +171,9 @@ def test_the_fast_step_trains_a_flow_model_like_the_plain_step(tiny_flow_family,
     assert plain.losses == pytest.approx(fast.losses, rel=1e-5)
     for key, value in plain.tensors.items():
         assert torch.allclose(value, fast.tensors[key], rtol=1e-5, atol=1e-7), key
+
+
+def test_ddpm_only_noise_options_are_named_for_a_flow_model(tiny_flow_family, data, tmp_path):
+    result = train(_config(data, tmp_path, max_train_steps=1, ip_noise_gamma=0.1, multires_noise_iterations=4),
+                   TinyFlowModel())
+    assert any("multires_noise_iterations and ip_noise_gamma apply to SD1/SD2/SDXL" in w for w in result.warnings)

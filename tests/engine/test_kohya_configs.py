@@ -324,16 +324,17 @@ def test_network_module_and_args():
         TrainConfig.from_dict({"network_module": "lycoris.kohya", "network_args": ["algo=lokr"]})
     with pytest.raises(ConfigError, match="network_module 'networks.dylora' is not supported"):
         TrainConfig.from_dict({"network_module": "networks.dylora"})
-    with pytest.raises(ConfigError, match="network_args block_dims=.* is not supported"):
-        TrainConfig.from_dict({"network_args": ["block_dims=2,4,4"]})
+    with pytest.raises(ConfigError, match="network_args rank_dropout=.* is not supported"):
+        TrainConfig.from_dict({"network_args": ["rank_dropout=0.1"]})
+    assert TrainConfig.from_dict({"network_args": ["block_dims=2,4,4"]}).block_dims == "2,4,4"  # block-wise ranks
     opt = TrainConfig.from_dict({"optimizer_args": ["weight_decay=0.1", "betas=0.9,0.99"]})
     assert opt.optimizer_args == {"weight_decay": 0.1, "betas": (0.9, 0.99)}
 
 
 def test_features_we_lack_are_refused_when_on_and_accepted_when_off():
     TrainConfig.from_dict({"masked_loss": False, "loss_type": "l2", "multires_noise_iterations": 0, "vae": ""})
-    with pytest.raises(ConfigError, match="masked_loss = True is not supported here: masked loss"):
-        TrainConfig.from_dict({"masked_loss": True})
+    with pytest.raises(ConfigError, match="debiased_estimation_loss = True is not supported here"):
+        TrainConfig.from_dict({"debiased_estimation_loss": True})
     with pytest.raises(ConfigError, match="loss_type = 'huber'"):
         TrainConfig.from_dict({"loss_type": "huber"})
     with pytest.raises(ConfigError, match="save_model_as 'ckpt'"):

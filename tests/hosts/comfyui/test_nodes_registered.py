@@ -28,6 +28,7 @@ def test_object_info_lists_every_node_with_its_inputs(comfy_server):
     assert info["InplaceLoRA_Trainer"]["output"] == ["INPLACE_LORA", "MODEL", "CLIP", "IMAGE"]
     assert info["InplaceLoRA_Trainer"]["input"]["optional"]["init_lora"][0] == "INPLACE_LORA"
     assert info["InplaceLoRA_LoadDataset"]["output"] == ["INPLACE_DATASET", "IMAGE", "STRING"]
+    assert info["InplaceLoRA_LoadDataset"]["input"]["optional"]["masks"][0] == "MASK"  # masked loss
     assert info["SaveLoRA"]["category"] != "LoRA Trainer", "ComfyUI's own SaveLoRA must stay as it is"
 
 
