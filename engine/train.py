@@ -32,6 +32,7 @@ from .lora.kohya_io import read_lora, save_lora, to_network_keys
 from .lora.metadata import build_metadata
 from .lora.network import LoRANetwork
 from .lora.targets import build_network
+from .lora.variants import check_file_type
 from .loss import add_noise, diffusion_loss
 from .model import TrainableModel
 from .models.fp8_compute import fp8_compute
@@ -107,11 +108,9 @@ class Trainer:
                 self.frozen_te = True
                 self.warnings.append("the LoRA file has text-encoder modules; they are kept as they are "
                                      "(set train_text_encoder: true to train them)")
+            check_file_type(cfg, tensors, cfg.network_weights)
             renamed, ignored = to_network_keys(network, tensors)
-            for key, module in list(network.loras.items()):
-                down = renamed.get(f"{key}.lora_down.weight")
-                if down is not None and down.shape[0] != module.rank:
-                    network.resize(key, int(down.shape[0]), float(renamed.get(f"{key}.alpha", down.shape[0])))
+            network.match_file(renamed)  # another rank or LoKr split than the config's: the file's
             loaded, _ = network.load_kohya_state_dict(renamed)
             if not loaded:
                 raise UserError(f"none of the {len(tensors)} tensors in '{cfg.network_weights}' match a layer "

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..model import ModelInfo
+from .variants.lycoris_args import network_metadata
 
 _ARCHITECTURE = {
     "sd_v1": "stable-diffusion-v1/lora",
@@ -45,6 +46,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         network_args = {"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_alpha_value)}
     elif cfg.target_modules != "kohya":
         network_args = {"target_modules": cfg.target_modules}
+    network_module, network_args = network_metadata(cfg, network_args)
     md: dict[str, Any] = {
         "ss_session_id": _session_int(session_id),
         "ss_training_started_at": started_at,
@@ -66,7 +68,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_lr_warmup_steps": cfg.warmup_steps,
         "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": cfg.lora_rank,
         "ss_network_alpha": alpha,
         "ss_network_dropout": cfg.lora_dropout,

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..model import TrainableModel
 from .names import diffusers_to_ldm, kohya_te_key, kohya_unet_key
 from .network import LoRANetwork
+from .variants import module_factory
 
 _ATTN_PROJ = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 _IN_TRANSFORMER = re.compile(r"(^|\.)attentions\.\d+\.")
@@ -77,6 +78,7 @@ def build_network(model: TrainableModel, cfg: TrainConfig, *, include_text_encod
     info = model.info
     preset = cfg.target_modules
     network = LoRANetwork()
+    factory = module_factory(cfg)
     for name, module in model.unet_layers():
         if not select_unet(name, module, preset):
             continue
@@ -87,13 +89,13 @@ def build_network(model: TrainableModel, cfg: TrainConfig, *, include_text_encod
         # and kohya cannot load [r,in] there; the hosts' Linear layers take either shape.
         conv_shaped = info.family == "sd2" and isinstance(module, nn.Linear) and bool(_SD2_PROJ_IO.search(name))
         network.add(kohya_unet_key(name, info.family, info.layout), module, rank, alpha, cfg.lora_dropout,
-                    aliases=unet_aliases(name, info.layout), conv_shaped=conv_shaped)
+                    aliases=unet_aliases(name, info.layout), conv_shaped=conv_shaped, factory=factory)
     train_te = cfg.train_text_encoder if include_text_encoder is None else include_text_encoder
     if train_te:
         for prefix, name, module in model.text_encoder_layers():
             if select_text_encoder(name, module, preset):
                 network.add(kohya_te_key(prefix, name), module, cfg.lora_rank, cfg.alpha, cfg.lora_dropout,
-                            text_encoder=True, aliases=te_aliases(prefix, name))
+                            text_encoder=True, aliases=te_aliases(prefix, name), factory=factory)
     if len(network) == 0:
         raise ConfigError(f"target_modules={preset!r} matched no layer of this model; use kohya, "
                           f"attention, locon or suffixes such as [to_q, to_v].")
