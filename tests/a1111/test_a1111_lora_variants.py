@@ -1,6 +1,7 @@
 """A1111's own Lora extension reads our LoRA, LoHa, LoKr and DoRA tensors as we train them.
 
-A1111's network modules (extensions-builtin/Lora: network.py, network_lora.py, network_hada.py,
+The tab's network knob trains each variant in place on the fake WebUI's A1111-shaped SD1 model (no
+A1111 checkout needed). A1111's network modules (extensions-builtin/Lora: network.py, network_lora.py, network_hada.py,
 network_lokr.py, lyco_helpers.py) are imported from a WebUI checkout named by A1111_ROOT (checked with
 v1.10.1, commit 82a973c0) over this folder's fake `modules`. For each module kind and each layer kind
 (Linear, 1x1 and 3x3 Conv2d) A1111 must pick the right module type for the file's tensors (its loader
@@ -29,7 +30,7 @@ A1111_ROOT = os.environ.get("A1111_ROOT", "")
 LORA_DIR = Path(A1111_ROOT) / "extensions-builtin" / "Lora"
 SKIP_REASON = ("A1111_ROOT is not set to an A1111 WebUI checkout (v1.10.x): A1111's own Lora loader was NOT "
                "run on LoRA/LoHa/LoKr/DoRA files")
-pytestmark = pytest.mark.skipif(not (LORA_DIR / "network_lokr.py").is_file(), reason=SKIP_REASON)
+needs_a1111 = pytest.mark.skipif(not (LORA_DIR / "network_lokr.py").is_file(), reason=SKIP_REASON)
 
 KINDS = {"lora": LoRAModule, "loha": LoHaModule, "lokr": LoKrModule, "dora": DoRAModule,
          "lokr_low": lambda base, rank, alpha, dropout: LoKrModule(base, 2, alpha, dropout, factor=4,
@@ -94,6 +95,7 @@ def _a1111_module(a1111, base, weights: dict, strength: float):
     raise AssertionError(f"A1111 finds no module type for {sorted(weights)}")
 
 
+@needs_a1111
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_a1111_applies_our_update(a1111, kind, layer):
@@ -108,3 +110,38 @@ def test_a1111_applies_our_update(a1111, kind, layer):
         assert torch.allclose(updown, strength * expected, rtol=1e-4, atol=1e-6), \
             (kind, layer, strength, (updown - strength * expected).abs().max())
     assert float(expected.abs().max()) > 1e-3  # the update is not trivially zero
+
+
+@pytest.mark.parametrize("kind,key", [("lokr", ".lokr_w1"), ("dora", ".dora_scale")])
+def test_the_tab_trains_a_variant_in_place(webui, dataset, kind, key):
+    """What the tab's Network knob sends: the file lands in the Lora folder with LyCORIS' keys, text
+    encoder included, and the loaded model is left as it was."""
+    from fake_models import FakeSD1
+    from fake_webui import load_model, quick_request
+    from inplace_lora_a1111 import api, tab
+    from inplace_lora_a1111.job import JobManager
+    from safetensors import safe_open
+
+    assert "network_type" in [k.field for k in tab.KNOBS]
+    model = FakeSD1(webui.shared.opts)
+    load_model(webui, model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    manager = JobManager()
+    code, body = api.handle_train(quick_request(dataset, network_type=kind, train_text_encoder=True), manager)
+    assert code == 200, body
+    manager.job.thread.join(300)
+    status = manager.status()
+    assert status["status"] == "done" and status["error"] is None, status
+    with safe_open(status["lora_file"], "pt") as fh:
+        keys, meta = list(fh.keys()), fh.metadata()
+    assert any(k.startswith("lora_te_") and k.endswith(key) for k in keys)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_dora_on_weightless_fused_attention_stand_ins_says_what_to_do():
+    from engine.errors import ConfigError
+    from inplace_lora_a1111.fused_attention import SliceProxy
+
+    with pytest.raises(ConfigError, match="train_text_encoder off"):
+        DoRAModule(SliceProxy(64, 64), 4, 2.0)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import ConfigError
 from ..network import LoRAModule, _fit
 from ..up_add import add_up
 from .weight_delta import no_dropout
@@ -47,6 +48,10 @@ class DoRAModule(LoRAModule):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         no_dropout(self.kind, dropout)
+        if getattr(base, "weight", None) is None:  # A1111's stand-ins for OpenCLIP's fused attention
+            raise ConfigError("network_type dora needs each layer's weight, and this host trains OpenCLIP's fused "
+                              "text-encoder attention (SD2, SDXL's second encoder) through weightless stand-ins; "
+                              "train DoRA with train_text_encoder off here, or use LoRA/LoHa/LoKr.")
         super().__init__(base, rank, alpha)
         self._host = (base,)  # a tuple: the host layer must not become a submodule (its weight is not ours)
         self.conv_args = (base.stride, base.padding, base.dilation) if self.is_conv else ()
