@@ -9,6 +9,7 @@ network type: ours against the diffusers loop and kohya for LoRA, against LyCORI
 train_network.py with network_module lycoris.kohya) for LoHa, LoKr and DoRA.
 
     python -m bench.quality                                  # ours and the diffusers loop, on the CPU
+    python -m bench.quality --precision bf16 ...             # on a GPU: the fast step against the peers
     KOHYA_DIR=/path/to/sd-scripts [KOHYA_PYTHON=...] [LYCORIS_DIR=/path/to/LyCORIS] python -m bench.quality \\
         --types lora,loha,lokr,dora
 
@@ -136,10 +137,12 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=Recipe.every)
     ap.add_argument("--lr", type=float, default=Recipe.lr)
     ap.add_argument("--seed", type=int, default=Recipe.seed)
+    ap.add_argument("--precision", default="no", choices=("no", "bf16"),
+                    help="bf16 on a GPU: ours' CUDA-graphed step, kohya's and the loop's bf16 autocast")
     ap.add_argument("--workdir", default="", help="keep runs here (default: a temporary folder)")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
-    recipe = Recipe(steps=a.steps, every=a.every, lr=a.lr, seed=a.seed)
+    recipe = Recipe(steps=a.steps, every=a.every, lr=a.lr, seed=a.seed, precision=a.precision)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.workdir) if a.workdir else Path(tmp)
         results = run(a.types.split(","), a.tools.split(","), recipe, root, log=lambda s: print(s, file=sys.stderr))

@@ -40,6 +40,7 @@ class Recipe:
     alpha: float = 16.0
     seed: int = 0
     images: int = 12
+    precision: str = "no"  # or bf16 (on a GPU: ours' CUDA-graphed step, kohya's and the loop's autocast)
 
 
 def ours(root: Path, recipe: Recipe, network_type: str, out: Path) -> dict[int, Path]:
@@ -53,8 +54,8 @@ def ours(root: Path, recipe: Recipe, network_type: str, out: Path) -> dict[int, 
                       lora_rank=recipe.rank, lora_alpha=recipe.alpha, network_type=network_type,
                       target_modules="kohya", train_text_encoder=False, seed=recipe.seed, save_steps=recipe.every,
                       save_every_n_epochs=0, save_last_n_checkpoints=1, save_precision="fp32", optimizer="AdamW",
-                      weight_decay=0.01, max_grad_norm=1.0, mixed_precision="no")
-    result = train(cfg, demo_model())
+                      weight_decay=0.01, max_grad_norm=1.0, mixed_precision=recipe.precision)
+    result = train(cfg, demo_model(device=_device()))
     files = {s: out / "ours" / f"ours-step{s:08d}.safetensors" for s in range(recipe.every, recipe.steps, recipe.every)}
     files[recipe.steps] = result.lora_path
     return files
@@ -72,8 +73,9 @@ def diffusers_loop(root: Path, recipe: Recipe, out: Path) -> dict[int, Path]:
     from .quality_eval import Holdout
 
     torch.manual_seed(recipe.seed)
-    model = demo_model()
-    unet, vae, te = model.unet, model.vae, model.text_encoders[0]
+    dev = _device()
+    model = demo_model(device=dev)
+    unet, vae = model.unet, model.vae
     unet.add_adapter(LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, init_lora_weights="gaussian",
                                 target_modules=PEFT_TARGETS))
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -81,7 +83,8 @@ def diffusers_loop(root: Path, recipe: Recipe, out: Path) -> dict[int, Path]:
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config)
     data = Holdout(model, root / "train")  # pictures and captions; the loop re-encodes the pixels each step
-    pixels = _pixels(root / "train")
+    pixels = _pixels(root / "train").to(dev)
+    autocast = torch.autocast(dev.type, torch.bfloat16, enabled=recipe.precision == "bf16")
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     step, g = 0, torch.Generator().manual_seed(recipe.seed)
@@ -89,13 +92,14 @@ def diffusers_loop(root: Path, recipe: Recipe, out: Path) -> dict[int, Path]:
     while step < recipe.steps:
         for idx in torch.randperm(data.count, generator=g).split(recipe.batch):
             with torch.no_grad():
-                latents = vae.encode(pixels[idx]).latent_dist.sample() * vae.config.scaling_factor
-                context = data.cond["context"][idx]
+                latents = vae.encode(pixels[idx.to(dev)]).latent_dist.sample() * vae.config.scaling_factor
+                context = data.cond["context"][idx.to(dev)]
             noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=dev).long()
             noisy = noise_scheduler.add_noise(latents, noise, t)
             tgt = noise_scheduler.get_velocity(latents, noise, t)
-            pred = unet(noisy, t, context, return_dict=False)[0]
+            with autocast:  # the scripts' Accelerator(mixed_precision="bf16"); LoRA weights stay float32
+                pred = unet(noisy, t, context, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), tgt.float(), reduction="mean")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -104,7 +108,7 @@ def diffusers_loop(root: Path, recipe: Recipe, out: Path) -> dict[int, Path]:
             optimizer.zero_grad()
             step += 1
             if step % recipe.every == 0 or step == recipe.steps:
-                sd = {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
+                sd = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()}
                 for key in [k for k in sd if k.endswith(".lora_A.weight")]:
                     sd[key[: -len(".lora_A.weight")] + ".alpha"] = torch.tensor(recipe.alpha)
                 files[step] = out / f"diffusers-step{step:08d}.safetensors"
@@ -112,6 +116,10 @@ def diffusers_loop(root: Path, recipe: Recipe, out: Path) -> dict[int, Path]:
             if step == recipe.steps:
                 break
     return files
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _pixels(folder: Path) -> torch.Tensor:
@@ -159,7 +167,7 @@ def kohya(root: Path, recipe: Recipe, network_type: str, out: Path) -> dict[int,
     args = ["--pretrained_model_name_or_path", str(pipe), "--train_data_dir", str(data), "--output_dir", str(out),
             "--output_name", "kohya", "--resolution", "64", "--train_batch_size", str(recipe.batch),
             "--max_train_steps", str(recipe.steps), "--network_dim", str(recipe.rank),
-            "--network_alpha", str(recipe.alpha), "--mixed_precision", "no", "--save_precision", "float",
+            "--network_alpha", str(recipe.alpha), "--mixed_precision", recipe.precision, "--save_precision", "float",
             "--network_train_unet_only", "--optimizer_type", "AdamW", "--learning_rate", str(recipe.lr),
             "--lr_scheduler", "constant", "--seed", str(recipe.seed), "--tokenizer_cache_dir", str(root / "tokenizers"),
             "--caption_extension", ".txt", "--save_every_n_steps", str(recipe.every), "--cache_latents",

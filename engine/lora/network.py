@@ -119,11 +119,7 @@ class LoRAModule(nn.Module):
         `in_place`: nothing else holds `output`, so a Linear's up projection may be added into it
         (engine/lora/up_add.py)."""
         dtype = output.dtype
-        cached = self._cast
-        if cached is not None and cached[0].dtype == dtype:
-            down_w, up_w = cached
-        else:
-            down_w, up_w = self.lora_down.weight.to(dtype), self.lora_up.weight.to(dtype)
+        down_w, up_w = step_weights(self, dtype)
         scale = self.multiplier * self._scale
         x = x.to(dtype)
         if self.is_conv:
@@ -138,6 +134,14 @@ class LoRAModule(nn.Module):
         if not output.is_contiguous() or output.dim() < 2:
             return output.add(F.linear(h, up_w), alpha=scale)
         return add_up(output, h, up_w, scale, in_place)
+
+
+def step_weights(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A module's `cast_sources()` in `dtype`: the step's one cast (`cast_weights`) when there is one."""
+    cached = module._cast
+    if cached is not None and cached[0].dtype == dtype:
+        return cached
+    return tuple(w.to(dtype) for w in module.cast_sources())
 
 
 def cast_together(weights: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
-from ..network import LoRAModule, _fit
+from ..network import LoRAModule, _fit, step_weights
 from ..up_add import add_up
 from .weight_delta import no_dropout
 
@@ -77,11 +77,7 @@ class DoRAModule(LoRAModule):
 
     def apply_to(self, x: torch.Tensor, output: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         dtype = output.dtype
-        cached = self._cast
-        if cached is not None and cached[0].dtype == dtype:
-            down_w, up_w = cached
-        else:
-            down_w, up_w = self.lora_down.weight.to(dtype), self.lora_up.weight.to(dtype)
+        down_w, up_w = step_weights(self, dtype)
         w0 = host_weight(self._host[0], dtype, output.device)
         gain = self._gain(up_w, w0)
         mult = self.multiplier

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
+from ..network import step_weights
 from ..up_add import add_up
 
 
@@ -74,10 +75,7 @@ class WeightDeltaModule(nn.Module):
 
     def apply_to(self, x: torch.Tensor, output: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         dtype = output.dtype
-        cached = self._cast
-        factors = list(cached) if cached is not None and cached[0].dtype == dtype else \
-            [w.to(dtype) for w in self.cast_sources()]
-        delta = self._delta(factors)
+        delta = self._delta(list(step_weights(self, dtype)))
         scale = self.multiplier * self._scale
         x = x.to(dtype)
         if self.is_conv:
