@@ -31,6 +31,9 @@ PROTECTED = ["torch", "torchvision", "torchaudio", "xformers", "gradio", "gradio
              "pydantic", "fastapi", "starlette", "protobuf", "setuptools", "kornia"]
 MODULE_OF = {"pyyaml": "yaml", "pillow": "PIL", "opencv-python": "cv2", "onnxruntime": "onnxruntime"}
 FAILED_FILE = HERE / ".cache" / "install_failed.json"
+# Newest releases that still import beside an older torch a host pins: diffusers 0.36 calls torch.xpu at
+# import (torch 2.4+), and A1111 1.10 ships torch 2.1.2. (torch version below which, constraint)
+FOR_OLDER_TORCH = [((2, 4), "diffusers<0.36")]
 
 
 def requirement_lines(path: Path = REQUIREMENTS) -> list[str]:
@@ -72,12 +75,16 @@ def is_installed(name: str, launch=None) -> bool:
 
 
 def constraints() -> list[str]:
-    """`name==version` for every protected package the host has."""
+    """`name==version` for every protected package the host has, and the caps its torch needs."""
     pins = []
     for name in PROTECTED:
         version = installed_version(name)
         if version is not None:
             pins.append(f"{name}=={version}")
+    torch_version = installed_version("torch")
+    if torch_version is not None:
+        numbers = tuple(int(n) for n in re.findall(r"\d+", torch_version)[:2])
+        pins += [cap for below, cap in FOR_OLDER_TORCH if numbers < below]
     return pins
 
 
@@ -109,17 +116,19 @@ def _note_if_older(requirement: str, name: str) -> None:
         pass
 
 
-def pip_install(requirement: str, constraint_file: str, launch=None) -> bool:
-    args = f'install "{requirement}" -c "{constraint_file}"'
-    if launch is not None:
-        try:
-            launch.run_pip(args, f"{requirement} for In-Place LoRA Trainer")
-            return True
-        except Exception as exc:  # run_pip raises RuntimeError with pip's output
-            print(f"[LoRA Trainer] could not install {requirement}: {str(exc).strip().splitlines()[-1:]}")
-            return False
+def pip_install(requirement: str, constraint_file: str) -> bool:
+    """pip in this Python, announced and reported with the extension's prefix. Not the WebUI's
+    `launch.run_pip`: that prints its own unprefixed "Installing ..." line. Like it, pip output is shown
+    only on failure, and the WebUI's INDEX_URL is honoured."""
+    print(f"[LoRA Trainer] Installing {requirement}", flush=True)
     cmd = [sys.executable, "-m", "pip", "install", requirement, "-c", constraint_file, "--prefer-binary"]
-    return subprocess.run(cmd, check=False).returncode == 0
+    if os.environ.get("INDEX_URL"):
+        cmd += ["--index-url", os.environ["INDEX_URL"]]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, errors="replace")
+    if result.returncode != 0:
+        last = (result.stderr or result.stdout or "").strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
+        print(f"[LoRA Trainer] could not install {requirement}: {last[0]}")
+    return result.returncode == 0
 
 
 def main(launch=None) -> list[str]:
@@ -148,7 +157,7 @@ def main(launch=None) -> list[str]:
             constraint_file = fh.name
         try:
             asked.append(requirement)
-            if not pip_install(requirement, constraint_file, launch):
+            if not pip_install(requirement, constraint_file):
                 _remember_failure(requirement, key)
         finally:
             os.unlink(constraint_file)

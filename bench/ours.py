@@ -15,7 +15,8 @@ compiles the step with torch.compile (`torch_compile: true`; the compile runs in
 "ours-host-geglu" runs each GEGLU's own forward instead of the engine's lean one (engine/models/geglu.py),
 "ours-cast-each" casts each LoRA weight on its own instead of all together (`cast_together` in
 engine/lora/network.py), and "ours-copy-up" adds each Linear LoRA's up projection with the copying
-addmm instead of in place (engine/lora/up_add.py), to measure what each of those buys. "ours-loha",
+addmm instead of in place (engine/lora/up_add.py), to measure what each of those buys. Those three
+switch the optimisation off through `EngineOptions` (engine/options.py), passed to `train()`. "ours-loha",
 "ours-lokr" and "ours-dora" train LyCORIS' LoHa, LoKr (factor -1) and DoRA (`network_type`) instead of LoRA.
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
@@ -40,6 +41,16 @@ VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules":
             "ours-loha": {"network_type": "loha"}, "ours-lokr": {"network_type": "lokr"},
             "ours-dora": {"network_type": "dora"}}
 FP8_STORED = ("ours-fp8", "ours-fp8c-fp8")  # tools whose model keeps its weights in fp8 (fp8_base)
+# tools that turn one engine optimisation off (EngineOptions fields), to measure what it buys
+SWITCHED_OFF = {"ours-host-geglu": {"lean_geglu": False}, "ours-copy-up": {"up_in_place": False},
+                "ours-cast-each": {"cast_together": False}}
+
+
+def engine_options(tool: str):
+    """The EngineOptions a tool runs with (the defaults for every tool but the switched-off ones)."""
+    from engine.options import EngineOptions
+
+    return EngineOptions(**SWITCHED_OFF.get(tool, {}))
 
 
 def build_model(cfg):
@@ -54,7 +65,8 @@ def build_model(cfg):
     return model
 
 
-def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None, on_last_step=None, on_step=None):
+def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None, on_last_step=None, on_step=None,
+               options=None):
     import torch
 
     from engine.config import TrainConfig
@@ -79,7 +91,7 @@ def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None,
                 training_peak.append(torch.cuda.max_memory_allocated())
                 if on_last_step is not None:
                     on_last_step()
-        elif event.kind == "info" and event.message and not event.message.startswith("caching"):
+        elif event.kind == "info" and event.message:
             infos.append(event.message)
 
     tc = TrainConfig(train_data_dir=str(image_folder(root, cfg.model)), output_dir=str(root / "out"),
@@ -88,8 +100,8 @@ def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None,
                      mixed_precision="bf16", gradient_checkpointing=cfg.gradient_checkpointing,
                      cache_latents="memory" if cfg.cached else "off", save_every_n_epochs=0, seed=SEED,
                      device=device(), **(extra or {}))
-    train(tc, model, callbacks=[FunctionCallback(on_event)])
-    notes = [m for m in infos if "CUDA-graphed" in m or "moved to the CPU" in m]
+    train(tc, model, callbacks=[FunctionCallback(on_event)], options=options or engine_options(cfg.tool))
+    notes = [m for m in infos if "CUDA-graphed" in m]
     row = finish_row(cfg, clock.step_times(cfg.warmup), cfg.batch, notes=notes)
     if training_peak and row.peak_gib is not None:
         # the training peak (first step to last, as the peers are measured); the run's end, which puts
@@ -118,30 +130,8 @@ def run_rows(configs, build_model, run_row, prefix: str) -> None:
         emit(row)
 
 
-def _switch_off(tool: str) -> None:
-    """Undo one engine optimisation in this process (each tool runs in its own process), for the tools
-    that measure what it buys."""
-    if tool == "ours-host-geglu":
-        import contextlib
-
-        import engine.train
-
-        engine.train.lean_geglu = lambda root: contextlib.nullcontext(0)
-    elif tool == "ours-copy-up":
-        import engine.lora.network
-        from engine.lora.up_add import add_up
-
-        engine.lora.network.add_up = lambda output, h, up, scale, in_place: add_up(output, h, up, scale, False)
-    elif tool == "ours-cast-each":
-        import engine.lora.network
-
-        engine.lora.network.cast_together = lambda weights, dtype: [w.to(dtype) for w in weights]
-
-
 def main(argv=None):
     configs = parse_configs(sys.argv[1:] if argv is None else argv)
-    for tool in {cfg.tool for cfg in configs}:
-        _switch_off(tool)
     run_rows(configs, build_model, lambda model, cfg, root: run_config(model, cfg, root, VARIANTS.get(cfg.tool)),
              prefix="bench_ours_")
 

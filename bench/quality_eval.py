@@ -23,7 +23,6 @@ from engine.demo import DEMO_PROMPTS, SAMPLE_CFG, SAMPLE_SEED, SCALE, stripiness
 from engine.lora.kohya_io import read_lora, to_network_keys
 from engine.lora.targets import build_network
 from engine.lora.variants import check_file_type
-from engine.loss import add_noise, target
 
 VAL_TIMESTEPS = (50, 150, 300, 450, 600, 750, 900, 990)
 VAL_SEED = 1234
@@ -46,15 +45,15 @@ class Holdout:
 
 @torch.no_grad()
 def val_loss(model, holdout: Holdout) -> float:
-    acp = model.alphas_cumprod()
+    objective = model.objective()  # the loaded model's own (the demo model: DDPM, v-prediction)
     g = torch.Generator().manual_seed(VAL_SEED)
     total = 0.0
     for t in VAL_TIMESTEPS:
         noise = torch.randn(holdout.latents.shape, generator=g)
         steps = torch.full((holdout.count,), t)
-        pred = model.predict(add_noise(holdout.latents, noise, steps, acp), steps, holdout.cond)
-        tgt = target(holdout.latents, noise, steps, acp, model.info.prediction_type)
-        total += float((pred.float() - tgt).pow(2).mean())
+        noised = objective.noised(holdout.latents, {"noise": noise, "t": steps})
+        pred = model.predict(noised.noisy, noised.timestep, holdout.cond)
+        total += float((pred.float() - noised.target).pow(2).mean())
     return total / len(VAL_TIMESTEPS)
 
 

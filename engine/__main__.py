@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from .errors import TrainingStopped, UserError
 
@@ -33,12 +34,46 @@ def train_main(argv: list[str]) -> int:
         print(describe_fields())
         return 0
     cfg = load_config(args.config, args.overrides) if args.config else TrainConfig().with_overrides(args.overrides)
-    result = train_in_console(lambda callbacks: train(cfg, callbacks=callbacks), argv)
+    cfg, command = _fresh_output_name(cfg, argv)
+    result = train_in_console(lambda callbacks: train(cfg, callbacks=callbacks), command)
     if result is None:
         return 130
     print(f"LoRA written to {result.lora_path}\nUse it as <lora:{cfg.output_name}:0.8> after copying it into "
           f"your models/loras (ComfyUI) or models/Lora (A1111) folder.")
     return 0
+
+
+def _fresh_output_name(cfg, argv: list[str]):
+    """A new run never replaces an earlier run's LoRA: `name_2`, `name_3`... unless `overwrite` is set
+    or the run resumes (then the same folder is meant). Returns the config and the command to resume it."""
+    from .lora.output_names import unused_run_name
+
+    command = " ".join(argv)
+    if cfg.overwrite or cfg.resume_from_checkpoint:
+        return cfg, command
+    name = unused_run_name(cfg.output_dir, cfg.output_name)
+    if name == cfg.output_name:
+        return cfg, command
+    print(f"{Path(cfg.output_dir) / cfg.output_name} holds the LoRA of an earlier run, so this run is written as "
+          f"'{name}' (set overwrite: true to replace it, or resume_from_checkpoint: latest to continue it).")
+    return cfg.replace(output_name=name), f"{command} --set output_name={name}"
+
+
+# Packages `python -m engine` imports, with the name pip installs them under.
+_PACKAGES = {"torch": "torch (from https://pytorch.org, the build for your CUDA)", "diffusers": "diffusers",
+             "transformers": "transformers", "safetensors": "safetensors", "accelerate": "accelerate",
+             "kornia": "kornia", "yaml": "pyyaml", "PIL": "pillow", "tqdm": "tqdm", "numpy": "numpy",
+             "onnxruntime": "onnxruntime", "prodigyopt": "prodigyopt", "tensorboard": "tensorboard"}
+
+
+def _missing_package(exc: ModuleNotFoundError, command: str) -> str | None:
+    """One line naming the package to install, for a module this program needs; None for anything else."""
+    top = (exc.name or "").split(".")[0]
+    if top not in _PACKAGES:
+        return None
+    return (f"python -m engine {command} needs the package {_PACKAGES[top]}, which this Python "
+            f"({sys.executable}) does not have. Install the requirements: pip install -r requirements.txt "
+            f"(install torch first, from https://pytorch.org).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = _missing_package(exc, argv[0])
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -11,7 +11,6 @@ The ComfyUI LoadDataset node and the A1111 tab show the same report (`check_data
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 from collections import Counter, defaultdict
@@ -22,7 +21,7 @@ import numpy as np
 
 from .config import TrainConfig, load_config
 from .data.cache import file_digest
-from .data.captions import sidecar_caption
+from .data.captions import CaptionEncodingError, sidecar_caption
 from .data.images import list_image_paths, load_image, scan_images
 from .data.records import CLIP_TOKEN_LIMIT, estimate_tokens
 from .data.text import fixed_caption
@@ -126,6 +125,7 @@ class DatasetReport:
     max_tokens: int = 0
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    plan_source: str = ""  # whose steps/epochs/batch size the plan uses, when not the config's own
 
     @property
     def image_count(self) -> int:
@@ -184,7 +184,8 @@ class DatasetReport:
         s = self.steps
         lines.append(f"Plan: {s['samples_per_epoch']} samples per epoch -> {s['batches_per_epoch']} batches of "
                      f"{s['batch_size']} -> {s['steps_per_epoch']} steps per epoch x {s['epochs']} epochs = "
-                     f"{s['total_steps']} steps ({s['image_views']:,} image views)")
+                     f"{s['total_steps']} steps ({s['image_views']:,} image views)"
+                     + (f", with {self.plan_source}" if self.plan_source else ""))
         views = s["image_views"]
         lines.append(f"Recommendation: {self.recommendation}. This plan's {views:,} image views are "
                      f"{views_verdict(self.image_count, views)}.")
@@ -211,13 +212,7 @@ class DatasetReport:
 
 def check_dataset(cfg: TrainConfig, *, native_resolution: int = 512, near_distance: int = 6) -> DatasetReport:
     """Report on `cfg.train_data_dir` as a run with `cfg` would use it (raises DatasetError if unusable)."""
-    quiet = logging.getLogger(TrainData.__module__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its warnings are part of this report, not log lines
-    try:
-        data = TrainData(cfg, native_resolution=native_resolution, model_key="check", train_text_encoder=False)
-    finally:
-        quiet.setLevel(level)
+    data = TrainData(cfg, native_resolution=native_resolution, model_key="check", train_text_encoder=False)
     root = Path(cfg.train_data_dir).expanduser()
     records = [r for r in data.records if not r.is_reg]
     paths = [r.path for r in records]
@@ -242,7 +237,10 @@ def check_dataset(cfg: TrainConfig, *, native_resolution: int = 512, near_distan
     report.too_small = [(r.path, r.width, r.height) for r in records if r.width * r.height < area]
     for r in records:
         if r.caption_source in ("none", "folder"):
-            found = sidecar_caption(r.path, cfg.caption_extension)
+            try:
+                found = sidecar_caption(r.path, cfg.caption_extension)
+            except CaptionEncodingError:
+                continue  # named in the scan's encoding warning
             (report.empty_captions if found is not None else
              report.folder_captions if r.caption_source == "folder" else report.missing_captions).append(r.path)
     report.unreadable = _unreadable(data, set(paths), cfg.min_image_size)
@@ -258,19 +256,34 @@ def _unreadable(data: TrainData, used: set[Path], min_size: int) -> list[tuple[P
     return scan_images(unused, min_size=min_size)[1]
 
 
-def _duplicates(paths: list[Path], distance: int) -> tuple[list[list[Path]], list[list[Path]]]:
+def colour_signature(image) -> np.ndarray:
+    """A 4x4 RGB thumbnail in [0, 1]: pHash sees only grey levels, so two pictures of the same layout in
+    other colours (a red and a blue version of one shape) hash alike; their signatures do not. A resized
+    or re-encoded copy stays within a few levels of its original in every cell and channel."""
+    from PIL import Image
+
+    return np.asarray(image.convert("RGB").resize((4, 4), Image.BOX), dtype=np.float32) / 255.0
+
+
+def _duplicates(paths: list[Path], distance: int, colour_tolerance: float = 0.2
+                ) -> tuple[list[list[Path]], list[list[Path]]]:
     digests = [file_digest(p) for p in paths]
     first: dict[str, int] = {}
     exact_pairs = [(first.setdefault(d, i), i) for i, d in enumerate(digests) if first.setdefault(d, i) != i]
-    hashes = []
+    hashes, colours = [], []
     for p in paths:
         try:
-            hashes.append(perceptual_hash(load_image(p)))
+            image = load_image(p)
         except DatasetError:
             hashes.append(None)
+            colours.append(None)
+            continue
+        hashes.append(perceptual_hash(image))
+        colours.append(colour_signature(image))
     near_pairs = [(i, j) for i in range(len(paths)) for j in range(i + 1, len(paths))
-                  if digests[i] != digests[j] and hashes[i] is not None
-                  and hashes[j] is not None and (hashes[i] ^ hashes[j]).bit_count() <= distance]
+                  if digests[i] != digests[j] and hashes[i] is not None and hashes[j] is not None
+                  and (hashes[i] ^ hashes[j]).bit_count() <= distance
+                  and float(np.abs(colours[i] - colours[j]).max()) <= colour_tolerance]
     as_paths = lambda groups: [[paths[i] for i in g] for g in groups]  # noqa: E731
     return as_paths(_groups(exact_pairs, len(paths))), as_paths(_groups(near_pairs, len(paths)))
 

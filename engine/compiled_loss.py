@@ -7,11 +7,12 @@ the forward and the backward it derives (on an H100, the kernel time outside mat
 attention and norms fell from 28.8 to 7.7 ms per SD1.5 batch-8 step; the cuDNN reordering stays).
 The CUDA graph then replays the compiled kernels as it replays the plain ones.
 
-The loss is compiled once per input shape (one per bucket), at that shape's first step: minutes for
+What is compiled is the training step's `loss` (engine/step.py: objective, denoiser and loss over the
+step's tensor dict), once per input shape (one per bucket), at that shape's first step: minutes for
 an SDXL UNet, so it pays off on long runs. A model torch.compile cannot trace is trained as it is, with
 the reason logged; the host's modules are traced, never changed.
 
-CUDA only: torch 2.13's CPU inductor returns wrong LoRA gradients through diffusers' ResnetBlock2D +
+CUDA only (`EngineOptions.compile_devices`; the tests compile on the CPU with the aot_eager backend): torch 2.13's CPU inductor returns wrong LoRA gradients through diffusers' ResnetBlock2D +
 Upsample2D (`python -m bench.compile_check tiny` on a CPU: gradient cosines near 0), while the loss
 itself looks right, so a CPU run would silently train badly. `bench.compile_check` checks a GPU.
 """
@@ -28,27 +29,24 @@ from .fast_step import MAX_GRAPHS
 
 logger = logging.getLogger(__name__)
 
-BACKEND = "inductor"
-DEVICES = ("cuda",)
-
-
-def loss_for_run(loss: Callable[..., torch.Tensor], device: torch.device,
-                 say: Callable[[str], None]) -> Callable[..., torch.Tensor]:
+def loss_for_run(loss: Callable[..., torch.Tensor], device: torch.device, say: Callable[[str], None], *,
+                 backend: str = "inductor", devices: tuple[str, ...] = ("cuda",)) -> Callable[..., torch.Tensor]:
     """The loss a `torch_compile: true` run trains with: compiled on CUDA, the plain one elsewhere."""
-    if device.type not in DEVICES:
+    if device.type not in devices:
         say(f"torch_compile: runs on CUDA only (on {device.type}, torch's inductor can return wrong "
             f"gradients for SD UNets); training without it")
         return loss
     return CompiledLoss(loss, lambda why: say(f"torch_compile: could not compile the step ({why}); "
-                                              f"training without it"))
+                                              f"training without it"), backend=backend)
 
 
 class CompiledLoss:
     """Call the compiled loss; on a compile failure, say why once and call the plain loss from then on."""
 
-    def __init__(self, loss: Callable[..., torch.Tensor], on_fallback: Callable[[str], None] | None = None):
+    def __init__(self, loss: Callable[..., torch.Tensor], on_fallback: Callable[[str], None] | None = None,
+                 backend: str = "inductor"):
         self.plain = loss
-        self.compiled = torch.compile(loss, dynamic=False, backend=BACKEND)
+        self.compiled = torch.compile(loss, dynamic=False, backend=backend)
         self.on_fallback = on_fallback
         self.failed: str | None = None
 

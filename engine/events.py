@@ -25,7 +25,9 @@ class TrainEvent:
     - "done":       step, path (the final LoRA file)
     - "stopped":    step, path (checkpoint to resume from), message
     - "error":      step, message
-    - "info":       message (caching progress, warnings worth showing)
+    - "caching":    step (latents and text outputs cached so far), total_steps (to cache), message
+                    ("caching 3/40"): before training, while the dataset is encoded
+    - "info":       message (warnings and notes worth showing)
     """
 
     kind: str

@@ -6,9 +6,10 @@ run no faster on an H100 than on a far smaller card. Here every step of one inpu
 bucket) is captured once (forward, backward, gradient clipping, fused AdamW) and replayed with a
 single launch; the host only copies the batch into static buffers and draws the noise.
 
-The math is the plain step's (`Trainer._loss` is called by both); the one difference, which does not
-change results, is that the learning rate lives in a device tensor the scheduler fills, so a replay
-sees the current value. Gradients are created by backward and dropped after the optimizer step, in
+The math is the plain step's (both call the training step's `loss`, engine/step.py, over its tensor
+dict; the graph's static buffers are that dict's tensors, by key, so any family's or objective's
+inputs are graphed alike); the one difference, which does not change results, is that the learning
+rate lives in a device tensor the scheduler fills, so a replay sees the current value. Gradients are created by backward and dropped after the optimizer step, in
 the graph as in the plain step (PyTorch's whole-network capture pattern): they live only from the
 layer that makes them to the step, so the graph's memory peak (mid-backward, activations still
 held) does not carry a full set of gradients (162 MiB for SDXL on kohya's layers). Buffers dropped
@@ -19,8 +20,9 @@ training (captions are tokenised on the host each step), and any capture that fa
 run once eagerly (the warm-up CUDA graphs need; it is a real training step) and captured the
 second time it comes; at most `MAX_GRAPHS` shapes get graphs, all sharing one memory pool.
 
-`FastStep(..., capture=False)` runs the same static-buffer step without graphs: that is how the CPU
-tests check that the fast path trains exactly like the plain one.
+`FastStep(..., capture=False)` runs the same static-buffer step without graphs
+(`EngineOptions(fast_step_without_graph=True)`): that is how the CPU tests check that the fast path
+trains exactly like the plain one.
 """
 
 from __future__ import annotations
@@ -96,17 +98,20 @@ class _Graph:
 class FastStep:
     """One optimizer step per call: copy in, replay (or warm up / capture), return the loss."""
 
-    def __init__(self, trainer, *, capture: bool = True):
-        self.t = trainer
+    def __init__(self, step, *, optimizer, scheduler, params, max_grad_norm: float, capture: bool = True):
+        self.step_fn = step  # engine.step.TrainingStep
+        self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
+        self.device = step.device
         self.capture = capture
-        self.params = [p for p in trainer.params if p.requires_grad]
+        self.params = [p for p in params if p.requires_grad]
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: set[tuple] = set()
         self.eager_only: set[tuple] = set()
         self.pool = None
         self._side = None  # one side stream for every warm-up and capture: cuBLAS keeps a workspace per stream
-        self.dropout = any(getattr(m, "dropout", 0) for m in trainer.network.loras.values())
-        self._tensor_lr(trainer.optimizer, trainer.device)
+        self.dropout = any(getattr(m, "dropout", 0) for m in step.network.loras.values())
+        self.steps = 0  # optimizer steps this fast step took
+        self._tensor_lr(optimizer, self.device)
 
     # --- learning rate in a device tensor -----------------------------------------------------------
     def _tensor_lr(self, optimizer, device) -> None:
@@ -114,12 +119,12 @@ class FastStep:
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
             if self.capture:
                 group["capturable"] = True
-        sched = self.t.scheduler
+        sched = self.scheduler
         sched._last_lr = host_lrs(sched, optimizer)
 
         def plain_state(_opt, state):
             # checkpoints stay what the plain step writes: float lr, not capturable
-            for group, lr in zip(state["param_groups"], host_lrs(self.t.scheduler, optimizer)):
+            for group, lr in zip(state["param_groups"], host_lrs(self.scheduler, optimizer)):
                 group["lr"] = lr
                 group["capturable"] = False
             return state
@@ -128,20 +133,20 @@ class FastStep:
 
     def close(self) -> None:
         """Give the optimizer back as the plain step expects it (float lr, grads None)."""
-        opt = self.t.optimizer
+        opt = self.optimizer
         self._hook.remove()
-        for group, lr in zip(opt.param_groups, host_lrs(self.t.scheduler, opt)):
+        for group, lr in zip(opt.param_groups, host_lrs(self.scheduler, opt)):
             group["lr"] = lr
             group["capturable"] = False
         self._drop_grads()
         self.graphs.clear()
 
     def lr(self) -> float:
-        return host_lrs(self.t.scheduler, self.t.optimizer)[0]
+        return host_lrs(self.scheduler, self.optimizer)[0]
 
     def scheduler_step(self) -> None:
         """Advance the schedule: the scheduler fills the lr tensors the graphs read (no host sync)."""
-        opt, sched = self.t.optimizer, self.t.scheduler
+        opt, sched = self.optimizer, self.scheduler
         tensors = [g["lr"] for g in opt.param_groups]
         sched.step()
         for group, tensor in zip(opt.param_groups, tensors):
@@ -151,25 +156,19 @@ class FastStep:
         sched._last_lr = host_lrs(sched, opt)  # floats, as the plain step leaves them
 
     # --- the step -----------------------------------------------------------------------------------
-    def _key(self, batch) -> tuple:
-        cond = batch.cond or {}
-        return (tuple(batch.latents.shape),) + tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items()))
-
-    def _inputs(self, batch, noise, t) -> dict:
-        dev = self.t.device
-        return {"latents": batch.latents.to(dev, torch.float32), "noise": noise, "t": t,
-                "cond": {k: v.to(dev) for k, v in batch.cond.items()},
-                "time_ids": batch.time_ids.to(dev), "weights": batch.loss_weights.to(dev)}
+    @staticmethod
+    def _key(tensors: dict) -> tuple:
+        return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
 
     def _body(self, inp: dict) -> torch.Tensor:
-        t = self.t
+        step = self.step_fn
         self._drop_grads()
-        with t.network.cast_weights(t.step_cast_dtype):
-            loss = t._loss(inp["latents"], inp["noise"], inp["t"], inp["cond"], inp["time_ids"], inp["weights"])
+        with step.network.cast_weights(step.cast_dtype):
+            loss = step.loss(inp)
             loss.backward()
-        if t.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, t.cfg.max_grad_norm, foreach=True)
-        t.optimizer.step()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+        self.optimizer.step()
         self._drop_grads()
         return loss.detach()
 
@@ -182,50 +181,52 @@ class FastStep:
         must take the plain path (the caller then runs it; grads are left None for that)."""
         if batch.cond is None:
             return self._decline("no cached text conditioning")
-        key = self._key(batch)
-        noise, t = self.t._draw_noise(batch.latents.to(self.t.device, torch.float32))
+        inp = self.step_fn.tensors(batch, self.step_fn.draw(batch))
+        self.steps += 1
         if not self.capture:
-            return self._body(self._inputs(batch, noise, t))
+            return self._body(inp)
+        key = self._key(inp)
         graph = self.graphs.get(key)
         if graph is not None:
-            self._copy_in(graph.inputs, batch, noise, t)
+            for k, v in inp.items():
+                graph.inputs[k].copy_(v, non_blocking=True)
             graph.graph.replay()
             return graph.loss
         if key in self.eager_only or (key in self.seen and len(self.graphs) >= MAX_GRAPHS):
-            return self._eager(self._inputs(batch, noise, t))
+            return self._eager(inp)
         if key not in self.seen:  # warm-up: a real step, eagerly, on a side stream
             if not self.seen:
                 _drop_cublas_workspaces()  # the caching phase's, on the default stream
             self.seen.add(key)
-            return self._eager(self._inputs(batch, noise, t))
+            return self._eager(inp)
         try:
-            graph = self._capture(self._inputs(batch, noise, t))
+            graph = self._capture(inp)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: train this shape eagerly
             logger.warning("could not capture the training step as a CUDA graph (%s: %s); this shape runs "
                            "eagerly", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             self.eager_only.add(key)
-            torch.cuda.synchronize(self.t.device)
-            return self._eager(self._inputs(batch, noise, t))
+            torch.cuda.synchronize(self.device)
+            return self._eager(inp)
         self.graphs[key] = graph
         graph.graph.replay()
         return graph.loss
 
     def _side_stream(self):
         if self._side is None:
-            self._side = torch.cuda.Stream(self.t.device)
+            self._side = torch.cuda.Stream(self.device)
         return self._side
 
     def _eager(self, inp: dict) -> torch.Tensor:
         side = self._side_stream()
-        side.wait_stream(torch.cuda.current_stream(self.t.device))
+        side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             loss = self._body(inp)
-        torch.cuda.current_stream(self.t.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(side)
         return loss
 
     def _capture(self, inp: dict) -> _Graph:
         if not self.graphs:
-            torch.cuda.synchronize(self.t.device)
+            torch.cuda.synchronize(self.device)
             _drop_cublas_workspaces()  # the warm-up's: the graph gets its own in its pool
             torch.cuda.empty_cache()  # the warm-up's cached blocks, so the graph's pool can use them
         graph = torch.cuda.CUDAGraph()
@@ -235,16 +236,6 @@ class FastStep:
             loss = self._body(inp)
         self.pool = graph.pool()
         return _Graph(graph, inp, loss)
-
-    @staticmethod
-    def _copy_in(static: dict, batch, noise, t) -> None:
-        static["latents"].copy_(batch.latents, non_blocking=True)
-        static["noise"].copy_(noise)
-        static["t"].copy_(t)
-        for k, v in batch.cond.items():
-            static["cond"][k].copy_(v, non_blocking=True)
-        static["time_ids"].copy_(batch.time_ids, non_blocking=True)
-        static["weights"].copy_(batch.loss_weights, non_blocking=True)
 
     def _decline(self, why: str) -> None:
         if why not in getattr(self, "_declined", set()):

@@ -3,14 +3,17 @@
 A host (the standalone diffusers loader, ComfyUI, A1111) wraps whatever it has loaded in a
 `TrainableModel`. The loop only ever asks it for:
 
-- the denoiser's and text encoders' trainable layers, named the way kohya names them
-  (diffusers-style UNet names, HF-style CLIP names; `engine.lora.names` turns them into keys),
+- which family the model is (`info.family`, a name in `engine.families`: everything that differs
+  between families is data there),
+- the denoiser's and text encoders' trainable layers under the names the family's key rules read
+  (diffusers-style UNet names and HF-style CLIP names for the SD families),
 - `encode_images(pixels) -> latents` and `encode_text(captions) -> conditioning` (both cacheable),
-- the noise schedule (`alphas_cumprod`, `prediction_type`) and `predict(noisy, t, cond)`.
+- the objective its loaded model trains with (`objective()`: the schedule and prediction type as the
+  host has them) and `predict(noisy, timestep, cond)`.
 
-The loss is defined once over (x0, noise, t) in `engine.loss`, so every family shares it. Adapters
-attach nothing themselves: LoRA goes on as forward hooks (`engine.lora.network`), and `session()`
-restores every flag it touched, so the host's model is left exactly as it was.
+The training step (engine/step.py) turns these into a loss with the objective. Adapters attach nothing
+themselves: LoRA goes on as forward hooks (`engine.lora.network`), and `session()` restores every flag
+it touched, so the host's model is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -18,75 +21,49 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .families import FamilySpec, get_family
+from .families.unet import SD_LAYOUT
+from .objectives import Objective
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-# A conditioning batch: tensors keyed by role, first dimension = batch.
+# A conditioning batch: tensors keyed by role, first dimension = batch. The family spec lists them
+# (FamilySpec.conditioning from encode_text, .batch_conditioning added by the step from the batch):
 #   "context": [B, tokens, dim]   cross-attention states (all families)
 #   "pooled":  [B, 1280]          SDXL pooled text embedding
-#   "time_ids":[B, 6]             SDXL size conditioning (added by the loop from the batch's sizes)
+#   "time_ids":[B, 6]             SDXL size conditioning (from the batch's image sizes and crops)
 Conditioning = dict[str, torch.Tensor]
-
-
-@dataclass
-class UNetLayout:
-    """The block structure that maps diffusers UNet names to LDM (`input_blocks.N.M`) names and back.
-
-    `down_attn[i]` / `up_attn[i]`: whether down/up block i has attentions; `layers_per_block` counts
-    resnets per down block (up blocks have one more), as in diffusers' config.
-    """
-
-    down_attn: tuple[bool, ...]
-    up_attn: tuple[bool, ...]
-    layers_per_block: int = 2
-    mid_attn: bool = True
-
-    @classmethod
-    def from_diffusers_config(cls, config) -> "UNetLayout":
-        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-        lpb = get("layers_per_block", 2)
-        if not isinstance(lpb, int):
-            lpb = int(lpb[0])
-        mid = get("mid_block_type", "UNetMidBlock2DCrossAttn")
-        return cls(
-            down_attn=tuple("CrossAttn" in t for t in get("down_block_types")),
-            up_attn=tuple("CrossAttn" in t for t in get("up_block_types")),
-            layers_per_block=lpb,
-            mid_attn=mid is not None and "CrossAttn" in str(mid),
-        )
-
-
-SD_LAYOUT = UNetLayout(down_attn=(True, True, True, False), up_attn=(False, True, True, True))
-SDXL_LAYOUT = UNetLayout(down_attn=(False, True, True), up_attn=(True, True, False))
 
 
 @dataclass
 class ModelInfo:
     """What the run and the saved file need to know about the base model."""
 
-    family: str  # "sd1" | "sd2" | "sdxl"
-    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
-    resolution: int = 512  # the family's native training resolution
+    family: str  # a name in engine.families: "sd1" | "sd2" | "sdxl"
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" (DDPM families)
+    resolution: int = 0  # native training resolution; 0: the family's for the prediction type
     name: str = ""  # shown as ss_sd_model_name
     sha256: str | None = None  # ss_new_sd_model_hash, when the adapter knows it cheaply
-    layout: UNetLayout = field(default_factory=lambda: SD_LAYOUT)
+    layout: Any = field(default_factory=lambda: SD_LAYOUT)  # what the family's key rules read (UNetLayout)
     clip_skip: int | None = None
+    variant: str = ""  # a release within the family where the metadata tells them apart (Flux.1 dev / schnell)
+
+    def __post_init__(self):
+        if not self.resolution:
+            self.resolution = self.spec.native_resolution(self.prediction_type)
+
+    @property
+    def spec(self) -> FamilySpec:
+        return get_family(self.family)
 
     @property
     def base_model_version(self) -> str:
         """kohya's `ss_base_model_version`, which A1111 uses to file the LoRA under the right model."""
-        if self.family == "sdxl":
-            return "sdxl_base_v1-0"
-        if self.family == "sd2":
-            return "sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2"
-        return "sd_v1"
+        return self.spec.version(self.prediction_type)
 
 
 class TrainableModel(ABC):
@@ -100,29 +77,32 @@ class TrainableModel(ABC):
     # --- layers that may carry LoRA -------------------------------------------------------------
     @abstractmethod
     def unet_layers(self) -> Iterator[tuple[str, nn.Module]]:
-        """Every Linear/Conv2d of the denoiser as (diffusers-style dotted name, module).
+        """Every Linear/Conv2d of the denoiser as (name, module), named as the family's rules read them.
 
-        Names follow diffusers' UNet2DConditionModel (`down_blocks.0.attentions.0.proj_in`,
+        SD families: diffusers' UNet2DConditionModel names (`down_blocks.0.attentions.0.proj_in`,
         `...transformer_blocks.0.attn1.to_q`, `...resnets.0.conv1`, `...downsamplers.0.conv`) whatever
-        the host calls them, so target selection and kohya naming are written once.
+        the host calls them (engine/hostkit maps LDM names), so target selection and kohya naming are
+        written once.
         """
 
     @abstractmethod
     def text_encoder_layers(self) -> Iterator[tuple[str, str, nn.Module]]:
         """Every Linear of the text encoder(s) as (kohya prefix, HF-style dotted name, module).
 
-        Prefix is "lora_te" for one encoder, "lora_te1"/"lora_te2" for SDXL's two. Names follow
-        transformers' CLIPTextModel: `text_model.encoder.layers.0.self_attn.q_proj`, `...mlp.fc1`.
+        Prefixes are the family's (FamilySpec.text_encoders: "lora_te" for one encoder, "lora_te1"/
+        "lora_te2" for SDXL's two). Names follow transformers' CLIPTextModel:
+        `text_model.encoder.layers.0.self_attn.q_proj`, `...mlp.fc1`.
         """
 
     @abstractmethod
     def trainable_roots(self) -> list[nn.Module]:
         """The root modules (denoiser, text encoders) whose state `session()` must leave unchanged."""
 
-    # --- schedule -------------------------------------------------------------------------------
+    # --- objective ------------------------------------------------------------------------------
     @abstractmethod
-    def alphas_cumprod(self) -> torch.Tensor:
-        """The DDPM cumulative alphas, float32, shape [num_train_timesteps], on CPU."""
+    def objective(self) -> Objective:
+        """The objective the loaded model trains with, as the host has it (DDPM: its schedule, on the
+        CPU, and `info.prediction_type`); the run adds its options."""
 
     # --- compute ----------------------------------------------------------------------------------
     @abstractmethod
@@ -135,23 +115,21 @@ class TrainableModel(ABC):
 
     @abstractmethod
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The denoiser's raw output (eps or v, per `info.prediction_type`)."""
+        """The denoiser's raw output (eps or v, per `info.prediction_type`; velocity for flow), given
+        the objective's timestep (DDPM: integer t; flow: sigma in [0, 1])."""
 
-    def size_conditioning(self) -> bool:
-        """True when `cond` needs "time_ids" (SDXL's original size / crop / target size)."""
-        return self.info.family == "sdxl"
-
-    token_windows: int = 1  # 75-token caption windows `encode_text` joins (kohya's max_token_length / 75)
+    token_windows: int = 1  # caption windows `encode_text` joins (kohya's max_token_length / 75)
     max_token_windows: int = 1  # what this adapter's `encode_text` can join (3 = max_token_length 225)
 
     def set_token_windows(self, windows: int) -> None:
-        """Encode captions in `windows` 75-token windows from now on. Adapters that can join windows
-        raise `max_token_windows`; the others keep one (75 tokens, as kohya trains by default)."""
+        """Encode captions in `windows` token windows (75 tokens for CLIP) from now on. Adapters that can
+        join windows raise `max_token_windows`; the others keep one (as kohya trains by default)."""
+        size = self.info.spec.token_window
         if not 1 <= windows <= self.max_token_windows:
-            raise ConfigError(f"max_token_length {75 * windows} is not supported when training inside this "
-                              f"host yet; set it to 75 (longer captions are cut after 75 tokens), or train with "
-                              f"the command line (python -m engine train) or in ComfyUI, which support 150 "
-                              f"and 225.")
+            raise ConfigError(f"max_token_length {size * windows} is not supported when training inside this "
+                              f"host yet; set it to {size} (longer captions are cut after {size} tokens), or "
+                              f"train with the command line (python -m engine train) or in ComfyUI, which "
+                              f"support {2 * size} and {3 * size}.")
         self.token_windows = windows
 
     def computes_in(self, dtype: torch.dtype, *, text_encoder: bool) -> bool:

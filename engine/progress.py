@@ -1,14 +1,31 @@
-"""Console progress for the CLI: a tqdm bar with loss, lr and it/s, plus the run's messages."""
+"""Console progress for the CLI: a tqdm bar with loss, lr and it/s, plus the run's messages.
+
+The engine's messages are host-neutral; what only the command line can say (how to resume here) is
+added by this module.
+"""
 
 from __future__ import annotations
 
 from .events import TrainEvent
 
 
+RESUME_HINT = "resume with --set resume_from_checkpoint=latest"
+
+
+def stopped_text(message: str, checkpoint: str | None, command: str = "") -> str:
+    """The engine's "stopped at step N; checkpoint kept in ..." plus how to resume from the command line."""
+    if not checkpoint:
+        return f"{message or 'stopped before the first step'}; nothing was saved."
+    how = f"python -m engine train {command} --set resume_from_checkpoint=latest" if command else RESUME_HINT
+    return f"{message}; resume with: {how}" if command else f"{message}; {how}"
+
+
 class ConsoleProgress:
     def __init__(self):
         self.bar = None
-        self.stopped_message = ""
+        self.stopped_message = ""  # the engine's own text of the last "stopped" event
+        self.stopped_checkpoint: str | None = None
+        self.shown: set[str] = set()  # messages already printed (the run's warnings are printed once)
 
     def on_event(self, event: TrainEvent) -> None:
         from tqdm.auto import tqdm
@@ -25,9 +42,10 @@ class ConsoleProgress:
         elif event.kind == "preview":
             self._write(f"previews at step {event.step}")
         elif event.kind == "stopped":
-            self.stopped_message = f"Checkpoint kept at {event.path}." if event.path else ""
-        elif event.kind == "info" and not event.message.startswith("caching "):
+            self.stopped_message, self.stopped_checkpoint = event.message, event.path
+        elif event.kind == "info":
             self._write(event.message)
+            self.shown.add(event.message)
 
     def should_stop(self) -> bool:
         return False
@@ -44,19 +62,20 @@ class ConsoleProgress:
             self.bar = None
 
 
-def train_in_console(train, argv: list[str]):
-    """`train(callbacks)` with the console bar; on Ctrl-C, say what was kept and how to resume, and return
-    None (the command exits with 130). Otherwise print the run's warnings and return its result."""
+def train_in_console(train, command: str):
+    """`train(callbacks)` with the console bar; on Ctrl-C, say what was kept and how to resume (`command`:
+    the arguments that started this run), and return None (the command exits with 130). Otherwise print
+    the run's warnings not shown yet and return its result."""
     progress = ConsoleProgress()
     try:
         result = train([progress])
     except KeyboardInterrupt:
         progress.close()
-        print(f"\nstopped. {progress.stopped_message or 'No step had finished, so nothing was saved.'}\n"
-              f"Resume with: python -m engine train {' '.join(argv)} --set resume_from_checkpoint=latest")
+        print("\n" + stopped_text(progress.stopped_message, progress.stopped_checkpoint, command))
         return None
     finally:
         progress.close()
-    for warning in result.warnings:
-        print(f"warning: {warning}")
+    for warning in result.warnings:  # each once: most were printed when they arose
+        if warning not in progress.shown:
+            print(f"warning: {warning}")
     return result

@@ -15,6 +15,7 @@ from .config import TrainConfig
 from .data.cache import weights_digest
 from .distributed import ShardedData
 from .errors import ConfigError
+from .families import FamilySpec, get_family
 from .model import TrainableModel
 from .runtime import compute_dtype, resolve_device, resolve_precision
 
@@ -40,27 +41,44 @@ def load_inputs(cfg: TrainConfig, model: TrainableModel | None, data, dist, even
     if cfg.prediction_type != "auto":
         model.info.prediction_type = cfg.prediction_type
     if data is None:
-        data = _dataset(cfg, dist, model.info.resolution, model_key(model))
+        data = _dataset(cfg, dist, model.info.resolution, model_key(model), model.info.spec)
     return RunInputs(model, data, precision)
 
 
 def _load_from_disk(cfg: TrainConfig, data, dist, events) -> RunInputs:
+    from .models.demo_model import IMAGE_SIZE as DEMO_SIZE, demo_model, is_demo_model_file
     from .models.detect import detect_path
     from .models.load import load_base_model
+    from .models.module_state import require_xformers
 
+    if cfg.attention == "xformers":
+        require_xformers()  # before the dataset scan and the model load: says what to install
     path = Path(cfg.base_model).expanduser()
-    found = detect_path(path)  # refuses other families and broken files
-    v_hint = found.v_pred_marker or found.scheduler_prediction_type == "v_prediction"
-    native = {"sd1": 512, "sd2": 768 if v_hint else 512, "sdxl": 1024}[found.family]
+    demo = is_demo_model_file(path)
+    if demo:
+        family, native = "sd1", DEMO_SIZE
+    else:
+        found = detect_path(path)  # refuses other families and broken files
+        v_hint = found.v_pred_marker or found.scheduler_prediction_type == "v_prediction"
+        family = found.family
+        native = get_family(family).native_resolution("v_prediction" if v_hint else "epsilon")
+    spec = get_family(family)
     if data is None:
-        data = _dataset(cfg, dist, native, _file_key(found.family, path))
+        data = _dataset(cfg, dist, native, _file_key(family, path), spec)
     device = dist.device(resolve_device(cfg.device))
     precision = resolve_precision(cfg.mixed_precision, device)
     if cfg.fp8_base and precision not in ("bf16", "fp16"):
         raise ConfigError(f"fp8_base computes each layer in bf16 or fp16; set mixed_precision: bf16 "
                           f"(on {device} '{cfg.mixed_precision}' means {precision}).")
-    model = load_base_model(cfg.base_model, device=device, dtype=compute_dtype(precision),
-                            prediction_type=cfg.prediction_type, clip_skip=cfg.clip_skip)
+    if demo:  # the built-in demo model (python -m engine demo) as a base_model
+        model = demo_model(path, device=device, dtype=compute_dtype(precision), attention=cfg.attention,
+                           clip_skip=cfg.clip_skip)
+        model.info.resolution = native
+        if cfg.prediction_type != "auto":
+            model.info.prediction_type = cfg.prediction_type
+    else:
+        model = load_base_model(cfg.base_model, device=device, dtype=compute_dtype(precision),
+                                prediction_type=cfg.prediction_type, clip_skip=cfg.clip_skip, attention=cfg.attention)
     if cfg.fp8_base:
         from .models.fp8 import store_in_fp8
 
@@ -69,15 +87,15 @@ def _load_from_disk(cfg: TrainConfig, data, dist, events) -> RunInputs:
                                     f"{before / 2**30:.2f} GiB -> {after / 2**30:.2f} GiB")
     if model.info.resolution != native and str(cfg.resolution) == "auto":
         # an SD2-768 model without a v marker: buckets at its real size
-        data = _dataset(cfg, dist, model.info.resolution, model_key(model))
+        data = _dataset(cfg, dist, model.info.resolution, model_key(model), spec)
     return RunInputs(model, data, precision)
 
 
-def _dataset(cfg: TrainConfig, dist, native_resolution: int, key: str):
+def _dataset(cfg: TrainConfig, dist, native_resolution: int, key: str, spec: FamilySpec):
     from .data.train_data import TrainData
 
     data = TrainData(cfg, native_resolution=native_resolution, model_key=key,
-                     train_text_encoder=cfg.train_text_encoder)
+                     train_text_encoder=cfg.train_text_encoder, max_bucket_reso=spec.max_bucket_reso)
     return ShardedData(data, dist.rank, dist.world) if dist.enabled else data
 
 

@@ -14,6 +14,15 @@ from .errors import ConfigError
 from .events import TrainEvent
 
 
+def tensorboard_dir(cfg, run_folder: Path) -> Path:
+    """<run folder>/logs, or kohya's <logging_dir>/<log_prefix><date-time> when logging_dir is set."""
+    if not cfg.logging_dir:
+        return Path(run_folder) / "logs"
+    import time
+
+    return Path(cfg.logging_dir).expanduser() / f"{cfg.log_prefix}{time.strftime('%Y%m%d%H%M%S')}"
+
+
 class TensorBoardLogger:
     def __init__(self, log_dir: Path):
         try:

@@ -1,4 +1,4 @@
-"""In-Place LoRA Trainer for the AUTOMATIC1111 WebUI (and a clear refusal on Forge).
+"""In-Place LoRA Trainer for the AUTOMATIC1111 WebUI and Forge (Forge, Forge Neo, reForge, Forge Classic).
 
 The WebUI imports `scripts/inplace_lora_trainer.py` with the extension folder on `sys.path`; that
 file imports this package, which imports the repository's `engine` package. Both stay in

@@ -20,14 +20,16 @@ import torch
 from torch import nn
 
 from engine.errors import ModelError
-from engine.lora.names import ldm_to_diffusers
-from engine.model import SD_LAYOUT, SDXL_LAYOUT, Conditioning, ModelInfo, TrainableModel, preserve_module_state
+from engine.families import get_family
+from engine.families.unet import SD_LAYOUT, SDXL_LAYOUT, ldm_to_diffusers
+from engine.hostkit.ldm_names import layout_from_ldm_names
+from engine.model import Conditioning, ModelInfo, TrainableModel, preserve_module_state
 from engine.models.module_state import temporarily_float32
+from engine.objectives import DDPMObjective, scaled_linear_alphas_cumprod
 
 from . import host
 from .checkpointing import block_checkpointing
 from .fused_attention import SLOTS, FusedAttentionLoRA
-from .layout import layout_from_ldm_names
 
 CHUNK = 77  # one CLIP window; longer captions are cut here, as kohya does by default
 SIZE_SLICES = {"original_size_as_tuple": slice(0, 2), "crop_coords_top_left": slice(2, 4),
@@ -45,19 +47,19 @@ def model_family(sd_model) -> str:
 
 def exact_alphas_cumprod(sd_model, steps: int = 1000) -> torch.Tensor:
     """The scaled-linear DDPM schedule in float64 -> float32, from the model's own constants."""
-    start = float(getattr(sd_model, "linear_start", 0.00085))
-    end = float(getattr(sd_model, "linear_end", 0.012))
-    n = int(getattr(sd_model, "num_timesteps", steps))
-    betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).float()
+    return scaled_linear_alphas_cumprod(float(getattr(sd_model, "linear_start", 0.00085)),
+                                        float(getattr(sd_model, "linear_end", 0.012)),
+                                        int(getattr(sd_model, "num_timesteps", steps)))
 
 
 def text_encoders(sd_model, family: str) -> list[tuple[str, nn.Module, nn.Module]]:
-    """(kohya prefix, trainable tower, A1111's wrapper) per text encoder."""
+    """(kohya prefix, trainable tower, A1111's wrapper) per text encoder of the family: SDXL's are the
+    conditioner's text embedders, the others' the one `cond_stage_model`."""
     if family == "sdxl":
         wrappers = [e for e in sd_model.conditioner.embedders if getattr(e, "input_key", None) == "txt"]
-        return [("lora_te1", _tower(wrappers[0]), wrappers[0]), ("lora_te2", _tower(wrappers[1]), wrappers[1])]
-    return [("lora_te", _tower(sd_model.cond_stage_model), sd_model.cond_stage_model)]
+    else:
+        wrappers = [sd_model.cond_stage_model]
+    return [(te.kohya_prefix, _tower(w), w) for te, w in zip(get_family(family).text_encoders, wrappers)]
 
 
 def _tower(wrapper) -> nn.Module:
@@ -128,7 +130,6 @@ class A1111Model(TrainableModel):
         v = getattr(sd_model, "parameterization", "eps") == "v"
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.info = ModelInfo(family=self.family, prediction_type="v_prediction" if v else "epsilon",
-                              resolution=1024 if self.family == "sdxl" else (768 if v else 512),
                               name=getattr(info, "model_name", "") or "", sha256=getattr(info, "sha256", None),
                               layout=layout_from_ldm_names((n for n, _ in self.unet.named_modules()),
                                                            SDXL_LAYOUT if self.family == "sdxl" else SD_LAYOUT),
@@ -165,8 +166,9 @@ class A1111Model(TrainableModel):
     def trainable_roots(self) -> list[nn.Module]:
         return [self.unet] + [tower for _, tower, _ in self.towers]
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        return exact_alphas_cumprod(self.sd)
+    def objective(self) -> DDPMObjective:
+        """From the ldm/sgm model: its schedule constants, recomputed exactly, and its parameterization."""
+        return DDPMObjective(exact_alphas_cumprod(self.sd), self.info.prediction_type)
 
     def vae_module(self):
         return getattr(self.sd, "first_stage_model", None)  # the VAE A1111 encodes with, a swapped one too
@@ -279,16 +281,13 @@ class A1111Model(TrainableModel):
         user's own prompt options rather than the ones set for encoding captions."""
         from modules import shared
 
-        from .previews import txt2img
+        from .previews import txt2img_images
 
         with contextlib.ExitStack() as stack:
             for key, value in getattr(self, "_user_options", {}).items():
                 stack.enter_context(temporary_option(shared.opts, key, value))
-            images = []
-            for prompt in prompts:
-                images += txt2img(prompt, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
-                                  height=height)[0]
-        return images
+            return txt2img_images(prompts, negative=negative, seed=seed, steps=steps, cfg=cfg, width=width,
+                                  height=height)
 
 
 @contextlib.contextmanager

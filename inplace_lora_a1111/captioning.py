@@ -54,8 +54,9 @@ def check_folder(request: dict) -> str:
 
     plan = make_plan(dict(request, preview_prompt=request.get("preview_prompt") or "check"),
                      lora_dir=host.lora_dir(), work_dir=host.work_dir())
-    native = 1024 if _loaded_family() == "sdxl" else 512
-    return check_dataset(plan.cfg, native_resolution=native).to_text()
+    from engine.families import get_family
+
+    return check_dataset(plan.cfg, native_resolution=get_family(_loaded_family()).resolution).to_text()
 
 
 def _loaded_family() -> str:

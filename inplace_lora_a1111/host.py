@@ -2,8 +2,9 @@
 
 The adapter and the job never import `modules.*` at module level: the package must import (and be
 tested) without a WebUI, and Forge has a different `modules` tree. Functions here answer: is this
-Forge, can the loaded model be trained in place with these flags (`refusal`), where do LoRA files
-and work files go, and how do we undo the built-in Lora extension's merged weights and caches.
+Forge, can the loaded model be trained in place with these flags (`refusal`), which adapter drives it,
+where do LoRA files and work files go, and how do we undo the built-in Lora extension's merged weights
+and caches. On Forge and its forks each answer comes from forge_host.py.
 """
 
 from __future__ import annotations
@@ -13,11 +14,6 @@ import logging
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-
-FORGE_MESSAGE = ("LoRA Trainer does not run on Forge yet: Forge's backend keeps the model weights as inference "
-                 "tensors outside an nn.Module tree the trainer can hook safely, so training in place would need "
-                 "a second copy of the model. Use AUTOMATIC1111 1.10, ComfyUI, or `python -m engine train`.")
-
 
 def is_forge() -> bool:
     """Forge ships `modules_forge` next to `modules`; its model objects carry `forge_objects`."""
@@ -44,7 +40,7 @@ def loaded_model():
     """The model A1111 has loaded (loads it if the WebUI has not yet, as txt2img would)."""
     from modules import shared
 
-    model = shared.sd_model
+    model = forge_host().loaded_model() if is_forge() else shared.sd_model
     if model is None:
         from engine.errors import ModelError
 
@@ -56,7 +52,7 @@ def loaded_model():
 def refusal(sd_model, *, train_text_encoder: bool) -> str | None:
     """Why this model cannot be trained in place with the WebUI's current flags (None: it can)."""
     if is_forge() or hasattr(sd_model, "forge_objects"):
-        return FORGE_MESSAGE
+        return forge_host().refusal(sd_model, train_text_encoder=train_text_encoder)
     from modules import devices, shared
 
     flags = shared.cmd_opts
@@ -90,6 +86,23 @@ def refusal(sd_model, *, train_text_encoder: bool) -> str | None:
     except ImportError:
         pass
     return None
+
+
+def forge_host():
+    from . import forge_host as module
+
+    return module
+
+
+def trainable_model(sd_model, *, clip_skip: int = 0):
+    """The adapter for the loaded model: Forge's objects or A1111's ldm/sgm model."""
+    if hasattr(sd_model, "forge_objects"):
+        from .forge_adapter import ForgeModel
+
+        return ForgeModel(sd_model, clip_skip=clip_skip)
+    from .adapter import A1111Model
+
+    return A1111Model(sd_model, clip_skip=clip_skip)
 
 
 def _in_channels(sd_model) -> int | None:
@@ -138,6 +151,8 @@ def unmerge_builtin_loras(sd_model) -> list[str]:
     train on top of the user's last LoRA. Returns the names that were merged."""
     import torch
 
+    if hasattr(sd_model, "forge_objects"):
+        return forge_host().unmerge_loras(sd_model)
     networks = _networks()
     if networks is None:
         return []
@@ -152,9 +167,13 @@ def unmerge_builtin_loras(sd_model) -> list[str]:
 
 
 def refresh_lora_list() -> bool:
-    """Re-scan the Lora folder so the new file shows as a card (and in /sdapi/v1/loras)."""
-    networks = _networks()
-    if networks is None:
+    """Re-scan the Lora folder so the new file shows as a card (and in /sdapi/v1/loras); Forge's
+    sd_forge_lora has the same function in its own `networks` module."""
+    try:
+        import networks
+    except ImportError:
+        return False
+    if not hasattr(networks, "list_available_networks"):
         return False
     networks.list_available_networks()
     return True

@@ -7,6 +7,7 @@ the model mid-step), un-merges the built-in Lora extension's weights, trains thr
 copies the finished file into the Lora folder under a name no cached network has, renders
 `<lora:name:S>` previews, and refreshes the Lora list. Progress goes to `shared.state` (the WebUI's
 progress bar and `/sdapi/v1/progress`) and to `status()`; Stop is `shared.state.interrupt()`.
+A request with `"resume": true` continues the last stopped run of its name (resume.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from engine.checkpoint import ResumeMismatch
 from engine.config import TrainConfig
 from engine.errors import ConfigError, DatasetError, ModelError, TrainingStopped, UserError
 from engine.events import TrainEvent
@@ -27,6 +29,7 @@ from engine.lora.kohya_io import atomic_write_bytes
 from . import host
 from .presets import apply_preset
 from .previews import PreviewSettings, strength_previews
+from .resume import API, Controls, mismatch_message, run_to_resume, stopped_message
 
 logger = logging.getLogger(__name__)
 RUNNING = ("starting", "caching", "training", "saving", "previews")
@@ -59,11 +62,12 @@ def default_prompt(cfg: TrainConfig) -> str:
     return fixed_caption(caption, trigger_word=cfg.trigger_word).strip() or cfg.trigger_word or "a photo"
 
 
-def make_plan(request: dict, *, lora_dir: Path, work_dir: Path, presets: dict | None = None) -> JobPlan:
+def make_plan(request: dict, *, lora_dir: Path, work_dir: Path, presets: dict | None = None,
+              controls: Controls = API) -> JobPlan:
     """Validate a request into a config, a unique LoRA name and preview settings (raises UserError)."""
     if not isinstance(request, dict):
         raise ConfigError("the request must be a JSON object of training settings.")
-    fields = {k: v for k, v in request.items() if k != "preset" and not k.startswith("preview_")}
+    fields = {k: v for k, v in request.items() if k not in ("preset", "resume") and not k.startswith("preview_")}
     preview = {k[len("preview_"):]: v for k, v in request.items() if k.startswith("preview_")}
     fields = apply_preset(str(request.get("preset") or ""), fields, presets)
     if fields.get("base_model"):
@@ -76,7 +80,10 @@ def make_plan(request: dict, *, lora_dir: Path, work_dir: Path, presets: dict | 
         raise DatasetError(f"the dataset folder '{folder}' does not exist or is not a folder.")
     fields.setdefault("output_dir", str(work_dir))
     stem = str(fields.get("output_name") or "").strip() or Path(folder).expanduser().resolve().name or "my_lora"
-    if fields.get("resume_from_checkpoint"):
+    if request.get("resume"):
+        name = run_to_resume(stem, Path(fields["output_dir"]).expanduser(), controls)
+        fields["resume_from_checkpoint"] = "latest"
+    elif fields.get("resume_from_checkpoint"):
         name = stem  # continue in the same work folder; the file gets a fresh name in the Lora folder
     else:
         name = host.unique_name(stem, [lora_dir, Path(fields["output_dir"]).expanduser()])
@@ -94,9 +101,10 @@ def make_plan(request: dict, *, lora_dir: Path, work_dir: Path, presets: dict | 
 class TrainJob:
     """One run: its plan, its progress, and what it produced. Safe to read from other threads."""
 
-    def __init__(self, plan: JobPlan):
+    def __init__(self, plan: JobPlan, controls: Controls = API):
         self.id = uuid.uuid4().hex[:10]
         self.plan = plan
+        self.controls = controls  # the buttons or request keys the messages name
         self.status = "starting"
         self.step = self.total = 0
         self.losses: list[tuple[int, float]] = []
@@ -106,6 +114,8 @@ class TrainJob:
         self.card_preview: Path | None = None
         self.strength_grid: Path | None = None
         self.last_checkpoint_lora: str | None = None
+        self.stopped_checkpoint: str | None = None
+        self.preview_size: tuple[int, int] | None = None
         self.output_dir: Path | None = None
         self.error: str | None = None
         self.started = time.time()
@@ -149,12 +159,13 @@ class TrainJob:
         elif event.kind == "checkpoint":
             self.last_checkpoint_lora = event.lora_path
             self.note(f"checkpoint at step {event.step}")
+        elif event.kind == "caching":
+            self.status = "caching"
+            state.textinfo = f"LoRA Trainer: {event.message}"
+        elif event.kind == "stopped":  # the message is the tab's own (_keep_stopped_file), from these fields
+            self.step, self.stopped_checkpoint = event.step, event.path
         elif event.kind == "info":
-            if event.message.startswith("caching "):
-                self.status = "caching"
-                state.textinfo = f"LoRA Trainer: {event.message}"
-            else:
-                self.note(event.message)
+            self.note(event.message)
         elif event.kind == "error" and event.message:
             self.note(event.message)
 
@@ -178,6 +189,8 @@ class TrainJob:
                     host.clear_condition_cache()
                     state.end()
                     state.interrupted = False
+        except ResumeMismatch as exc:
+            self.error, self.status = mismatch_message(exc, self.controls), "error"
         except UserError as exc:
             self.error, self.status = str(exc), "error"
         except Exception as exc:  # a bug: keep the traceback in the console, say so in the tab
@@ -194,8 +207,6 @@ class TrainJob:
     def _train(self) -> None:
         from engine.train import train
 
-        from .adapter import A1111Model
-
         plan = self.plan
         sd_model = host.loaded_model()
         reason = host.refusal(sd_model, train_text_encoder=plan.cfg.train_text_encoder)
@@ -205,21 +216,25 @@ class TrainJob:
         merged = host.unmerge_builtin_loras(sd_model)
         if merged:
             self.note(f"un-merged the LoRA(s) of the last generation before training: {', '.join(merged)}")
-        model = A1111Model(sd_model, clip_skip=plan.cfg.clip_skip)
+        model = host.trainable_model(sd_model, clip_skip=plan.cfg.clip_skip)
+        self.preview_size = plan.cfg.resolution_wh(model.info.resolution)
         result = train(plan.cfg, model, callbacks=[self])
         self.output_dir = result.output_dir
         self.status = "saving"
         self.lora_file = self._publish(Path(result.lora_path), plan.name)
         self.note(f"saved {self.lora_file}; use <lora:{self.lora_file.stem}:0.8> in a prompt")
         if plan.previews.strengths and not self.should_stop():
-            self.status = "previews"
-            size = plan.cfg.resolution_wh(model.info.resolution)
-            shots = strength_previews(self.lora_file.stem, plan.previews, self.lora_file, result.output_dir, size)
-            self.card_preview, self.strength_grid = shots.card, shots.grid_path
-            with self._lock:
-                self.preview_images += [(im, f"<lora:{self.lora_file.stem}:{s}>") for im, s
-                                        in zip(shots.images, shots.labels)]
+            self._previews(plan.previews, result.output_dir)
         host.refresh_lora_list()
+
+    def _previews(self, settings: PreviewSettings, work_folder: Path) -> None:
+        """`<lora:name:S>` for each strength; the one nearest 0.8 becomes the card image."""
+        self.status = "previews"
+        shots = strength_previews(self.lora_file.stem, settings, self.lora_file, work_folder, self.preview_size)
+        self.card_preview, self.strength_grid = shots.card, shots.grid_path
+        with self._lock:
+            self.preview_images += [(im, f"<lora:{self.lora_file.stem}:{s}>") for im, s
+                                    in zip(shots.images, shots.labels)]
 
     def _fit_to_model(self, cfg: TrainConfig) -> TrainConfig:
         """Settings the loaded model decides: its weight dtype sets the precision, the WebUI's CLIP skip
@@ -247,17 +262,32 @@ class TrainJob:
         return target
 
     def _keep_stopped_file(self) -> None:
-        self.status = "stopped"
-        if self.last_checkpoint_lora and Path(self.last_checkpoint_lora).is_file():
-            try:
-                self.lora_file = self._publish(Path(self.last_checkpoint_lora), Path(self.last_checkpoint_lora).stem)
-                host.refresh_lora_list()
-                self.note(f"stopped at step {self.step}; the LoRA of that step is {self.lora_file.name}. To "
-                          f"continue, train again with the same output name and 'resume_from_checkpoint: latest'.")
-            except OSError as exc:
-                self.note(f"stopped at step {self.step}; could not copy the checkpoint's LoRA: {exc}")
-        else:
+        """Publish the LoRA of the last step with a card image (one `<lora:name:0.8>`-nearest preview,
+        rendered after the stop, as a finished run's card is), and say how to continue. The status turns
+        "stopped" last, so a watcher that ends on it has seen the message."""
+        self.status = "saving"
+        if not (self.last_checkpoint_lora and Path(self.last_checkpoint_lora).is_file()):
             self.note("stopped before the first step; nothing was saved.")
+            self.status = "stopped"
+            return
+        source = Path(self.last_checkpoint_lora)
+        try:
+            self.lora_file = self._publish(source, source.stem)
+        except OSError as exc:
+            self.note(f"stopped at step {self.step}; could not copy the checkpoint's LoRA: {exc}")
+            self.status = "stopped"
+            return
+        settings = self.plan.previews
+        if settings.strengths and self.preview_size:
+            card = min(settings.strengths, key=lambda s: abs(s - 0.8))
+            host.state().interrupted = False  # the stop was for training; the card is one short render
+            try:
+                self._previews(replace(settings, strengths=(card,)), source.parent)
+            except Exception as exc:  # the LoRA is safe in the Lora folder; a card is a nicety
+                logger.warning("LoRA Trainer: no card image for the stopped run: %s", exc)
+        host.refresh_lora_list()
+        self.note(stopped_message(self.step, self.stopped_checkpoint, self.lora_file, self.controls))
+        self.status = "stopped"
 
     # --- reporting --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -280,19 +310,17 @@ class JobManager:
         self.job: TrainJob | None = None
         self._lock = threading.Lock()
 
-    def start(self, request: dict, *, background: bool = True) -> TrainJob:
-        if host.is_forge():
-            raise ModelError(host.FORGE_MESSAGE)
+    def start(self, request: dict, *, background: bool = True, controls: Controls = API) -> TrainJob:
         with self._lock:
             if self.job is not None and self.job.running:
                 raise JobBusy(f"a LoRA is already training ({self.job.plan.name}, step {self.job.step}/"
                               f"{self.job.total}); stop it or wait for it to finish.")
-            plan = make_plan(request, lora_dir=host.lora_dir(), work_dir=host.work_dir())
+            plan = make_plan(request, lora_dir=host.lora_dir(), work_dir=host.work_dir(), controls=controls)
             loaded = host.peek_model()
             reason = loaded is not None and host.refusal(loaded, train_text_encoder=plan.cfg.train_text_encoder)
             if reason:
                 raise ModelError(reason)
-            job = TrainJob(plan)
+            job = TrainJob(plan, controls)
             self.job = job
         if background:
             job.thread = threading.Thread(target=job.run, name=f"lora-trainer-{job.id}", daemon=True)

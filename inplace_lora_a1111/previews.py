@@ -72,12 +72,32 @@ def txt2img(prompt: str, *, negative: str = "", seed: int = 1234, steps: int = 2
     p = cls(sd_model=shared.sd_model, prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps),
             cfg_scale=float(cfg), width=int(width), height=int(height), sampler_name=sampler, batch_size=1,
             n_iter=1, do_not_save_samples=True, do_not_save_grid=True, do_not_reload_embeddings=True, **extra)
+    p.scripts, p.script_args = _no_scripts(), []
     with closing(p):
         result = processing.process_images(p)
     images = list(result.images or [])
     if images:
         shared.state.assign_current_image(images[0])
     return images, list(result.infotexts or [])
+
+
+def txt2img_images(prompts: list[str], **settings) -> list:
+    """The images of one txt2img per prompt (what the adapters' in-training previews render)."""
+    images = []
+    for prompt in prompts:
+        images += txt2img(prompt, **settings)[0]
+    return images
+
+
+def _no_scripts():
+    """An empty script runner: no always-on script (ControlNet, ADetailer...) runs on a preview, and
+    hosts that read `p.scripts.alwayson_scripts` unguarded (reForge) get an empty list, not None."""
+    try:
+        from modules import scripts
+
+        return scripts.ScriptRunner()
+    except (ImportError, AttributeError, TypeError):
+        return None
 
 
 def lora_prompt(prompt: str, name: str, strength: float) -> str:

@@ -1,6 +1,6 @@
-"""What the tab's buttons do, without Gradio: turn the form into a request, start/stop/watch the job,
-caption and check the dataset, and format the status. `ui.py` only lays the components out and binds
-these functions, so they are tested directly.
+"""What the tab's buttons do, without Gradio: turn the form into a request, start/resume/stop/watch
+the job, caption and check the dataset, and format the status. `ui.py` only lays the components out and
+binds these functions, so they are tested directly. Messages name the tab's own controls (resume.TAB).
 
 The form's knobs are `KNOBS`, each a `TrainConfig` field; a preset fills them, the user edits them, and
 the request carries all of them (so what the form shows is what trains).
@@ -8,6 +8,7 @@ the request carries all of them (so what the form shows is what trains).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from engine.errors import UserError
 from .job import MANAGER
 from .lossplot import render_loss_plot
 from .presets import DEFAULT, apply_preset, load_presets
+from .resume import TAB
 
 POLL_SECONDS = 1.0
 
@@ -30,10 +32,12 @@ class Knob:
     minimum: float = 0
     maximum: float = 0
     step: float = 1
+    placeholder: str = ""
 
 
 KNOBS = (
-    Knob("output_name", "LoRA name (empty: the folder's name; never overwrites)", "text"),
+    Knob("output_name", "LoRA name (never overwrites a file)", "text",
+         placeholder="empty: the folder's name"),
     Knob("lora_rank", "Rank", "slider", minimum=1, maximum=128, step=1),
     Knob("lora_alpha", "Alpha (0 = rank/2)", "number"),
     Knob("learning_rate", "Learning rate", "number"),
@@ -64,7 +68,8 @@ def knob_values(preset: str, presets: dict | None = None) -> list:
     """The form values for a preset: the schema's defaults overlaid with the preset's fields."""
     fields = apply_preset(preset or DEFAULT, {}, presets)
     cfg = TrainConfig(**{k: v for k, v in fields.items()})
-    return [_display(getattr(cfg, k.field)) for k in KNOBS]
+    # the name starts empty: the dataset folder's name applies (the schema's "my_lora" is the CLI's)
+    return ["" if k.field == "output_name" else _display(getattr(cfg, k.field)) for k in KNOBS]
 
 
 def _display(value):
@@ -92,21 +97,41 @@ def build_request(folder: str, trigger: str, preset: str, values: list, preview:
     return request
 
 
+_FIELD_LABELS = {**{k.field: k.label.split(" (")[0] for k in KNOBS}, "train_data_dir": "Dataset folder",
+                 "trigger_word": "Trigger word"}
+
+
+def for_tab(message: str) -> str:
+    """An engine message worded for the form: config keys the form shows become their labels, and the
+    CLI's `--set` / `--help-config` advice (the tab has no command line) is dropped."""
+    message = re.sub(r" Fix the path in the config \(or --set [\w.]+=\.\.\.\)\.", " Fix the path in the form.",
+                     message)
+    message = re.sub(r" \(python -m engine train --help-config lists every key\.\)", "", message)
+    return re.sub(r"(?<!')\b(" + "|".join(f for f in _FIELD_LABELS if "_" in f) + r")\b(?!')",
+                  lambda m: f"'{_FIELD_LABELS[m[1]]}' ({m[1]})", message)
+
+
+def markdown_text(text: str) -> str:
+    """Plain text shown literally in Markdown: `<lora:name:0.8>` is not swallowed as an HTML tag, and `*`,
+    `_`, backticks and brackets in paths or prompts do not turn into formatting."""
+    return re.sub(r"([\\`*_{}\[\]<>#|~])", r"\\\1", text)
+
+
 def format_status(status: dict) -> str:
     if status.get("status") == "idle":
         return "No training yet."
-    parts = [f"**{status['status'].capitalize()}**: {status.get('lora_name', '')}"]
+    parts = [f"**{status['status'].capitalize()}**: {markdown_text(status.get('lora_name', ''))}"]
     if status.get("total_steps"):
         loss = status.get("loss")
         parts.append(f"step {status['step']}/{status['total_steps']}" + (f", loss {loss:.4f}" if loss else ""))
     text = " — ".join(parts)
     if status.get("error"):
-        text += f"\n\n**Error:** {status['error']}"
+        text += f"\n\n**Error:** {markdown_text(for_tab(status['error']))}"
     if status.get("lora_file") and not status.get("running"):
         text += f"\n\nSaved `{status['lora_file']}` — try `<lora:{status['lora_name']}:0.8>` in txt2img."
     messages = status.get("messages") or []
     if messages:
-        text += "\n\n" + "\n".join(f"- {m}" for m in messages[-6:])
+        text += "\n\n" + "\n".join(f"- {markdown_text(m)}" for m in messages[-6:])
     return text
 
 
@@ -118,15 +143,25 @@ def outputs(manager=MANAGER):
     return format_status(status), render_loss_plot(status.get("losses") or []), gallery
 
 
-def on_train(folder: str, trigger: str, preset: str, *rest, manager=MANAGER, poll: float = POLL_SECONDS):
+def on_train(folder: str, trigger: str, preset: str, *rest, manager=MANAGER, poll: float = POLL_SECONDS,
+             resume: bool = False):
     """Start a run and stream its progress until it ends (the run goes on if the page is closed)."""
     values, preview = list(rest[:len(KNOBS)]), list(rest[len(KNOBS):])
     try:
-        manager.start(build_request(folder, trigger, preset, values, preview))
+        request = build_request(folder, trigger, preset, values, preview)
+        if resume:
+            request["resume"] = True
+        manager.start(request, controls=TAB)
     except (UserError, ValueError) as exc:
-        yield f"**Not started:** {exc}", None, []
+        yield f"**Not {'resumed' if resume else 'started'}:** {markdown_text(for_tab(str(exc)))}", None, []
         return
     yield from on_watch(manager=manager, poll=poll)
+
+
+def on_resume(folder: str, trigger: str, preset: str, *rest, manager=MANAGER, poll: float = POLL_SECONDS):
+    """Continue the last stopped run of this name (the form's name, or the folder's) from its checkpoint,
+    with the form's settings (those a resume must keep are checked against the run's)."""
+    yield from on_train(folder, trigger, preset, *rest, manager=manager, poll=poll, resume=True)
 
 
 def on_watch(manager=MANAGER, poll: float = POLL_SECONDS):

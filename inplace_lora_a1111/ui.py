@@ -1,13 +1,15 @@
 """The "LoRA Trainer" tab: Gradio layout only (the behaviour is in `tab.py`).
 
 Only idioms that Gradio 3.41 (A1111 1.10) and Gradio 4 (Forge) share: Blocks/Row/Column/Accordion,
-plain components, `gr.update`, generator callbacks for live progress (the WebUI's queue is on), and a
-PIL image for the loss chart. On Forge the tab holds one line saying why training is not offered.
+plain components, `gr.update`, generator callbacks for live progress (the WebUI's queue is on), a
+PIL image for the loss chart, and `Blocks.load` (as A1111's own Extensions tab uses it) so that a
+reloaded page reattaches to a running job by itself. The same tab serves Forge and its forks
+(forge_adapter.py trains there).
 """
 
 from __future__ import annotations
 
-from . import host, tab
+from . import tab
 
 ELEM = "inplace_lora"
 
@@ -22,16 +24,13 @@ def _component(gr, knob, value):
         return gr.Slider(label=label, minimum=knob.minimum, maximum=knob.maximum, step=knob.step, value=value)
     if knob.kind in ("int", "number"):
         return gr.Number(label=label, value=value, precision=0 if knob.kind == "int" else None)
-    return gr.Textbox(label=label, value=str(value or ""), lines=1)
+    return gr.Textbox(label=label, value=str(value or ""), lines=1, placeholder=knob.placeholder)
 
 
 def build_tab():
     import gradio as gr
 
     with gr.Blocks(analytics_enabled=False) as block:
-        if host.is_forge():
-            gr.Markdown(host.FORGE_MESSAGE, elem_id=f"{ELEM}_forge")
-            return block
         with gr.Row():
             with gr.Column(scale=3):
                 folder = gr.Textbox(label="Dataset folder (images with .txt captions)", elem_id=f"{ELEM}_folder",
@@ -65,16 +64,20 @@ def build_tab():
             with gr.Column(scale=2):
                 with gr.Row():
                     train = gr.Button("Train", variant="primary", elem_id=f"{ELEM}_train")
+                    resume = gr.Button("Resume", elem_id=f"{ELEM}_resume")
                     stop = gr.Button("Stop", elem_id=f"{ELEM}_stop")
                     watch = gr.Button("Show progress")
                 status = gr.Markdown(tab.format_status({"status": "idle"}), elem_id=f"{ELEM}_status")
-                chart = gr.Image(label="Loss", type="pil", interactive=False)
+                # the chart draws its own title and axes; Gradio's label badge would cover the title
+                chart = gr.Image(label="Loss", show_label=False, type="pil", interactive=False)
                 gallery = gr.Gallery(label="Previews", columns=4, height="auto", elem_id=f"{ELEM}_gallery")
 
         live = [status, chart, gallery]
-        train.click(fn=tab.on_train, inputs=[folder, trigger, preset, *knobs, preview_prompt, strengths,
-                                             preview_steps], outputs=live)
+        form = [folder, trigger, preset, *knobs, preview_prompt, strengths, preview_steps]
+        train.click(fn=tab.on_train, inputs=form, outputs=live)
+        resume.click(fn=tab.on_resume, inputs=form, outputs=live)
         watch.click(fn=tab.on_watch, inputs=[], outputs=live)
+        block.load(fn=tab.on_watch, inputs=[], outputs=live)  # a reloaded page shows the running job
         stop.click(fn=tab.on_stop, inputs=[], outputs=[status])
         preset.change(fn=tab.knob_values, inputs=[preset], outputs=knobs)
         caption_btn.click(fn=tab.on_caption, inputs=[folder, captioner, mode, trigger], outputs=[report])

@@ -3,9 +3,11 @@
 Nothing is copied or reloaded: the engine's LoRA hooks sit on ComfyUI's own Linear/Conv2d modules,
 images go through ComfyUI's VAE, captions through its CLIP (clip skip and all), and `predict` calls
 the UNet directly with the DDPM-form input and integer timesteps, which is what ComfyUI's
-`model_sampling` computes from sigmas (`x/sqrt(1+sigma^2)`, `alphas_cumprod = 1/(1+sigma^2)`).
-`session()` loads the models the ComfyUI way and puts every tensor and flag back afterwards
-(host_state.py). comfy is imported lazily, so this module imports outside ComfyUI too.
+`model_sampling` computes from sigmas (`x/sqrt(1+sigma^2)`, `alphas_cumprod = 1/(1+sigma^2)`): the
+objective comes from `model_sampling` (its sigmas and its EPS / V_PREDICTION kind). LDM names and CLIP
+holders are mapped by engine/hostkit, shared with the other LDM hosts. `session()` loads the models the
+ComfyUI way and puts every tensor and flag back afterwards (engine/hostkit/borrowing.py). comfy is
+imported lazily, so this module imports outside ComfyUI too.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ import torch
 from torch import nn
 
 from ..engine.errors import ModelError
+from ..engine.hostkit.borrowing import borrowed_weights, clip_backprop_guard, unet_blocks
+from ..engine.hostkit.clip_holders import text_encoder_layers, text_encoders
+from ..engine.hostkit.ldm_names import layout_from_unet_config, unet_layers
 from ..engine.model import Conditioning, ModelInfo, TrainableModel
 from ..engine.models.module_state import checkpointed_forwards, recompute_units
-from .comfy_names import layout_from_unet_config, text_encoder_layers, text_encoders, unet_layers
-from .host_state import borrowed_weights, clip_backprop_guard, unet_blocks
-
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+from ..engine.objectives import DDPMObjective
 
 
 def _refuse(what: str) -> ModelError:
@@ -99,16 +100,15 @@ class ComfyModel(TrainableModel):
         self._encoders = text_encoders(clip.cond_stage_model, family)
         layer_idx = getattr(clip, "layer_idx", None)
         clip_skip = -layer_idx if family != "sdxl" and isinstance(layer_idx, int) and layer_idx < -1 else None
-        resolution = 768 if family == "sd2" and prediction == "v_prediction" else NATIVE_RESOLUTION[family]
-        self.info = ModelInfo(family=family, prediction_type=prediction, resolution=resolution, name=name,
-                              layout=layout, clip_skip=clip_skip)
+        self.info = ModelInfo(family=family, prediction_type=prediction, name=name, layout=layout,
+                              clip_skip=clip_skip)
         self.device = torch.device(model.load_device)
         self.dtype = base.manual_cast_dtype or base.get_dtype()
         self.sampler_name, self.scheduler = "euler", "normal"
 
     @property
     def family_name(self) -> str:
-        return FAMILY_NAMES[self.info.family]
+        return self.info.spec.display_name
 
     # --- layers -----------------------------------------------------------------------------------
     def unet_layers(self) -> Iterator[tuple[str, nn.Module]]:
@@ -123,8 +123,9 @@ class ComfyModel(TrainableModel):
     def trainable_roots(self) -> list[nn.Module]:
         return [self.mp.model.diffusion_model, *self.text_models()]
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        return 1.0 / (1.0 + self._sigmas.double() ** 2).float()
+    def objective(self) -> DDPMObjective:
+        """From `model_sampling`: the DDPM schedule its sigmas encode and its prediction kind."""
+        return DDPMObjective(1.0 / (1.0 + self._sigmas.double() ** 2).float(), self.info.prediction_type)
 
     def vae_module(self):
         return getattr(self.vae, "first_stage_model", None)
@@ -156,7 +157,7 @@ class ComfyModel(TrainableModel):
             if out.get("pooled_output") is not None:
                 pooled.append(out["pooled_output"].to(self.device))
         cond = {"context": torch.cat(contexts)}
-        if self.info.family == "sdxl":
+        if "pooled" in self.info.spec.conditioning:
             cond["pooled"] = torch.cat(pooled)
         return cond
 

@@ -84,12 +84,40 @@ def thumbnails(paths: list[Path]):
 
 
 def with_bad_files(message: str, root: Path) -> str:
-    """An error message plus every image file under `root` (and its subfolders) that cannot be read."""
-    from ..engine.data import scan_images, skipped_warning
+    """An error message plus every image file under `root` (and its subfolders) that cannot be read and
+    that the message does not name already (each file is named once)."""
+    from ..engine.data.images import describe_skipped, relative_name, scan_images
 
     folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    skipped = [bad for folder in folders for bad in scan_images(folder)[1]]
-    return f"{message} {skipped_warning(skipped, root)}" if skipped else message
+    skipped = [bad for folder in folders for bad in scan_images(folder)[1]
+               if relative_name(bad[0], root) not in message]
+    return f"{message} Also: {describe_skipped(skipped, root)}." if skipped else message
+
+
+# LoRA Trainer inputs that decide the step plan -> their config field
+_PLAN_INPUTS = {"steps": "max_train_steps", "epochs": "epochs", "batch_size": "batch_size",
+                "grad_accumulation": "gradient_accumulation_steps"}
+
+
+def trainer_plan(prompt: dict | None, node_id) -> dict:
+    """The plan settings (as config fields) of the LoRA Trainer this dataset feeds, directly or through
+    nodes that pass the dataset on (Auto Caption); {} when there is none or its values are links."""
+    if not prompt or node_id is None:
+        return {}
+    frontier, seen = [str(node_id)], set()
+    while frontier:
+        source = frontier.pop(0)
+        seen.add(source)
+        for nid, node in prompt.items():
+            link = node.get("inputs", {}).get("dataset")
+            if not (isinstance(link, list) and link and str(link[0]) == source) or str(nid) in seen:
+                continue
+            if node.get("class_type") == "InplaceLoRA_Trainer":
+                inputs = node["inputs"]
+                return {field: inputs[name] for name, field in _PLAN_INPUTS.items()
+                        if isinstance(inputs.get(name), int) and not isinstance(inputs.get(name), bool)}
+            frontier.append(str(nid))
+    return {}
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -124,17 +152,17 @@ class LoadDataset(io.ComfyNode):
             outputs=[Dataset.Output(display_name="DATASET"),
                      io.Image.Output(display_name="thumbnails"),
                      io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
-    def validate_inputs(cls, folder=None, resolution=None):
+    def validate_inputs(cls, folder=None):
+        # ComfyUI attaches what this returns to every input named in the signature: only `folder` is
+        # checked here, so its message is on `folder`; a bad `resolution` is refused when the node runs,
+        # with a message that names it.
         try:
             if folder is not None:
                 resolve_folder(folder)
-            if resolution is not None:
-                from ..engine.config import TrainConfig
-
-                TrainConfig(resolution=str(resolution)).resolution_wh()
         except UserError as exc:
             return str(exc)
         return True
@@ -151,6 +179,7 @@ class LoadDataset(io.ComfyNode):
         from ..engine.data import find_metadata, scan_dataset
 
         root = resolve_folder(folder)
+        TrainConfig.from_dict({"resolution": str(resolution).strip() or "auto"}, source="Load Dataset")  # says what is wrong
         reg = str(resolve_folder(reg_folder, "regularisation folder")) if str(reg_folder or "").strip() else ""
         extension, need_metadata = CAPTION_SOURCES[caption_source]
         if need_metadata and find_metadata(root) is None:
@@ -159,11 +188,14 @@ class LoadDataset(io.ComfyNode):
         spec = DatasetSpec(folder=str(root), repeats=repeats, resolution=str(resolution).strip() or "auto",
                            enable_bucket=buckets, trigger_word=trigger_word.strip(), caption_extension=extension,
                            reg_folder=reg)
-        cfg = TrainConfig.from_dict(spec.config_values(), source="Load Dataset")
+        plan = trainer_plan(cls.hidden.prompt, cls.hidden.unique_id)
+        cfg = TrainConfig.from_dict({**spec.config_values(), **plan}, source="Load Dataset")
         try:
             report = check_dataset(cfg)
         except DatasetError as exc:
             raise DatasetError(with_bad_files(str(exc), root)) from None
+        if plan:
+            report.plan_source = "the steps, epochs and batch size set on the LoRA Trainer"
         scan = scan_dataset(root, repeats=repeats, caption_extension=extension)
         records = scan.records
         captions = tuple((_relative(r.path, root), r.caption) for r in records)

@@ -1,60 +1,20 @@
 """Writing a trained LoRA into ComfyUI's `models/loras`: safe names, no silent overwrite, atomic files.
 
-A name may carry subfolders (`styles/ink`) but must stay inside the loras folder: `..`, absolute
-paths and drive letters are refused with a message that says what to type instead. An existing file
-is never replaced unless asked: the next free `name_2`, `name_3`... is used, because loaders cache
-files by name (ComfyUI's LoraLoader keeps the last file it read) and a replaced file would silently
-keep serving old weights. The `.safetensors` and its `.preview.png` are written atomically.
+The naming rules (inside the folder, `name_2` instead of replacing a file) are the engine's
+(engine/lora/output_names.py), shared with the command line. The `.safetensors` and its
+`.preview.png` are written atomically.
 """
 
 from __future__ import annotations
 
 import io
-import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from ..engine.errors import UserError
 from ..engine.lora.kohya_io import atomic_write_bytes, save_lora
+from ..engine.lora.output_names import check_name, target_path
 from .values import LoRAWeights
 
-_BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f]')
-EXAMPLE = "a plain name like 'my_style' or a subfolder like 'styles/my_style'"
-
-
-def check_name(name: str) -> PurePosixPath:
-    """The name as a relative path inside the loras folder, or a UserError saying what is wrong."""
-    text = str(name or "").strip()
-    if text.lower().endswith(".safetensors"):
-        text = text[: -len(".safetensors")]
-    if not text:
-        raise UserError(f"the LoRA name is empty; use {EXAMPLE}.")
-    if re.match(r"^[a-zA-Z]:", text) or text.startswith(("/", "\\", "~")):
-        raise UserError(f"the LoRA name '{name}' is an absolute path; files are always written into "
-                        f"ComfyUI's models/loras folder, so use {EXAMPLE}.")
-    path = PurePosixPath(text.replace("\\", "/"))
-    if any(part in ("..", ".") for part in path.parts):
-        raise UserError(f"the LoRA name '{name}' contains '..' or '.', which could leave models/loras; "
-                        f"use {EXAMPLE}.")
-    if _BAD_CHARS.search(text) or any(p != p.strip() or p.endswith(".") for p in path.parts):
-        raise UserError(f"the LoRA name '{name}' has characters that are not allowed in file names "
-                        f"(< > : \" | ? * or a part ending in a space or dot); use {EXAMPLE}.")
-    return path
-
-
-def target_path(root: Path, name: str, overwrite: bool = False) -> Path:
-    """Where `name` goes under `root`: `<name>.safetensors`, or the next free numbered name."""
-    rel = check_name(name)
-    root = Path(root)
-    base = root.joinpath(*rel.parts)
-    candidate = base.with_name(base.name + ".safetensors")
-    if overwrite or not candidate.exists():
-        return candidate
-    n = 2
-    while True:
-        numbered = base.with_name(f"{base.name}_{n}.safetensors")
-        if not numbered.exists():
-            return numbered
-        n += 1
+__all__ = ["check_name", "prompt_tag", "target_path", "write_lora"]
 
 
 def prompt_tag(path: Path, strength: float = 0.8) -> str:

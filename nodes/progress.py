@@ -5,11 +5,14 @@ check of our own (the hook is absent outside the server), and an `inplace_lora.p
 the loss and learning rate for the chart in web/. Previews are saved in ComfyUI's temp folder and
 shown by the same chart widget (not as the progress bar's preview, which would draw a second,
 upscaled copy over the node and vanish on reload). The run's history is also kept here, per node, so a
-reloaded page can redraw the chart (GET /inplace_lora/history).
+reloaded page can redraw the chart (GET /inplace_lora/history), and in the run folder
+(`loss_history.json`, written with every checkpoint and when the run ends), so a resumed run's chart
+starts with the steps before the checkpoint, also after ComfyUI was restarted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,6 +23,8 @@ from ..engine.events import TrainEvent
 logger = logging.getLogger("inplace_lora_trainer")
 EVENT = "inplace_lora.progress"
 ROUTE = "/inplace_lora/history"
+HISTORY_FILE = "loss_history.json"
+RESUME_HINT = "switch on `resume` on the LoRA Trainer node and run again to continue"
 _MAX_RUNS = 32
 
 _lock = threading.Lock()
@@ -62,9 +67,10 @@ def check_interrupt() -> None:
 class NodeProgress:
     """A TrainCallback for one trainer node run."""
 
-    def __init__(self, node_id: str | None, name: str):
+    def __init__(self, node_id: str | None, name: str, run_folder: Path | None = None):
         self.node = str(node_id) if node_id is not None else "?"
         self.name = name
+        self.run_folder = Path(run_folder) if run_folder is not None else None
         self.bar = None
         self.total = 0
         self.points: list[list[float]] = []  # [step, loss, lr]
@@ -101,12 +107,35 @@ class NodeProgress:
         handler = getattr(self, f"_on_{event.kind}", None)
         if handler is not None:
             handler(event)
-        if event.kind in ("step", "info"):
+        if event.kind in ("step", "info", "caching"):
             check_interrupt()
+
+    def _save_history(self) -> None:
+        """The loss points so far, beside the checkpoints, for the chart of a later resumed run."""
+        if self.run_folder is None or not self.run_folder.is_dir():
+            return
+        try:
+            with _lock:
+                points = list(self.points)
+            (self.run_folder / HISTORY_FILE).write_text(json.dumps(points), encoding="utf-8")
+        except OSError as exc:  # the chart is a nicety; never fail a run for it
+            logger.debug("could not write the loss history: %s", exc)
+
+    def _earlier_points(self, step: int) -> list[list[float]]:
+        """The points of the run this one resumes, up to its checkpoint's step."""
+        try:
+            saved = json.loads((self.run_folder / HISTORY_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            return []
+        return [p for p in saved if isinstance(p, list) and len(p) == 3 and p[0] <= step]
 
     def _on_start(self, event: TrainEvent) -> None:
         import comfy.utils
 
+        earlier = self._earlier_points(event.step) if event.step and self.run_folder is not None else []
+        with _lock:
+            self.points[:0] = earlier
+            self.run["resumed_at"] = event.step or None
         self.total = event.total_steps
         self.first_step, self.t_first = event.step, time.monotonic()
         self.bar = comfy.utils.ProgressBar(event.total_steps, node_id=self.node)
@@ -114,13 +143,18 @@ class NodeProgress:
             self.bar.update_absolute(event.step, event.total_steps)
         self._update(status="running", total=event.total_steps, step=event.step, message=event.message)
         self.messages.append(event.message)
-        _send({**self._public(), "points": []})
+        _send({**self._public(), "points": earlier})
 
     def _on_info(self, event: TrainEvent) -> None:
-        if not event.message.startswith("caching "):
-            self.messages.append(event.message)
-            logger.info("LoRA Trainer: %s", event.message)
-        self._update(message=event.message)
+        self.messages.append(event.message)
+        logger.info("LoRA Trainer: %s", event.message)
+        self._show(event.message)
+
+    def _on_caching(self, event: TrainEvent) -> None:
+        self._show(event.message)  # on the node only: the summary and the log keep the run's notes
+
+    def _show(self, message: str) -> None:
+        self._update(message=message)
         _send({**self._public(), "points": []})
 
     def _on_step(self, event: TrainEvent) -> None:
@@ -146,17 +180,23 @@ class NodeProgress:
 
     def _on_checkpoint(self, event: TrainEvent) -> None:
         self._update(checkpoint=event.path)
+        self._save_history()
 
     def _on_done(self, event: TrainEvent) -> None:
         self._update(status="done", step=event.step, message=f"saved {event.path}")
+        self._save_history()
         _send({**self._public(), "points": []})
 
     def _on_stopped(self, event: TrainEvent) -> None:
-        self._update(status="stopped", message=event.message, checkpoint=event.path)
+        message = f"{event.message}; {RESUME_HINT}" if event.path else event.message  # the engine's text is host-neutral
+        self.messages.append(message)
+        self._update(status="stopped", message=message, checkpoint=event.path)
+        self._save_history()
         _send({**self._public(), "points": []})
 
     def _on_error(self, event: TrainEvent) -> None:
         self._update(status="error", message=event.message)
+        self._save_history()
         _send({**self._public(), "points": []})
 
 

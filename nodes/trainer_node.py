@@ -15,12 +15,13 @@ from pathlib import Path
 
 from comfy_api.v0_0_2 import io, ui
 
-from ..engine.config import OPTIMIZERS, SCHEDULERS, TARGET_PRESETS
+from ..engine.config import OPTIMIZERS, SCHEDULERS, TARGET_PRESETS, TrainConfig
 from ..engine.errors import ConfigError
 from .io_types import CATEGORY, Dataset, LoRA
 from .values import DatasetSpec, LoRAWeights
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+PREVIEW_STEPS = TrainConfig.__dataclass_fields__["sample_steps"].default  # the config field's default
 _LOADER_KEYS = ("ckpt_name", "unet_name", "model_name")
 
 
@@ -62,7 +63,7 @@ def mixed_precision(choice: str, model) -> str:
 def check_resolution(cfg, info, family_name: str) -> None:
     """Refuse SDXL-sized training on SD1/SD2 (a workflow's settings kept after swapping the checkpoint)."""
     w, h = cfg.resolution_wh(info.resolution)
-    if info.family != "sdxl" and w * h > (1.5 * info.resolution) ** 2:
+    if info.spec.oversized(w, h, info.resolution):
         raise ConfigError(f"the dataset's resolution {w}x{h} is an SDXL-sized setting, but the MODEL is "
                           f"{family_name} (trained at {info.resolution} px). Set resolution to "
                           f"{info.resolution} (or auto) in Load Dataset, or load an SDXL checkpoint.")
@@ -125,6 +126,8 @@ class LoRATrainer(io.ComfyNode):
                                 "e.g. noise_offset: 0.05, or max_token_length: 150 for long tag lists "
                                 "(python -m engine train --help-config lists them)."),
                 LoRA.Input("init_lora", optional=True, tooltip="Start from these LoRA weights."),
+                io.Int.Input("preview_steps", default=PREVIEW_STEPS, min=1, max=1000, optional=True,
+                             tooltip="Sampling steps of each preview, the end-of-run one included."),
             ],
             outputs=[LoRA.Output(display_name="LORA"), io.Model.Output(display_name="MODEL"),
                      io.Clip.Output(display_name="CLIP"), io.Image.Output(display_name="loss")],
@@ -134,8 +137,6 @@ class LoRATrainer(io.ComfyNode):
     @classmethod
     def build_config(cls, model, dataset: DatasetSpec, **k):
         import folder_paths
-
-        from ..engine.config import TrainConfig
 
         values = {
             **dataset.config_values(),
@@ -150,6 +151,7 @@ class LoRATrainer(io.ComfyNode):
             "sample_prompts": [ln.strip() for ln in k["preview_prompt"].splitlines() if ln.strip()],
             "sample_every_n_steps": k["preview_every_n_steps"], "save_steps": k["checkpoint_every_n_steps"],
             "resume_from_checkpoint": "latest" if k["resume"] else "",
+            **({"sample_steps": k["preview_steps"]} if k.get("preview_steps") is not None else {}),
             "clip_skip": model.info.clip_skip or 0,
         }
         if k.get("init_lora") is not None:
@@ -163,7 +165,7 @@ class LoRATrainer(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset: DatasetSpec, name, steps, epochs, rank, alpha, learning_rate,
                 batch_size, grad_accumulation, optimizer, scheduler, precision, gradient_checkpointing,
                 train_text_encoder, target_layers, seed, preview_prompt, preview_every_n_steps,
-                checkpoint_every_n_steps, resume, advanced, init_lora=None):
+                checkpoint_every_n_steps, resume, advanced, init_lora=None, preview_steps=None):
         settings = {k: v for k, v in locals().items() if k not in ("cls", "model", "clip", "vae", "dataset")}
         import comfy.model_management
         import comfy.sd
@@ -178,11 +180,12 @@ class LoRATrainer(io.ComfyNode):
         adapter = ComfyModel(model, clip, vae, name=checkpoint_name(cls.hidden.prompt, node_id))
         cfg = cls.build_config(adapter, dataset, **settings)
         check_resolution(cfg, adapter.info, adapter.family_name)
-        progress = NodeProgress(node_id, cfg.output_name)
+        progress = NodeProgress(node_id, cfg.output_name, Path(cfg.output_dir) / cfg.output_name)
         started = time.monotonic()
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                result = train(cfg, adapter, callbacks=[progress])
+                result = train(cfg, adapter, callbacks=[progress],
+                               stop_exceptions=(comfy.model_management.InterruptProcessingException,))
         finally:
             del adapter
             gc.collect()

@@ -1,6 +1,7 @@
 // In-Place LoRA Trainer: live loss chart (and learning rate) plus the latest preview on the
 // "LoRA Trainer" node. Fed by the server's "inplace_lora.progress" messages; after a page reload the
-// chart is rebuilt from GET /inplace_lora/history, which keeps every trainer node's last run.
+// chart is rebuilt from GET /inplace_lora/history, which keeps every trainer node's last run. A resumed
+// run's first message carries the steps before its checkpoint (a dashed line marks where it resumed).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -75,6 +76,10 @@ class LossChart {
       vals.forEach((v, i) => (i ? ctx.lineTo(X(steps[i]), Y(v, a, b)) : ctx.moveTo(X(steps[i]), Y(v, a, b))));
       ctx.stroke();
     };
+    if (run.resumed_at && run.resumed_at > s0) { // a resumed run: its earlier steps come from the run folder
+      ctx.strokeStyle = "#666"; ctx.setLineDash([3, 3]); ctx.beginPath();
+      ctx.moveTo(X(run.resumed_at), T); ctx.lineTo(X(run.resumed_at), h - B); ctx.stroke(); ctx.setLineDash([]);
+    }
     line(loss, lo, hi, "#5b7fbf", 1);
     line(ema(loss), lo, hi, "#9fc3ff", 2);
     const lrMax = Math.max(...lr) || 1;
@@ -136,6 +141,15 @@ if (!window.__inplaceLoraTrainerChart) {
       if (node.comfyClass !== NODE_CLASS) return;
       const chart = new LossChart(node);
       charts.add(chart);
+      // A workflow saved before `preview_steps` existed has the chart's empty slot where its value now
+      // goes (values are stored by position): put the input's default back.
+      const onConfigure = node.onConfigure;
+      node.onConfigure = function () {
+        const result = onConfigure?.apply(this, arguments);
+        const steps = this.widgets?.find((w) => w.name === "preview_steps");
+        if (steps && typeof steps.value !== "number") steps.value = steps.options?.default ?? 20;
+        return result;
+      };
       const onRemoved = node.onRemoved;
       node.onRemoved = function () {
         charts.delete(chart);

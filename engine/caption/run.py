@@ -125,6 +125,8 @@ def caption_dataset(folder: str | Path, captioner, options: CaptionOptions | Non
     root = Path(folder).expanduser()
     scan = scan_dataset(root, caption_extension=opts.caption_extension, metadata_path=opts.metadata_path,
                         min_image_size=1)
+    if scan.undecodable:  # a captioner rewrites caption files: never on top of ones it cannot read
+        raise scan.undecodable[0]
     warnings = [w for w in scan.warnings if "have no caption" not in w]
     target = output_target(root, opts.output)
     shadow = _shadow_warning(root, target, opts)

@@ -3,8 +3,11 @@
 Users arrive with captions in whichever shape their previous tool wrote: kohya / GUI sidecars
 (`img.txt`, `img.caption`), HF imagefolder `metadata.jsonl` / `metadata.csv` with a `file_name,text`
 header, or lora-scripts' header-less `img01.jpg,"caption"` rows. All are read as UTF-8 (a BOM is
-fine, as is UTF-16 with its BOM, which Windows Notepad writes); anything else raises a DatasetError
-that names the file and says to re-save it as UTF-8, instead of training on mojibake.
+fine, as is UTF-16 with its BOM, which Windows Notepad writes). A file in another encoding is decoded
+only when that encoding is certain (UTF-16 without a BOM shows itself by its zero bytes); GBK,
+Windows-1252 and friends cannot be told apart for sure, so such a file raises `CaptionEncodingError`
+naming it, its likely encoding and the fix, instead of training on mojibake (the dataset scan then
+uses the image's fallback caption and names every such file in one warning).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
@@ -21,22 +25,67 @@ METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 _CAPTION_COLUMNS = ("text", "caption", "prompt")
 
 
-def read_text(path: str | Path) -> str:
-    """A text file as str: UTF-8 (BOM tolerated) or UTF-16 with a BOM; other encodings are refused."""
+class CaptionEncodingError(DatasetError):
+    """A text file whose encoding is not UTF-8 and cannot be known for sure."""
+
+    def __init__(self, path: Path, guess: str, position: int, byte: int):
+        self.path, self.guess = Path(path), guess
+        super().__init__(f"'{path}' is not UTF-8 text (byte 0x{byte:02x} at position {position}; probably {guess}). "
+                         f"Re-save it as UTF-8 (in Notepad: Save As -> Encoding: UTF-8) and run again.")
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """UTF-16 text without a byte-order mark, recognised by the zero high bytes of its Latin characters."""
+    if len(data) < 4 or len(data) % 2:
+        return None
+    even, odd = data[0::2], data[1::2]
+    for zeros, other, codec in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+        if zeros.count(0) >= 0.4 * len(zeros) and other.count(0) <= 0.05 * len(other):
+            try:
+                text = data.decode(codec)
+            except UnicodeDecodeError:
+                return None
+            return text if all(c.isprintable() or c in "\t\r\n" for c in text) else None
+    return None
+
+
+def _guess(data: bytes) -> str:
+    """A likely encoding for the message (never used to decode: these cannot be told apart for sure)."""
+    for codec, name, test in (("gb18030", "GBK", lambda t: any("\u4e00" <= c <= "\u9fff" for c in t)),
+                              ("shift_jis", "Shift-JIS", lambda t: any("\u3040" <= c <= "\u30ff" for c in t)),
+                              ("cp1252", "Windows-1252", lambda t: True)):
+        try:
+            if test(data.decode(codec)):
+                return name
+        except UnicodeDecodeError:
+            continue
+    return "a local encoding"
+
+
+def decode_text(path: str | Path) -> tuple[str, str]:
+    """(text, encoding) of a text file: UTF-8 (BOM tolerated), UTF-16 with a BOM, or UTF-16 without one
+    ("utf-16 without BOM"); a CaptionEncodingError for anything else."""
     path = Path(path)
     data = path.read_bytes()
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
-            return data.decode("utf-16")
+            return data.decode("utf-16"), "utf-16"
         except UnicodeDecodeError:
             pass
+    if b"\x00" in data:  # never in UTF-8 text (though valid UTF-8): UTF-16 without its BOM, or not text
+        text = _utf16_without_bom(data)
+        if text is not None:
+            return text, "utf-16 without BOM"
+        raise CaptionEncodingError(path, "UTF-16 or a binary file", data.index(b"\x00"), 0)
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError as exc:
-        raise DatasetError(
-            f"'{path}' is not UTF-8 text (byte 0x{data[exc.start]:02x} at position {exc.start}); it was "
-            f"probably saved as a local encoding such as Windows-1252 or GBK. Re-save it as UTF-8 (in "
-            f"Notepad: Save As -> Encoding: UTF-8) and run again.") from None
+        raise CaptionEncodingError(path, _guess(data), exc.start, data[exc.start]) from None
+
+
+def read_text(path: str | Path) -> str:
+    """A text file as str (see decode_text); a CaptionEncodingError when its encoding is not certain."""
+    return decode_text(path)[0]
 
 
 def first_line(text: str) -> str:
@@ -53,18 +102,30 @@ def sidecar_path(image_path: str | Path, extension: str = ".txt") -> Path:
     return Path(image_path).with_suffix(ext)
 
 
-def sidecar_caption(image_path: str | Path, caption_extension: str = ".txt") -> tuple[str, Path] | None:
-    """(caption, file) from the image's sidecar: `caption_extension` first, then the other known one.
+@dataclass
+class Sidecar:
+    caption: str  # its first non-empty line
+    path: Path
+    encoding: str  # as decode_text says
 
-    Returns None when no sidecar exists; an existing but empty sidecar gives ("", file).
-    """
+
+def read_sidecar(image_path: str | Path, caption_extension: str = ".txt") -> Sidecar | None:
+    """The image's sidecar: `caption_extension` first, then the other known one. None when none exists
+    (an existing but empty one gives caption ""); a CaptionEncodingError when it cannot be decoded."""
     first = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     order = [first] + [e for e in CAPTION_EXTENSIONS if e != first.lower()]
     for ext in order:
         path = sidecar_path(image_path, ext)
         if path.is_file():
-            return first_line(read_text(path)), path
+            text, encoding = decode_text(path)
+            return Sidecar(first_line(text), path, encoding)
     return None
+
+
+def sidecar_caption(image_path: str | Path, caption_extension: str = ".txt") -> tuple[str, Path] | None:
+    """(caption, file) from the image's sidecar (see read_sidecar)."""
+    found = read_sidecar(image_path, caption_extension)
+    return None if found is None else (found.caption, found.path)
 
 
 def find_metadata(folder: str | Path) -> Path | None:

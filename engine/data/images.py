@@ -26,11 +26,17 @@ _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 @dataclass(frozen=True)
 class ImageFile:
-    """An image that opened cleanly; width/height are as displayed (EXIF orientation applied)."""
+    """An image that opened cleanly; width/height are as displayed (EXIF orientation applied). `mode`,
+    `frames`, `sixteen_bit` and `transparent` say what converting it to 8-bit RGB does (the dataset scan
+    names those images)."""
 
     path: Path
     width: int
     height: int
+    mode: str = "RGB"
+    frames: int = 1  # > 1: animated (WebP, APNG): the first frame is trained on
+    sixteen_bit: bool = False
+    transparent: bool = False  # has pixels that are not fully opaque (put on white)
 
 
 def is_image_name(path: str | Path) -> bool:
@@ -89,16 +95,31 @@ def probe_image(path: str | Path) -> ImageFile:
     path = Path(path)
     with _open(path) as img:
         size = displayed_size(img)
+        mode, frames = img.mode, int(getattr(img, "n_frames", 1) or 1)
+        sixteen = mode in _SIXTEEN_BIT or any(";16" in str(tile[-1]) for tile in (img.tile or []))
         try:
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
+            transparent = _has_transparency(img)
         except Image.DecompressionBombError:
             raise DatasetError(f"'{path}' is too large to open safely; downscale it below 80 megapixels.") \
                 from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise DatasetError(f"'{path}' is damaged ({exc}). Re-export it or remove it.") from None
-    return ImageFile(path, size[0], size[1])
+    return ImageFile(path, size[0], size[1], mode, frames, sixteen, transparent)
+
+
+_SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "F")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    if img.mode in _ALPHA:
+        return img.getchannel("A").getextrema()[0] < 255
+    if img.mode == "P" and "transparency" in img.info:
+        return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return False
 
 
 def load_image(path: str | Path, *, at_least: tuple[int, int] | None = None) -> Image.Image:
@@ -123,11 +144,11 @@ def load_image(path: str | Path, *, at_least: tuple[int, int] | None = None) -> 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB with alpha composited on white; 16-bit and float modes scaled into 8 bits."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    if img.mode in _SIXTEEN_BIT:
         arr = np.asarray(img, dtype=np.float32)
         scale = 257.0 if arr.max(initial=0) > 255 else 1.0
         img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+    has_alpha = img.mode in _ALPHA or (
         img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -166,17 +187,24 @@ def _short_reason(message: str) -> str:
     return "damaged or not an image"
 
 
+def describe_skipped(skipped: list[tuple[Path, str]], root: str | Path | None = None, limit: int = 20) -> str:
+    """'2 images that cannot be used — a.png: damaged or not an image; b.jpg: too small (...)'."""
+    listed = "; ".join(f"{relative_name(p, root)}: {why}" for p, why in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"{len(skipped)} image{'s' * (len(skipped) != 1)} that cannot be used — {listed}{more}"
+
+
 def skipped_warning(skipped: list[tuple[Path, str]], root: str | Path | None = None, limit: int = 20) -> str:
     """One user-facing line listing every skipped image (first `limit` named)."""
-    def name(p: Path) -> str:
-        if root is not None:
-            try:
-                return p.relative_to(root).as_posix()
-            except ValueError:
-                pass
-        return p.name
+    return (f"Skipped {describe_skipped(skipped, root, limit)}. Re-export or delete them to silence this "
+            f"warning.")
 
-    listed = "; ".join(f"{name(p)}: {why}" for p, why in skipped[:limit])
-    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    return (f"Skipped {len(skipped)} image{'s' * (len(skipped) != 1)} that cannot be used — {listed}{more}. "
-            f"Re-export or delete them to silence this warning.")
+
+def relative_name(path: Path, root: str | Path | None) -> str:
+    """`path` relative to `root` (forward slashes), or its name when it is not under `root`."""
+    if root is not None:
+        try:
+            return Path(path).relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return Path(path).name

@@ -3,8 +3,10 @@
 Layouts: a flat folder of images (repeats from the config) or kohya's `N_name` subfolders (N repeats,
 `name` as the caption of images that have none); both may sit side by side. Caption precedence:
 metadata file > sidecar (.txt/.caption) > folder class tokens > "". Problems the user should see
-(skipped images, images without captions, unmatched metadata rows, ignored folders) are collected as
-warnings; a folder with nothing usable raises a DatasetError that says what was found instead.
+(skipped images, images without captions, unmatched metadata rows, ignored folders, and what
+scan_notes.py reports: unused files, converted images, caption encodings, metadata/sidecar
+disagreements) are collected as warnings, each once; a folder with nothing usable raises a
+DatasetError that says what was found instead.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError
-from .captions import MetadataCaptions, find_metadata, sidecar_caption
-from .images import IMAGE_EXTENSIONS, describe_contents, list_image_paths, scan_images, skipped_warning
+from . import scan_notes
+from .captions import CaptionEncodingError, MetadataCaptions, find_metadata, read_sidecar
+from .images import IMAGE_EXTENSIONS, describe_contents, describe_skipped, list_image_paths, scan_images, \
+    skipped_warning
 
 _KOHYA_DIR = re.compile(r"^(\d+)_(.*)$")
 CLIP_TOKEN_LIMIT = 75
@@ -51,6 +55,7 @@ class Subset:
 class ScanResult:
     subsets: list[Subset]
     warnings: list[str]
+    undecodable: list[DatasetError] = field(default_factory=list)  # caption files not used (named in warnings)
 
     @property
     def records(self) -> list[ImageRecord]:
@@ -112,12 +117,15 @@ def scan_dataset(folder: str | Path, *, repeats: int = 1, caption_extension: str
     skipped_all: list[tuple[Path, str]] = []
     no_caption: list[Path] = []
     long_captions: list[Path] = []
+    found = _Found()
+    scanned = []
     for subset in subsets:
         images, skipped = scan_images(list_image_paths(subset.folder), min_size=min_image_size)
         skipped_all += skipped
+        scanned += images
         for img in images:
-            caption, source = _caption_for(img.path, meta, caption_extension, subset.class_tokens)
-            if source == "none":
+            caption, source = _caption_for(img.path, meta, caption_extension, subset.class_tokens, found)
+            if source == "none" and not found.named(img.path):  # an undecodable caption is named once, there
                 no_caption.append(img.path)
             if estimate_tokens(caption) > token_limit:
                 long_captions.append(img.path)
@@ -127,8 +135,15 @@ def scan_dataset(folder: str | Path, *, repeats: int = 1, caption_extension: str
         warnings.append(skipped_warning(skipped_all, root))
     subsets = [s for s in subsets if s.records]
     if not subsets:
-        raise DatasetError(f"No usable {kind} images in '{root}'. {skipped_warning(skipped_all, root)} "
-                           f"Replace or remove them, and use images of at least {min_image_size}px a side.")
+        raise DatasetError(f"No usable {kind} images in '{root}': {describe_skipped(skipped_all, root)}. Replace or "
+                           f"remove them (images need at least {min_image_size}px a side).")
+    folders = sorted({root, *(s.folder for s in subsets)})
+    warnings += [w for w in (
+        scan_notes.unused_files(folders, [p for p, _ in skipped_all] + [i.path for i in scanned], root,
+                                {meta.path} if meta is not None else set()),
+        *scan_notes.conversions(scanned, root),
+        scan_notes.encodings(found.undecodable, found.utf16, root),
+        scan_notes.disagreements(found.disagreeing, meta.path, root) if meta is not None else None) if w]
     if no_caption and not is_reg:
         warnings.append(f"{len(no_caption)} image(s) have no caption ({_names(no_caption, root)}); they "
                         f"train with an empty caption (plus the trigger word, if set). Add .txt captions "
@@ -141,18 +156,37 @@ def scan_dataset(folder: str | Path, *, repeats: int = 1, caption_extension: str
         unused = meta.unused()
         warnings.append(f"{len(unused)} row(s) of {meta.path.name} match no image in '{root}': "
                         f"{', '.join(unused[:10])}{' ...' if len(unused) > 10 else ''}.")
-    return ScanResult(subsets, warnings)
+    return ScanResult(subsets, warnings, list(found.undecodable))
+
+
+@dataclass
+class _Found:
+    """What reading the captions noticed, for scan_notes."""
+    undecodable: list[CaptionEncodingError] = field(default_factory=list)
+    utf16: list[Path] = field(default_factory=list)
+    disagreeing: list[Path] = field(default_factory=list)
+
+    def named(self, image: Path) -> bool:
+        return any(e.path.stem == image.stem and e.path.parent == image.parent for e in self.undecodable)
 
 
 def _caption_for(path: Path, meta: MetadataCaptions | None, caption_extension: str,
-                 class_tokens: str) -> tuple[str, str]:
-    if meta is not None:
-        caption = meta.lookup(path)
-        if caption:
-            return caption, "metadata"
-    found = sidecar_caption(path, caption_extension)
-    if found is not None and found[0]:
-        return found[0], "sidecar"
+                 class_tokens: str, found: _Found) -> tuple[str, str]:
+    caption = meta.lookup(path) if meta is not None else None
+    try:
+        sidecar = read_sidecar(path, caption_extension)
+    except CaptionEncodingError as exc:
+        if not caption:  # with a metadata caption the sidecar is not used anyway
+            found.undecodable.append(exc)
+        sidecar = None
+    if sidecar is not None and sidecar.encoding == "utf-16 without BOM":
+        found.utf16.append(sidecar.path)
+    if caption:
+        if sidecar is not None and sidecar.caption and sidecar.caption != caption:
+            found.disagreeing.append(path)
+        return caption, "metadata"
+    if sidecar is not None and sidecar.caption:
+        return sidecar.caption, "sidecar"
     if class_tokens:
         return class_tokens, "folder"
     return "", "none"

@@ -8,7 +8,6 @@ device (`materialize`). Every random choice is seeded by (seed, epoch, slot): re
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,6 @@ from .plan import BatchPlan, Sample, build_samples, count_batches, epoch_batches
 from .records import ImageRecord, Subset, scan_dataset
 from .text import fixed_caption, process_caption, sample_rng, split_tags, tag_frequency, with_trigger
 
-logger = logging.getLogger(__name__)
 CACHE_DIR_NAME = ".lora_cache"  # hidden, so dataset scans never mistake it for a subset
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow < 9.1 has no Resampling
 
@@ -58,7 +56,8 @@ class HostBatch:
 
 
 class TrainData:
-    def __init__(self, cfg: TrainConfig, *, native_resolution: int, model_key: str, train_text_encoder: bool):
+    def __init__(self, cfg: TrainConfig, *, native_resolution: int, model_key: str, train_text_encoder: bool,
+                 max_bucket_reso: int | None = None):
         self.cfg = cfg
         self.model_key = model_key
         self.warnings: list[str] = []
@@ -78,8 +77,8 @@ class TrainData:
 
         self.resolution = cfg.resolution_wh(native_resolution)
         max_size = cfg.max_bucket_reso
-        if native_resolution >= 1024 and max_size == 1024:
-            max_size = 2048  # SDXL: room for 2:1 and wider buckets at 1024^2 area
+        if max_size == 1024:  # the default: the family's (FamilySpec.max_bucket_reso; SDXL: 2048)
+            max_size = max_bucket_reso or (2048 if native_resolution >= 1024 else 1024)
         self.buckets = BucketAssigner(self.resolution, enable=cfg.enable_bucket, min_size=cfg.min_bucket_reso,
                                       max_size=max_size, steps=cfg.bucket_reso_steps,
                                       no_upscale=cfg.bucket_no_upscale)
@@ -99,9 +98,7 @@ class TrainData:
         self.text_cache_enabled = self._text_cache_ok(train_text_encoder)
         self._store: LatentStore | None = None
         self._text = TextCache()
-        self._digests: dict[int, str] = {}
-        for w in self.warnings:
-            logger.warning(w)
+        self._digests: dict[int, str] = {}  # self.warnings are shown by the host, once (not logged here)
 
     # --- decisions -------------------------------------------------------------------------------
     def _latent_mode(self) -> str | None:

@@ -2,7 +2,8 @@
 
 A1111 files a LoRA under a model version from `ss_base_model_version` (`sdxl_...`) and `ss_v2`, names
 its card from `ss_output_name`, and builds the training-tags list from `ss_tag_frequency`. Every value
-is a string, as in kohya's files.
+is a string, as in kohya's files. What names the model (version, `ss_v2`, modelspec architecture and
+implementation) is the family's (engine/families).
 """
 
 from __future__ import annotations
@@ -17,12 +18,6 @@ from ..config import TrainConfig
 from ..model import ModelInfo
 from .variants.lycoris_args import network_metadata
 
-_ARCHITECTURE = {
-    "sd_v1": "stable-diffusion-v1/lora",
-    "sd_v2": "stable-diffusion-v2-512/lora",
-    "sd_v2_v": "stable-diffusion-v2-768-v/lora",
-    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
-}
 PRODUCT = "inplace-lora-trainer"
 
 
@@ -38,7 +33,8 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
                    total_steps: int, batches_per_epoch: int, started_at: float, mixed_precision: str,
                    session_id: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, str]:
     """Metadata for a LoRA written after `steps` optimizer steps (also for intermediate saves)."""
-    version = info.base_model_version
+    spec = info.spec
+    version = spec.version(info.prediction_type)
     width, height = data_summary.get("resolution", (info.resolution, info.resolution))
     alpha = cfg.alpha
     network_args: dict[str, Any] = {}
@@ -76,7 +72,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_mixed_precision": mixed_precision,
         "ss_full_fp16": False,
         "ss_fp8_base": cfg.fp8_base,
-        "ss_v2": info.family == "sd2",
+        "ss_v2": spec.kohya_v2,
         "ss_base_model_version": version,
         "ss_clip_skip": cfg.clip_skip or None,
         "ss_max_token_length": cfg.max_token_length if cfg.max_token_length != 75 else None,
@@ -108,9 +104,8 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_loss_type": "l2",
         # modelspec (SAI model spec 1.0.1), as kohya writes it
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": _ARCHITECTURE[version],
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if info.family == "sdxl"
-                                     else "diffusers"),
+        "modelspec.architecture": spec.architecture(info.prediction_type, info.variant),
+        "modelspec.implementation": spec.implementation,
         "modelspec.title": cfg.output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),

@@ -60,6 +60,10 @@ class LoRAModule(nn.Module):
         self._scale = float(alpha) / self.rank
 
     # --- the interface every module kind shares (engine/lora/variants/) -----------------------------
+    def zero_start(self) -> torch.Tensor:
+        """The weight that starts at zero and moves once the module gets a gradient (the change check)."""
+        return self.lora_up.weight
+
     def cast_sources(self) -> list[torch.Tensor]:
         """The weights `LoRANetwork.cast_weights` casts once per step; `_cast` then holds them in order."""
         return [self.lora_down.weight, self.lora_up.weight]
@@ -98,19 +102,6 @@ class LoRAModule(nn.Module):
             alpha = parts.get("alpha")
             self.set_alpha(float(alpha) if alpha is not None else self.rank)
         return {"lora_down.weight", "lora_up.weight", "alpha"}
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        down_w = self.lora_down.weight.to(x.dtype)
-        up_w = self.lora_up.weight.to(x.dtype)
-        if self.is_conv:
-            d = self.lora_down
-            h = F.conv2d(x, down_w, None, d.stride, d.padding, d.dilation)
-        else:
-            h = F.linear(x, down_w)
-        if self.dropout and self.training:
-            h = F.dropout(h, p=self.dropout)
-        out = F.conv2d(h, up_w) if self.is_conv else F.linear(h, up_w)
-        return out * (self.multiplier * self._scale)
 
     def apply_to(self, x: torch.Tensor, output: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """`output + delta(x)` in the output's dtype with as few kernels as possible: the down/up
@@ -172,6 +163,9 @@ class LoRANetwork(nn.Module):
         self.te_keys: set[str] = set()
         self.aliases: dict[str, str] = {}  # every name a file may use for a module -> its kohya key
         self.conv_shaped: set[str] = set()  # Linear-based modules saved with 1x1-conv shapes (see add)
+        # engine options (EngineOptions): benchmarks turn these off to measure what each buys
+        self.up_in_place = True  # a lone Linear hook adds its up projection into the output (up_add.py)
+        self.cast_together = True  # cast_weights casts all weights in a few kernels (cast_together)
 
     def add(self, key: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
             text_encoder: bool = False, aliases: tuple[str, ...] = (), conv_shaped: bool = False,
@@ -211,12 +205,13 @@ class LoRANetwork(nn.Module):
     def attach(self) -> None:
         if self._handles:
             return
+        in_place = self.up_in_place
         for key, base in self._bases.items():
             lora = self.loras[key]
 
             def hook(module, args, output, lora=lora):
                 # in place only when ours is the module's one hook: no other hook has seen `output`
-                alone = len(module._forward_hooks) == 1 and not _global_forward_hooks
+                alone = in_place and len(module._forward_hooks) == 1 and not _global_forward_hooks
                 return lora.apply_to(args[0], output, in_place=alone)
 
             self._handles.append(base.register_forward_hook(hook))
@@ -251,7 +246,8 @@ class LoRANetwork(nn.Module):
         try:
             loras = list(self.loras.values())
             sources = [lora.cast_sources() for lora in loras]
-            casts = iter(cast_together([w for ws in sources for w in ws], dtype))
+            weights = [w for ws in sources for w in ws]
+            casts = iter(cast_together(weights, dtype) if self.cast_together else [w.to(dtype) for w in weights])
             for lora, ws in zip(loras, sources):
                 lora._cast = tuple(next(casts) for _ in ws)
             yield

@@ -24,10 +24,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..families.clip import BANG_ID, EOS_ID  # noqa: F401 - the two padding ids
+
 BPE_FILE = Path(__file__).resolve().parent.parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-EOS_ID, BANG_ID = 49407, 0  # the two padding ids
 _N_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges; the file holds more
 
 
@@ -148,6 +149,3 @@ def join_windows(hidden, windows: int):
     return torch.cat([h[:, 0, :1], body, h[:, -1, MAX_LENGTH - 1:]], dim=1)
 
 
-def family_pad_ids(family: str) -> list[int]:
-    """Padding id per text encoder: SD1 [EOS], SD2 [0], SDXL [EOS, 0]."""
-    return {"sd1": [EOS_ID], "sd2": [BANG_ID], "sdxl": [EOS_ID, BANG_ID]}[family]

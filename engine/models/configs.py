@@ -11,10 +11,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .clip_tokenizer import BANG_ID, EOS_ID
+from ..families import get_family
 
 SD_SCALING, SDXL_SCALING = 0.18215, 0.13025
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 
 
 @dataclass
@@ -81,7 +80,7 @@ def vae_config(family: str, *, resolution: int = 512) -> dict:
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
         block_out_channels=[128, 256, 512, 512],
         scaling_factor=SDXL_SCALING if family == "sdxl" else SD_SCALING,
-        force_upcast=family == "sdxl",
+        force_upcast=get_family(family).vae_fp32,
     )
 
 
@@ -112,18 +111,14 @@ def open_clip_bigg() -> dict:
 
 def model_configs(family: str, *, v_model: bool = False) -> ModelConfigs:
     """The full-size configs of a family. `v_model` picks SD2's 768-v variant (sample size 96)."""
-    if family == "sd1":
-        return ModelConfigs("sd1", unet_config("sd1"), vae_config("sd1"), [("CLIPTextModel", clip_l())],
-                            [EOS_ID], 512)
-    if family == "sd2":
-        res = 768 if v_model else 512
-        return ModelConfigs("sd2", unet_config("sd2", v_model=v_model), vae_config("sd2", resolution=res),
-                            [("CLIPTextModel", open_clip_h())], [BANG_ID], res)
-    if family == "sdxl":
-        return ModelConfigs("sdxl", unet_config("sdxl"), vae_config("sdxl", resolution=1024),
-                            [("CLIPTextModel", clip_l()), ("CLIPTextModelWithProjection", open_clip_bigg())],
-                            [EOS_ID, BANG_ID], 1024)
-    raise ValueError(f"unknown family {family!r}; expected sd1, sd2 or sdxl")
+    encoders = {"sd1": [("CLIPTextModel", clip_l())], "sd2": [("CLIPTextModel", open_clip_h())],
+                "sdxl": [("CLIPTextModel", clip_l()), ("CLIPTextModelWithProjection", open_clip_bigg())]}
+    if family not in encoders:
+        raise ValueError(f"unknown family {family!r}; expected sd1, sd2 or sdxl")
+    spec = get_family(family)
+    res = spec.native_resolution("v_prediction" if v_model else "epsilon")
+    return ModelConfigs(family, unet_config(family, v_model=v_model), vae_config(family, resolution=res),
+                        encoders[family], spec.pad_ids, res)
 
 
 def text_encoder_class(name: str):

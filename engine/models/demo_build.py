@@ -114,12 +114,12 @@ def pick_caption(rng: np.random.Generator, shape: str, colour: str, background: 
 def train_unet(unet, te, tok, latents, names, steps: int, rng: np.random.Generator, batch: int, lr: float, log):
     from diffusers import DDPMScheduler
 
-    from ..loss import add_noise, target
+    from ..objectives import DDPMObjective
     from .clip_tokenizer import EOS_ID, tokenize
     from .diffusers_adapter import SCHEDULE
 
     sched = DDPMScheduler(**SCHEDULE, prediction_type="v_prediction", clip_sample=False, rescale_betas_zero_snr=True)
-    acp = sched.alphas_cumprod.float()
+    objective = DDPMObjective(sched.alphas_cumprod.float(), "v_prediction")
     params = list(unet.parameters()) + list(te.parameters())
     for m in (unet, te):
         m.train().requires_grad_(True)
@@ -134,9 +134,9 @@ def train_unet(unet, te, tok, latents, names, steps: int, rng: np.random.Generat
         ids = tokenize(tok, [pick_caption(rng, *names[i]) for i in idx], EOS_ID)
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
-        zt = add_noise(z0, noise, t, acp)
+        zt = objective.add_noise(z0, noise, t)
         pred = unet(zt, t, encoder_hidden_states=te(ids).last_hidden_state).sample
-        loss = F.mse_loss(pred, target(z0, noise, t, acp, "v_prediction"))
+        loss = F.mse_loss(pred, objective.target(z0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

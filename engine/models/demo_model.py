@@ -27,6 +27,7 @@ from .diffusers_adapter import DiffusersModel
 from .load import te_keys_for
 
 DEMO_MODEL_FILE = Path(__file__).resolve().parent.parent / "assets" / "demo" / "demo_model.safetensors"
+DEMO_FORMAT = "inplace-lora-demo-model"  # the file's `format` metadata (engine/models/demo_build.py writes it)
 IMAGE_SIZE = 64
 PREFIXES = {"unet": "unet.", "vae": "vae.", "text_encoder": "text_encoder."}
 
@@ -46,6 +47,20 @@ def demo_configs(scaling_factor: float = 1.0) -> ModelConfigs:
                 max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32,
                 bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     return ModelConfigs("sd1", unet, vae, [("CLIPTextModel", clip)], [EOS_ID], IMAGE_SIZE)
+
+
+def is_demo_model_file(path: str | Path) -> bool:
+    """True for the demo model's file (or a rebuild of it): judged from the header's metadata only."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() != ".safetensors":
+        return False
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == DEMO_FORMAT
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not the demo model either
+        return False
 
 
 def demo_model(path: str | Path | None = None, *, device: str | torch.device = "cpu",

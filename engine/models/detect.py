@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ..errors import ModelError
+from ..families import get_family, supported_text
 
-SUPPORTED = "this trainer trains SD1.x, SD2.x and SDXL (base) models"
+SUPPORTED = f"this trainer trains {supported_text()} (base) models"
+PICK = f"Pick an {supported_text('or')} checkpoint as base_model."
 UNET = "model.diffusion_model."
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-STANDARD_CONTEXT = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 
 
 @dataclass
@@ -99,7 +99,7 @@ def detect_checkpoint(shapes: Mapping[str, Sequence[int]], name: str = "") -> De
                       "Set base_model to a full checkpoint.")
     for what, test in _FOREIGN:
         if test(keys):
-            raise _refuse(name, what, "Pick an SD1.x, SD2.x or SDXL checkpoint as base_model.")
+            raise _refuse(name, what, PICK)
 
     unet_keys = [k for k in keys if k.startswith(UNET)]
     if not unet_keys:
@@ -131,10 +131,11 @@ def detect_checkpoint(shapes: Mapping[str, Sequence[int]], name: str = "") -> De
         family, te_prefixes = "sd1", ["cond_stage_model.transformer." if has("cond_stage_model.transformer.")
                                       else "conditioner.embedders.0.transformer."]
     else:
-        raise _refuse(name, f"a UNet checkpoint that is not SD1.x, SD2.x or SDXL (cross-attention width {ctx})",
-                      "Pick an SD1.x, SD2.x or SDXL checkpoint as base_model.")
+        raise _refuse(name, f"a UNet checkpoint that is not {supported_text('or')} (cross-attention width {ctx})",
+                      PICK)
 
-    label = FAMILY_NAMES[family]
+    spec = get_family(family)
+    label = spec.display_name
     special = {9: "inpainting model (9 input channels)", 8: "InstructPix2Pix model (8 input channels)",
                5: "depth-conditioned model (5 input channels)", 7: "x4 upscaler (7 input channels)"}
     if in_ch is not None and in_ch != 4:
@@ -149,7 +150,7 @@ def detect_checkpoint(shapes: Mapping[str, Sequence[int]], name: str = "") -> De
     if not has("first_stage_model."):
         raise ModelError(f"'{name}' is an {label} checkpoint without a VAE (no 'first_stage_model.*' "
                          f"weights). Use a checkpoint with the VAE baked in, or a diffusers folder.")
-    standard = ctx == STANDARD_CONTEXT[family] and channels == 320
+    standard = ctx == spec.context_dim and channels == 320
     return Detection(family=family, description=f"{label} checkpoint", layout="ldm", standard=standard,
                      v_pred_marker="v_pred" in keys, ztsnr="ztsnr" in keys, te_prefixes=te_prefixes)
 
@@ -207,7 +208,7 @@ def detect_folder(folder: Path) -> Detection:
     cls = _read_json(index).get("_class_name", "") if index.is_file() else ""
     for stem, what in _FOREIGN_PIPELINES.items():
         if cls.startswith(stem):
-            raise _refuse(folder.name, f"{what} diffusers model ({cls})", "Pick an SD1.x, SD2.x or SDXL model.")
+            raise _refuse(folder.name, f"{what} diffusers model ({cls})", f"Pick an {supported_text('or')} model.")
     if not unet_cfg_path.is_file():
         raise ModelError(f"'{folder}' has no unet/config.json ({cls or 'unknown pipeline'}); "
                          f"{SUPPORTED}, as diffusers folders with a unet/ subfolder.")
@@ -225,12 +226,13 @@ def detect_folder(folder: Path) -> Detection:
     else:
         family = "sdxl" if "XL" in cls else ("sd2" if "OpenCLIP" in str(ucfg) else "sd1")
     if in_ch != 4:
-        raise _refuse(folder.name, f"an {FAMILY_NAMES[family]} model with {in_ch} input channels "
+        raise _refuse(folder.name, f"an {get_family(family).display_name} model with {in_ch} input channels "
                       f"(inpainting or another conditioned variant)", "Train on the regular text-to-image model.")
     sched = folder / "scheduler" / "scheduler_config.json"
     ptype = _read_json(sched).get("prediction_type") if sched.is_file() else None
-    standard = ctx == STANDARD_CONTEXT[family] and ucfg.get("block_out_channels", [320])[0] == 320
-    return Detection(family=family, description=f"{FAMILY_NAMES[family]} diffusers model", layout="diffusers",
+    spec = get_family(family)
+    standard = ctx == spec.context_dim and ucfg.get("block_out_channels", [320])[0] == 320
+    return Detection(family=family, description=f"{spec.display_name} diffusers model", layout="diffusers",
                      standard=standard, scheduler_prediction_type=ptype)
 
 

@@ -19,8 +19,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..model import Conditioning, ModelInfo, TrainableModel, UNetLayout, preserve_module_state
-from .clip_tokenizer import family_pad_ids, join_windows, window_ids
+from ..families.unet import UNetLayout
+from ..model import Conditioning, ModelInfo, TrainableModel, preserve_module_state
+from ..objectives import DDPMObjective
+from .clip_tokenizer import join_windows, window_ids
 from .fp8 import holds_fp8
 from .module_state import attention_kernel, gradient_checkpointing, placed_on, temporarily_float32
 
@@ -54,12 +56,13 @@ class DiffusersModel(TrainableModel):
                  pad_ids: list[int] | None = None):
         from diffusers import DDPMScheduler
 
-        if len(text_encoders) != len(tokenizers) or len(text_encoders) != (2 if info.family == "sdxl" else 1):
-            raise ValueError(f"{info.family} needs {2 if info.family == 'sdxl' else 1} text encoder(s) and as "
-                             f"many tokenizers, got {len(text_encoders)} and {len(tokenizers)}")
+        wanted = len(info.spec.text_encoders)
+        if len(text_encoders) != len(tokenizers) or len(text_encoders) != wanted:
+            raise ValueError(f"{info.family} needs {wanted} text encoder(s) and as many tokenizers, got "
+                             f"{len(text_encoders)} and {len(tokenizers)}")
         self.unet, self.vae = unet, vae
         self.text_encoders, self.tokenizers = list(text_encoders), list(tokenizers)
-        self.pad_ids = list(pad_ids) if pad_ids is not None else family_pad_ids(info.family)
+        self.pad_ids = list(pad_ids) if pad_ids is not None else info.spec.pad_ids
         self.info = info
         self.device = torch.device(device) if device is not None else _param(unet).device
         self.dtype = dtype or _param(unet).dtype
@@ -108,7 +111,7 @@ class DiffusersModel(TrainableModel):
                 yield name, module
 
     def te_prefixes(self) -> list[str]:
-        return ["lora_te1", "lora_te2"] if len(self.text_encoders) == 2 else ["lora_te"]
+        return [te.kohya_prefix for te in self.info.spec.text_encoders]
 
     def text_encoder_layers(self) -> Iterator[tuple[str, str, nn.Module]]:
         for prefix, te in zip(self.te_prefixes(), self.text_encoders):
@@ -127,13 +130,16 @@ class DiffusersModel(TrainableModel):
     def idle_encoders(self, *, vae: bool, text: bool) -> list[nn.Module]:
         return ([self.vae] if vae and self.vae is not None else []) + (list(self.text_encoders) if text else [])
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.noise_scheduler.alphas_cumprod.detach().float().cpu().clone()
+    def objective(self) -> DDPMObjective:
+        """From the scheduler config: its schedule (zero-terminal-SNR when the checkpoint says so) and
+        the prediction type."""
+        acp = self.noise_scheduler.alphas_cumprod.detach().float().cpu().clone()
+        return DDPMObjective(acp, self.info.prediction_type)
 
     # --- compute ---------------------------------------------------------------------------------------
     def _vae_needs_fp32(self) -> bool:
         # the stock SDXL VAE overflows in fp16 (NaN latents); fp32 is exact and cheap for one encode
-        return self.info.family == "sdxl" and _param(self.vae).dtype == torch.float16
+        return self.info.spec.vae_fp32 and _param(self.vae).dtype == torch.float16
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -155,7 +161,7 @@ class DiffusersModel(TrainableModel):
     def encode_text(self, captions: list[str]) -> Conditioning:
         captions = [str(c) for c in captions]
         skip = self.info.clip_skip or 0
-        if self.info.family == "sdxl":
+        if "pooled" in self.info.spec.conditioning:
             return self._encode_sdxl(captions, skip)
         te, tok, n = self.text_encoders[0], self.tokenizers[0], self.token_windows
         ids = window_ids(tok, captions, self.pad_ids[0], n).to(_param(te).device)
@@ -181,7 +187,7 @@ class DiffusersModel(TrainableModel):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         p = _param(self.unet)
         kwargs = {}
-        if self.info.family == "sdxl":
+        if "time_ids" in self.info.spec.batch_conditioning:
             time_ids = cond.get("time_ids")
             if time_ids is None:
                 h, w = noisy.shape[-2] * 8, noisy.shape[-1] * 8

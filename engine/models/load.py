@@ -18,10 +18,11 @@ from ..errors import ModelError
 from .checkpoint_file import file_sha256, read_shapes, read_state_dict
 from .clip_tokenizer import clip_tokenizer
 from .configs import ModelConfigs, build_components, model_configs
-from .detect import FAMILY_NAMES, Detection, detect_checkpoint, detect_folder
+from ..families import get_family
+from .detect import Detection, detect_checkpoint, detect_folder
 from .diffusers_adapter import DiffusersModel
 from .module_state import require_xformers
-from .prediction import V, resolve_prediction_type
+from .prediction import resolve_prediction_type
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def load_base_model(path, *, device="cpu", dtype=torch.float32, prediction_type:
         det = detect_checkpoint(shapes, p.name)
         if configs is None and not det.standard:
             raise ModelError(f"'{p.name}' looks like {det.description} but its layer sizes are not the standard "
-                             f"{FAMILY_NAMES[det.family]} ones, so it cannot be built offline. Use a diffusers "
+                             f"{get_family(det.family).display_name} ones, so it cannot be built offline. Use a diffusers "
                              f"folder of it (its configs come with it).")
         cfgs = configs or model_configs(det.family)
         if cfgs.family != det.family:
@@ -109,10 +110,8 @@ def load_base_model(path, *, device="cpu", dtype=torch.float32, prediction_type:
         unet=unet, vae=vae, text_encoders=tes, tokenizers=toks, family=det.family, prediction_type=ptype,
         name=p.name, clip_skip=clip_skip, owns_weights=True, device=device, dtype=dtype, attention=attention,
         sampler=sampler, zero_terminal_snr=det.ztsnr, notes=notes, source_path=p, pad_ids=pad_ids)
-    if det.family == "sd2":
-        model.info.resolution = 768 if ptype == V else 512
-    elif det.standard:
-        model.info.resolution = {"sd1": 512, "sdxl": 1024}[det.family]
+    if det.standard or get_family(det.family).v_resolution:  # SD2: 768-v and 512-base share one architecture
+        model.info.resolution = get_family(det.family).native_resolution(ptype)
     if hash_file and p.is_file():
         model.info.sha256 = file_sha256(p)
     logger.info("loaded %s: %s, %s, %s on %s", p.name, det.description, ptype, str(dtype).replace("torch.", ""),
@@ -168,7 +167,7 @@ def _from_single_file(sd: dict, det: Detection, cfgs: ModelConfigs, name: str):
         vae_sd = convert_ldm_vae_checkpoint(sd, cfgs.vae)
     except (KeyError, IndexError, ValueError) as exc:
         raise ModelError(f"'{name}' could not be converted ({type(exc).__name__}: {exc}); the file is damaged "
-                         f"or an unusual variant of {FAMILY_NAMES[det.family]}.") from None
+                         f"or an unusual variant of {get_family(det.family).display_name}.") from None
     _assign(unet, unet_sd, "UNet", name)
     _assign(vae, vae_sd, "VAE", name)
     del unet_sd, vae_sd

@@ -1,4 +1,4 @@
-"""Tiny random SD1/SDXL models for tests and the demo, and full-size ones on the meta device.
+"""Tiny random SD1/SD2/SDXL models for tests and the demo, and full-size ones on the meta device.
 
 The tiny models keep every structural feature the trainer relies on (cross-attention blocks and
 plain blocks, an 8x VAE, SDXL's two encoders with pooled output and size ids) with a few thousand
@@ -39,6 +39,12 @@ def tiny_configs(family: str) -> ModelConfigs:
                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32)
         return ModelConfigs("sd1", unet, _tiny_vae(SD_SCALING), [("CLIPTextModel", _tiny_clip(32, "quick_gelu", 32))],
                             [EOS_ID], 64)
+    if family == "sd2":  # SD2's traits: OpenCLIP-style gelu encoder, linear proj_in/out, "!" padding
+        unet.update(down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
+                    use_linear_projection=True)
+        return ModelConfigs("sd2", unet, _tiny_vae(SD_SCALING), [("CLIPTextModel", _tiny_clip(32, "gelu", 32))],
+                            [BANG_ID], 64)
     if family == "sdxl":
         unet.update(down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=64,
@@ -49,7 +55,7 @@ def tiny_configs(family: str) -> ModelConfigs:
                             [("CLIPTextModel", _tiny_clip(32, "quick_gelu", 32)),
                              ("CLIPTextModelWithProjection", _tiny_clip(32, "gelu", 32))],
                             [EOS_ID, BANG_ID], 64)
-    raise ValueError(f"no tiny config for {family!r}; use sd1 or sdxl")
+    raise ValueError(f"no tiny config for {family!r}; use sd1, sd2 or sdxl")
 
 
 def _init_small(module: torch.nn.Module, gen: torch.Generator) -> None:
@@ -87,6 +93,12 @@ def build_tiny(family: str, seed: int = 0, **kwargs) -> DiffusersModel:
 def tiny_sd1(seed: int = 0, **kwargs) -> DiffusersModel:
     """A tiny random SD1-structured model (CLIP-L-like encoder, 2-block UNet, 8x VAE)."""
     return build_tiny("sd1", seed, **kwargs)
+
+
+def tiny_sd2(seed: int = 0, **kwargs) -> DiffusersModel:
+    """A tiny random SD2-structured model (gelu encoder, linear proj_in/out); pass
+    prediction_type="v_prediction" for a 768-v-like one."""
+    return build_tiny("sd2", seed, **kwargs)
 
 
 def tiny_sdxl(seed: int = 0, **kwargs) -> DiffusersModel:

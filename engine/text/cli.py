@@ -65,7 +65,7 @@ def text_train_main(argv: list[str]) -> int:
     cfg = _config(args)
     if args.merge:
         cfg.merge = True
-    result = train_in_console(lambda callbacks: train_text(cfg, callbacks=callbacks), argv)
+    result = train_in_console(lambda callbacks: train_text(cfg, callbacks=callbacks), " ".join(argv))
     if result is None:
         return 130
     before, after = result.evaluation.get("before"), result.evaluation.get("after")

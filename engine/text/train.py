@@ -187,7 +187,7 @@ class TextTrainer:
             return self._finish()
         except BaseException as exc:
             self._abort(exc)
-            if isinstance(exc, torch.OutOfMemoryError):
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise UserError(f"out of memory on {self.device} at step {self.position.step}. Turn on "
                                 f"gradient_checkpointing, lower max_length or batch_size, or set load_in_4bit; "
                                 f"the run can resume from its last checkpoint.") from exc

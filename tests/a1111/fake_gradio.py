@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import types
 
-COMMON = {"label", "value", "elem_id", "scale", "visible", "interactive", "placeholder", "lines"}
+COMMON = {"label", "value", "elem_id", "scale", "visible", "interactive", "placeholder", "lines", "show_label"}
 ALLOWED = {
     "Textbox": COMMON,
     "Dropdown": COMMON | {"choices"},
@@ -38,6 +38,12 @@ def make() -> types.ModuleType:
 
     for name in ("Blocks", "Row", "Column", "Accordion"):
         setattr(gr, name, type(name, (Layout,), {}))
+
+    def load(self, fn, inputs=(), outputs=()):  # Blocks.load: runs when a page (re)loads
+        gr.events.append({"source": self, "event": "load", "fn": fn, "inputs": list(inputs),
+                          "outputs": list(outputs)})
+
+    gr.Blocks.load = load
 
     def component(kind):
         class Component:

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine.lora.names import diffusers_to_ldm
-from engine.model import UNetLayout
+from engine.families.unet import diffusers_to_ldm
+from engine.families.unet import UNetLayout
 from engine.models import tiny_sd1, tiny_sdxl
 from engine.models.clip_tokenizer import tokenize
 

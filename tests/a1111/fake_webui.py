@@ -5,14 +5,18 @@
 extension: `shared.opts.data` options, `shared.state` progress fields and `interrupt()`, the queue
 lock, `StableDiffusionProcessing.cached_c`, `process_images` rendering with whatever model is
 loaded, `sd_models.model_data.sd_model`, and a networks module that records un-merge and refresh.
-The models themselves are in `fake_models.py`.
+`install_safe_loading` replaces torch.load as A1111's `modules/safe.py` does (on unless the WebUI
+runs with --disable-safe-unpickle). The models themselves are in `fake_models.py`.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 import sys
 import threading
 import types
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -178,3 +182,73 @@ def quick_request(folder: Path, **changes) -> dict:
                "save_precision": "fp32", "preview_strengths": [0, 0.8], "preview_steps": 2}
     request.update(changes)
     return request
+
+
+# --- A1111's safe loading (modules/safe.py, v1.10.1), rebuilt from its behaviour ------------------------
+# Before torch.load reads a file, A1111 checks the zip's entry names and unpickles data.pkl with an
+# allowlist of globals; a file that fails either check is reported and torch.load returns None.
+_SAFE_ENTRY = re.compile(r"^[^/]+/(data\.pkl|version|byteorder|\.data/serialization_id|data/\d+)$")
+_SAFE_GLOBALS = {
+    "collections": {"OrderedDict"},
+    "torch._utils": {"_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_device_tensor_from_numpy"},
+    "torch": {"FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage", "ByteStorage",
+              "float32", "BFloat16Storage"},
+    "torch.nn.modules.container": {"ParameterDict"},
+    "numpy.core.multiarray": {"scalar", "_reconstruct"},
+    "numpy": {"dtype", "ndarray"},
+    "_codecs": {"encode"},
+    "__builtin__": {"set"},
+}
+
+
+class _CheckingUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in _SAFE_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+
+    def persistent_load(self, saved_id):
+        return torch.storage.TypedStorage(_internal=True)  # storages are not read during the check
+
+
+def install_safe_loading(monkeypatch, webui: SimpleNamespace) -> list[str]:
+    """torch.load as A1111 patches it; returns the list of refusals it reported."""
+    original = torch.load
+    refused: list[str] = []
+    webui.shared.cmd_opts.disable_safe_unpickle = False
+
+    def check(filename):
+        with zipfile.ZipFile(filename) as archive:
+            names = archive.namelist()
+            bad = [n for n in names if not _SAFE_ENTRY.match(n)]
+            if bad:
+                raise ValueError(f"bad file inside {filename}: {bad[0]}")
+            with archive.open(next(n for n in names if n.endswith("/data.pkl"))) as fh:
+                _CheckingUnpickler(fh).load()
+
+    def safe_load(filename, *args, **kwargs):
+        if not webui.shared.cmd_opts.disable_safe_unpickle:
+            try:
+                check(filename)
+            except Exception as exc:
+                refused.append(f"Error verifying pickled file from {filename}: {exc}")
+                return None
+        return original(filename, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", safe_load)
+    return refused
+
+
+def stop_training_at(monkeypatch, webui: SimpleNamespace, step: int):
+    """Press the WebUI's Interrupt once training reports `step`; returns a function that stops doing so."""
+    from inplace_lora_a1111.job import TrainJob
+
+    original = TrainJob.on_event
+
+    def on_event(self, event):
+        original(self, event)
+        if event.kind == "step" and event.step == step:
+            webui.shared.state.interrupt()
+
+    monkeypatch.setattr(TrainJob, "on_event", on_event)
+    return lambda: monkeypatch.setattr(TrainJob, "on_event", original)

@@ -8,8 +8,10 @@ It trains a few steps through POST /inplace-lora/v1/train, then checks what a us
   sshs_model_hash and to the sha256 of the file's tensor bytes (what A1111 computes itself);
 - the image differs from the same seed at strength 0, which equals the no-LoRA image;
 - the no-LoRA image is pixel-identical before and after training (the model was left as it was);
-- with --stop-test: a second run interrupted through /sdapi/v1/interrupt ends "stopped" and keeps
-  the LoRA of its last step in the Lora folder.
+- with --stop-test: a second run interrupted through /sdapi/v1/interrupt ends "stopped", keeps the
+  LoRA of its last step in the Lora folder with a card image, and says how to resume; the same request
+  with "resume": true then continues it from that step to the end (under the WebUI's safe loading,
+  which is on unless it was started with --disable-safe-unpickle), and the model is left unchanged.
 Prints one JSON report; exits 1 if any check fails. Needs Pillow and numpy (the WebUI's venv has both).
 """
 
@@ -151,7 +153,16 @@ def main() -> int:
         report["stop"] = {k: stopped.get(k) for k in ("status", "step", "lora_file", "messages")}
         checks["stop_keeps_last_step"] = stopped.get("status") == "stopped" and kept.is_file() \
             and f"-step{stopped['step']:08d}" in kept.stem
+        checks["stopped_lora_has_card"] = bool(stopped.get("card_preview")) and Path(stopped["card_preview"]).is_file()
+        checks["stop_says_how_to_resume"] = '"resume": true' in ((stopped.get("messages") or [""])[-1])
         checks["model_unchanged_after_stop"] = txt2img(args.url, prompt)[0] == before
+        target = stopped["step"] + 2
+        call(args.url, "/inplace-lora/v1/train", train_request(args.dataset, args.name + "_stop", target, resume=True))
+        resumed = wait(args.url, args.timeout)
+        report["resume"] = {k: resumed.get(k) for k in ("status", "step", "lora_file", "error", "messages")}
+        checks["resume_finishes_the_run"] = resumed.get("status") == "done" and resumed.get("step") == target \
+            and any("resumed from" in m and f"at step {stopped['step']}" in m for m in resumed.get("messages", []))
+        checks["model_unchanged_after_resume"] = txt2img(args.url, prompt)[0] == before
     report["ok"] = all(checks.values())
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1

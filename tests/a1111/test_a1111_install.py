@@ -14,19 +14,36 @@ import install  # noqa: E402
 
 
 class FakeLaunch(types.ModuleType):
-    def __init__(self, present, fail=()):
+    def __init__(self, present):
         super().__init__("launch")
-        self.present, self.fail, self.pip_calls, self.constraint_texts = set(present), set(fail), [], []
+        self.present = set(present)
 
     def is_installed(self, name):
         return name in self.present
 
     def run_pip(self, command, desc=None):
-        self.pip_calls.append(command)
-        constraint_file = command.split('-c "')[1].split('"')[0]
-        self.constraint_texts.append(Path(constraint_file).read_text(encoding="utf-8"))
-        if any(name in command for name in self.fail):
-            raise RuntimeError("Couldn't install.\nERROR: ResolutionImpossible")
+        raise AssertionError("run_pip prints an unprefixed 'Installing ...' line; install.py runs pip itself")
+
+
+class FakePip:
+    """subprocess.run for `python -m pip install`: records the command and the constraints it was given."""
+
+    def __init__(self, fail=()):
+        self.fail, self.calls, self.constraint_texts = set(fail), [], []
+
+    def __call__(self, cmd, check=False, **kwargs):
+        self.calls.append(cmd)
+        self.constraint_texts.append(Path(cmd[cmd.index("-c") + 1]).read_text(encoding="utf-8"))
+        failed = any(name in cmd[4] for name in self.fail)
+        return types.SimpleNamespace(returncode=1 if failed else 0, stdout="",
+                                     stderr="Collecting x\nERROR: ResolutionImpossible" if failed else "")
+
+
+@pytest.fixture
+def pip(monkeypatch):
+    fake = FakePip()
+    monkeypatch.setattr(install.subprocess, "run", fake)
+    return fake
 
 
 @pytest.fixture(autouse=True)
@@ -40,32 +57,39 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setattr(install.importlib.util, "find_spec", lambda name: None)
 
 
-def test_installs_only_what_is_missing_with_the_hosts_pins(capsys):
-    launch = FakeLaunch(present={"torch", "PyYAML"})
-    asked = install.main(launch)
+def test_installs_only_what_is_missing_with_the_hosts_pins(capsys, pip, monkeypatch):
+    monkeypatch.setenv("INDEX_URL", "https://mirror.example/simple")  # the WebUI's own setting
+    asked = install.main(FakeLaunch(present={"torch", "PyYAML"}))
     assert asked == ["diffusers>=0.30", "peft>=0.12", "onnxruntime"]
-    assert all(call.startswith('install "') and " -c " in call for call in launch.pip_calls)
-    assert all("torch==2.1.2" in text for text in launch.constraint_texts)  # pip may not replace torch
+    assert [c[:5] for c in pip.calls] == [[sys.executable, "-m", "pip", "install", r] for r in asked]
+    assert all(c[-2:] == ["--index-url", "https://mirror.example/simple"] for c in pip.calls)
+    assert all("torch==2.1.2" in text for text in pip.constraint_texts)  # pip may not replace torch
+    # the newest diffusers calls torch.xpu at import, which torch 2.1.2 (A1111 1.10's) lacks
+    assert all("diffusers<0.36" in text.splitlines() for text in pip.constraint_texts)
     out = capsys.readouterr().out
     assert "torch 2.1.2 is older than torch>=99; keeping the host's version" in out
+    assert all(line.startswith("[LoRA Trainer] ") for line in out.splitlines())  # "Installing ..." too
+    assert "[LoRA Trainer] Installing peft>=0.12" in out
 
 
-def test_a_failed_install_is_not_retried_until_the_host_changes(capsys):
-    first = FakeLaunch(present={"torch", "PyYAML"}, fail={"peft"})
-    install.main(first)
-    assert "could not install peft" in capsys.readouterr().out
-    second = FakeLaunch(present={"torch", "PyYAML"})
-    assert install.main(second) == ["diffusers>=0.30", "onnxruntime"]
+def test_a_failed_install_is_not_retried_until_the_host_changes(capsys, monkeypatch):
+    monkeypatch.setattr(install.subprocess, "run", FakePip(fail={"peft"}))
+    install.main(FakeLaunch(present={"torch", "PyYAML"}))
+    assert "[LoRA Trainer] could not install peft>=0.12: ERROR: ResolutionImpossible" in capsys.readouterr().out
+    monkeypatch.setattr(install.subprocess, "run", FakePip())
+    assert install.main(FakeLaunch(present={"torch", "PyYAML"})) == ["diffusers>=0.30", "onnxruntime"]
     assert "failed before" in capsys.readouterr().out
 
 
-def test_runs_without_launch(monkeypatch):
-    calls = []
+def test_a_newer_torch_gets_no_cap(monkeypatch):
+    monkeypatch.setattr(install, "installed_version", lambda name: {"torch": "2.6.0+cu124"}.get(name.lower()))
+    assert install.constraints() == ["torch==2.6.0+cu124"]
+
+
+def test_runs_without_launch(monkeypatch, pip):
     monkeypatch.setitem(sys.modules, "launch", None)  # `import launch` raises ImportError
-    monkeypatch.setattr(install.subprocess, "run",
-                        lambda cmd, check: calls.append(cmd) or types.SimpleNamespace(returncode=0))
     assert install.main() == ["diffusers>=0.30", "peft>=0.12", "onnxruntime"]  # pyyaml found by version
-    assert calls[0][:4] == [sys.executable, "-m", "pip", "install"] and "-c" in calls[0]
+    assert pip.calls[0][:4] == [sys.executable, "-m", "pip", "install"] and "-c" in pip.calls[0]
 
 
 def test_requirements_file_is_read_without_comments(tmp_path, monkeypatch):

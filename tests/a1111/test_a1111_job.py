@@ -3,13 +3,16 @@ lands in the Lora folder, what the WebUI's state shows, Stop, refusals, and bad 
 
 import hashlib
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+import fake_forge
+from fake_forge import forge_model
 from fake_models import FakeSD1
-from fake_webui import load_model, quick_request
+from fake_webui import install_safe_loading, load_model, quick_request, stop_training_at
 from inplace_lora_a1111 import api
 from inplace_lora_a1111.job import JobManager, TrainJob
 
@@ -70,24 +73,51 @@ def test_last_generations_lora_is_unmerged_before_training(webui, sd1, dataset):
     assert any("un-merged" in m for m in status["messages"])
 
 
-def test_stop_keeps_the_last_step(webui, sd1, dataset, monkeypatch):
-    original = TrainJob.on_event
-
-    def stop_at_two(self, event):
-        original(self, event)
-        if event.kind == "step" and event.step == 2:
-            webui.shared.state.interrupt()  # the WebUI's Interrupt button
-
-    monkeypatch.setattr(TrainJob, "on_event", stop_at_two)
+def test_stop_keeps_the_last_step_and_resume_continues_under_safe_loading(webui, sd1, dataset, monkeypatch):
+    """A1111 checks every torch.load with its restricted unpickler (modules/safe.py, on by default): the
+    checkpoint of a stopped run must resume under it."""
+    refused = install_safe_loading(monkeypatch, webui)
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)  # as in torch 2.1.2, A1111 1.10's pin
+    release = stop_training_at(monkeypatch, webui, 2)
     status = run(JobManager(), quick_request(dataset, max_train_steps=50))
-    assert status["status"] == "stopped" and status["step"] == 2
+    assert status["status"] == "stopped" and status["step"] == 2, status["error"]
     assert status["lora_file"].endswith("tiny-step00000002.safetensors")
+    card = Path(webui.shared.cmd_opts.lora_dir) / "tiny-step00000002.preview.png"
+    assert status["card_preview"] == str(card) and card.is_file()  # the stopped run's LoRA has a card image
+    assert webui.processing.prompts[-1] == "stripes 0, (pattern) <lora:tiny-step00000002:0.8>"
     assert webui.shared.state.interrupted is False  # reset for the next generation
-    monkeypatch.setattr(TrainJob, "on_event", original)
-    resumed = run(JobManager(), quick_request(dataset, max_train_steps=4, resume_from_checkpoint="latest"))
-    assert resumed["status"] == "done" and resumed["step"] == 4
+    checkpoint = Path(status["output_dir"]) / "checkpoints" / "step-00000002"
+    assert status["messages"][-1] == (f"stopped at step 2; checkpoint kept in {checkpoint}. The LoRA of that step "
+                                      f"is tiny-step00000002.safetensors in the Lora folder. To continue this run, "
+                                      f'send the same request with "resume": true (same name and settings).')
+    release()
+    resumed = run(JobManager(), quick_request(dataset, max_train_steps=4, resume=True))
+    assert resumed["status"] == "done" and resumed["step"] == 4, resumed["error"]
     assert any("resumed from" in m and "step 2" in m for m in resumed["messages"])
     assert resumed["lora_name"] == "tiny"  # same work folder; "tiny" is still free in the Lora folder
+    assert refused == []
+    code, body = api.handle_train(quick_request(dataset, resume=True), JobManager())
+    assert code == 400 and "no stopped run named 'tiny'" in body["error"]  # that run has finished
+    assert 'send the request without "resume"' in body["error"]
+
+
+def test_an_old_state_pt_the_webui_refuses_gets_a_clear_message(webui, sd1, dataset, monkeypatch):
+    """Checkpoints of earlier versions hold state.pt (a pickle); A1111's safe loading refuses what newer
+    torch writes, and its torch.load returns None: the job says what to do instead of a TypeError."""
+    from engine.checkpoint import read_state
+
+    release = stop_training_at(monkeypatch, webui, 2)
+    status = run(JobManager(), quick_request(dataset, max_train_steps=50))
+    folder = Path(status["output_dir"]) / "checkpoints" / "step-00000002"
+    torch.save(read_state(folder), folder / "state.pt")  # what an earlier version wrote
+    (folder / "state.json").unlink()
+    (folder / "state.safetensors").unlink()
+    release()
+    refused = install_safe_loading(monkeypatch, webui)
+    resumed = run(JobManager(), quick_request(dataset, max_train_steps=4, resume=True))
+    assert resumed["status"] == "error" and "TypeError" not in resumed["error"]
+    assert "written by an earlier version" in resumed["error"] and "refused it" in resumed["error"]
+    assert len(refused) == 1 and "state.pt" in refused[0]
 
 
 def test_busy_and_stop_while_waiting_for_the_queue(webui, sd1, dataset):
@@ -125,9 +155,10 @@ def test_refused_setups_say_why(webui, sd1, dataset, monkeypatch):
     code, body = api.handle_train(quick_request(dataset), JobManager())
     assert code == 400 and "--lowvram" in body["error"]
     webui.shared.cmd_opts.lowvram = False
-    sd1.forge_objects = object()
+    fake_forge.install(monkeypatch, webui, "backend")
+    forge_model(webui, "sd1").is_sd1 = False  # what Forge loads for Flux
     code, body = api.handle_train(quick_request(dataset), JobManager())
-    assert code == 400 and "Forge" in body["error"] and "inference" in body["error"]
+    assert code == 400 and "Forge has a" in body["error"] and "Flux" in body["error"]
 
 
 def test_routes_are_registered_and_answer_json(webui, sd1, dataset, monkeypatch):

@@ -9,11 +9,11 @@ import torch
 
 from engine.config import TrainConfig
 from engine.lora.targets import build_network
-from engine.model import SD_LAYOUT, SDXL_LAYOUT
+from engine.families.unet import SD_LAYOUT, SDXL_LAYOUT
 from engine.models import full_size_model
 from fake_models import meta_tree_from_fixture, openclip_tower
 from inplace_lora_a1111.adapter import A1111Model
-from inplace_lora_a1111.layout import layout_from_ldm_names
+from engine.hostkit.ldm_names import layout_from_ldm_names
 
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
 

@@ -102,8 +102,10 @@ class FakeModel(TrainableModel):
     def trainable_roots(self) -> list[nn.Module]:
         return []
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        return torch.linspace(0.99, 0.01, 1000)
+    def objective(self):
+        from engine.objectives import DDPMObjective
+
+        return DDPMObjective(torch.linspace(0.99, 0.01, 1000))
 
     def predict(self, noisy, timesteps, cond):
         raise NotImplementedError

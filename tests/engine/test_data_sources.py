@@ -142,13 +142,29 @@ def test_empty_folder_and_folder_without_images_say_what_was_found(tmp_path):
         scan_dataset(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("encoding,text", [("cp1252", "café, naïve"), ("gbk", "红色, 女孩")])
-def test_non_utf8_caption_names_the_file_and_says_resave(tmp_path, encoding, text):
-    make_folder(tmp_path, {"a": None})
-    write_text(tmp_path / "a.txt", text, encoding=encoding)
-    with pytest.raises(DatasetError) as err:
-        scan_dataset(tmp_path)
-    assert "a.txt" in str(err.value) and "UTF-8" in str(err.value) and "Re-save" in str(err.value)
+@pytest.mark.parametrize("encoding,text,guess", [("cp1252", "café, naïve", "Windows-1252"),
+                                                 ("gbk", "红色, 女孩", "GBK")])
+def test_non_utf8_caption_is_named_with_the_fix_and_the_image_keeps_its_fallback_caption(tmp_path, encoding, text,
+                                                                                         guess):
+    sub = tmp_path / "5_red girl"
+    make_folder(sub, {"a": None, "b": "b tags"})
+    write_text(sub / "a.txt", text, encoding=encoding)
+    result = scan_dataset(tmp_path)
+    assert captions_of(result)["a.png"] == ("red girl", "folder")  # the kohya folder name, not mojibake
+    notes = [w for w in result.warnings if "not UTF-8" in w]
+    assert len(notes) == 1 and "5_red girl/a.txt" in notes[0] and f"probably {guess}" in notes[0]
+    assert "Re-save them as UTF-8" in notes[0]
+
+
+def test_utf16_without_bom_is_decoded_and_named(tmp_path):
+    make_folder(tmp_path, {"a": None, "b": None})
+    (tmp_path / "a.txt").write_bytes("1girl, red hair".encode("utf-16-le"))
+    (tmp_path / "b.txt").write_bytes("blue sky, 云".encode("utf-16-be"))
+    result = scan_dataset(tmp_path)
+    assert captions_of(result)["a.png"] == ("1girl, red hair", "sidecar")
+    assert captions_of(result)["b.png"] == ("blue sky, 云", "sidecar")
+    notes = [w for w in result.warnings if "not UTF-8" in w]
+    assert len(notes) == 1 and "UTF-16 without a byte-order mark" in notes[0] and "a.txt, b.txt" in notes[0]
 
 
 def test_utf16_and_utf8_bom_captions_are_read(tmp_path):

@@ -1,7 +1,7 @@
 """The fast training step trains exactly like the plain one.
 
 On a GPU the fast step is a CUDA graph; here on the CPU it runs the same static-buffer step without
-the graph (`FastStep(capture=False)`), which is everything the graph replays: the shared loss,
+the graph (`EngineOptions(fast_step_without_graph=True)`: `FastStep(capture=False)`), which is everything the graph replays: the shared loss,
 gradients created in backward and dropped after the step, foreach clipping, the learning rate in a tensor the scheduler fills, and the per-step
 LoRA weight casts. Tolerance: losses and final weights agree to 1e-5 relative (fp32 on the CPU; the
 only differences are the order of float additions in clipping and AdamW's tensor-lr arithmetic).
@@ -10,13 +10,12 @@ only differences are the order of float additions in clipping and AdamW's tensor
 import pytest
 import torch
 
-import engine.train as train_module
 from engine.checkpoint import load_checkpoint
 from engine.fast_step import FastStep, host_lrs
 from engine.models import tiny_sd1, tiny_sdxl
 from engine.train import train
 
-from train_fixtures import fast_step_on_cpu, pattern_dataset, quick_config
+from train_fixtures import FAST_ON_CPU, pattern_dataset, quick_config
 
 RTOL = 1e-5
 
@@ -26,25 +25,18 @@ def data(tmp_path_factory):
     return pattern_dataset(tmp_path_factory.mktemp("fast"), n=4)
 
 
-@pytest.fixture
-def fast_on_cpu(monkeypatch):
-    """Let the trainer take the fast path on the CPU; record that it did."""
-    return fast_step_on_cpu(monkeypatch)
-
-
 def _close(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= RTOL * max(abs(x), abs(y), 1e-8) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("family,gc", [("sd1", False), ("sd1", True), ("sdxl", False)])
-def test_fast_step_gives_the_plain_loss_curve(data, tmp_path, family, gc, monkeypatch, request):
+def test_fast_step_gives_the_plain_loss_curve(data, tmp_path, family, gc):
     build = tiny_sd1 if family == "sd1" else tiny_sdxl
     opts = dict(max_train_steps=5, batch_size=2, gradient_checkpointing=gc, lr_scheduler="cosine",
                 warmup_steps=2, max_grad_norm=0.05, noise_offset=0.05)
     plain = train(quick_config(data, tmp_path / "plain", **opts), build())
-    made = request.getfixturevalue("fast_on_cpu")
-    fast = train(quick_config(data, tmp_path / "fast", **opts), build())
-    assert made, "the fast step was not used"
+    fast = train(quick_config(data, tmp_path / "fast", **opts), build(), options=FAST_ON_CPU)
+    assert plain.fast_steps == 0 and fast.fast_steps == 5, "the fast step was not used"
     assert _close(plain.losses, fast.losses), (plain.losses, fast.losses)
     assert plain.tensors.keys() == fast.tensors.keys()
     for key, value in plain.tensors.items():
@@ -53,23 +45,21 @@ def test_fast_step_gives_the_plain_loss_curve(data, tmp_path, family, gc, monkey
     assert any(v.abs().sum() > 0 for v in moved)  # it trained: the up weights left zero
 
 
-def test_fast_checkpoint_resumes_on_the_plain_step(data, tmp_path, fast_on_cpu, monkeypatch):
+def test_fast_checkpoint_resumes_on_the_plain_step(data, tmp_path):
     """A checkpoint written by the fast step is what the plain step writes (float lr), and a run resumed
     from it on the plain step ends where an uninterrupted fast run ends."""
     opts = dict(max_train_steps=4, lr_scheduler="linear", warmup_steps=1)
-    straight = train(quick_config(data, tmp_path / "a", save_steps=2, **opts), tiny_sd1())
+    straight = train(quick_config(data, tmp_path / "a", save_steps=2, **opts), tiny_sd1(), options=FAST_ON_CPU)
     folder = tmp_path / "a" / "test_lora" / "checkpoints" / "step-00000002"
     _, state = load_checkpoint(folder, quick_config(data, tmp_path / "a", save_steps=2, **opts).to_dict())
     groups = state["optimizer"]["param_groups"]
     assert all(isinstance(g["lr"], float) and not g.get("capturable") for g in groups)
-    assert fast_on_cpu, "the first run did not take the fast step"
-    fast_on_cpu.clear()
-    monkeypatch.setattr(train_module, "unsupported_reason", lambda *a, **k: "plain")
+    assert straight.fast_steps == 4, "the first run did not take the fast step"
     import shutil
 
     shutil.copytree(folder, tmp_path / "b" / "test_lora" / "checkpoints" / folder.name)
     resumed = train(quick_config(data, tmp_path / "b", resume_from_checkpoint="latest", **opts), tiny_sd1())
-    assert not fast_on_cpu
+    assert resumed.fast_steps == 0
     assert _close(straight.losses[2:], resumed.losses)
 
 
@@ -88,15 +78,10 @@ def test_scheduler_keeps_filling_the_lr_tensor():
         opt.step()  # no gradients, so nothing moves; the scheduler checks that a step came first
         sched.step()
 
-    class Stub:
-        pass
-
-    stub = Stub()
-    stub.params, stub.device, stub.optimizer = [p], torch.device("cpu"), None
-    stub.network = type("N", (), {"loras": {}})()
+    step = type("Step", (), {"device": torch.device("cpu"), "network": type("N", (), {"loras": {}})()})()
     opt2 = build_optimizer(cfg, param_groups(cfg, [p], []), torch.device("cpu"))
-    stub.optimizer, stub.scheduler = opt2, build_scheduler(cfg, opt2, 10)
-    fast = FastStep(stub, capture=False)
+    fast = FastStep(step, optimizer=opt2, scheduler=build_scheduler(cfg, opt2, 10), params=[p], max_grad_norm=0,
+                    capture=False)
     tensor = opt2.param_groups[0]["lr"]
     seen = []
     for _ in range(6):
@@ -110,7 +95,7 @@ def test_scheduler_keeps_filling_the_lr_tensor():
     assert isinstance(opt2.param_groups[0]["lr"], float)
 
 
-def test_no_gradients_are_held_between_steps(data, tmp_path, fast_on_cpu, monkeypatch):
+def test_no_gradients_are_held_between_steps(data, tmp_path, monkeypatch):
     """Gradients live from backward to the optimizer step only: nothing keeps them between steps (on the
     GPU that keeps a full set of them out of the next step's peak, mid-backward)."""
     held = []
@@ -122,6 +107,6 @@ def test_no_gradients_are_held_between_steps(data, tmp_path, fast_on_cpu, monkey
         return loss
 
     monkeypatch.setattr(FastStep, "step", step)
-    train(quick_config(data, tmp_path, max_train_steps=3), tiny_sd1())
-    assert fast_on_cpu and len(held) == 3
+    result = train(quick_config(data, tmp_path, max_train_steps=3), tiny_sd1(), options=FAST_ON_CPU)
+    assert result.fast_steps == 3 and len(held) == 3
     assert not any(any(flags) for flags in held)

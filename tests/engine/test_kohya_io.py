@@ -10,8 +10,8 @@ from torch import nn
 
 from engine.lora.kohya_io import read_lora, save_lora, to_network_keys
 from engine.lora.network import LoRANetwork
-from engine.lora.targets import te_aliases, unet_aliases
-from engine.model import SD_LAYOUT
+from engine.families.unet import SD_LAYOUT, unet_aliases
+from engine.lora.targets import te_aliases
 
 
 def _net():
@@ -24,7 +24,7 @@ def _net():
     net.add("lora_unet_" + d_q.replace(".", "_"), q, 4, 2.0, aliases=unet_aliases(d_q, SD_LAYOUT))
     net.add("lora_unet_" + d_conv.replace(".", "_"), conv, 4, 2.0, aliases=unet_aliases(d_conv, SD_LAYOUT))
     te_name = "text_model.encoder.layers.0.self_attn.q_proj"
-    net.add("lora_te_" + te_name.replace(".", "_"), te, 4, 2.0, text_encoder=True, aliases=te_aliases("lora_te", te_name))
+    net.add("lora_te_" + te_name.replace(".", "_"), te, 4, 2.0, text_encoder=True, aliases=te_aliases("text_encoder.", te_name))
     return net
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.errors import ModelError
-from engine.lora.names import diffusers_to_ldm
+from engine.families.unet import diffusers_to_ldm
 from engine.models.detect import detect_checkpoint
 from engine.models.configs import build_components, model_configs
 from engine.models.diffusers_adapter import DiffusersModel

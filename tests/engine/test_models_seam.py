@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.errors import ConfigError
-from engine.lora.names import kohya_te_key
+from engine.families.clip import kohya_te_key
 from engine.models.clip_tokenizer import clip_tokenizer, tokenize
 from engine.models.diffusers_adapter import DiffusersModel
 from engine.models.tiny import tiny_sd1, tiny_sdxl
@@ -114,10 +114,13 @@ def test_layers_schedule_and_info(sd1, sdxl):
     assert ("lora_te2", "text_model.encoder.layers.1.mlp.fc2") in te
     assert kohya_te_key(*te[0]).startswith("lora_te1_text_model_encoder_layers_0_")
     assert {p for p, _, _ in sd1.text_encoder_layers()} == {"lora_te"}
-    acp = sd1.alphas_cumprod()
-    assert acp.shape == (1000,) and acp.dtype == torch.float32
+    objective = sd1.objective()
+    acp = objective.alphas_cumprod
+    assert objective.kind == "ddpm" and objective.prediction_type == "epsilon"
+    assert acp.shape == (1000,) and acp.dtype == torch.float32 and acp.device.type == "cpu"
     assert acp[0].item() == pytest.approx(1 - 0.00085) and acp[-1].item() == pytest.approx(0.00466, abs=2e-5)
-    assert sdxl.info.family == "sdxl" and sdxl.size_conditioning() and not sd1.size_conditioning()
+    assert sdxl.info.family == "sdxl" and sdxl.info.spec.batch_conditioning == ("time_ids",)
+    assert sd1.info.spec.batch_conditioning == ()
     assert sdxl.info.layout.down_attn == (False, True) and sd1.info.layout.down_attn == (True, False)
 
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from engine.lora.names import diffusers_to_ldm, kohya_te_key, kohya_unet_key, ldm_to_diffusers
-from engine.model import SD_LAYOUT, SDXL_LAYOUT
+from engine.families import get_family
+from engine.families.clip import kohya_te_key
+from engine.families.unet import SD_LAYOUT, SDXL_LAYOUT, diffusers_to_ldm, ldm_to_diffusers
 
 # Pairs taken from the conversion tables kohya, diffusers and ComfyUI agree on.
 SD_PAIRS = [
@@ -45,6 +46,6 @@ def test_both_directions(layout, pairs):
 
 def test_kohya_keys_follow_kohya_naming_per_family():
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    assert kohya_unet_key(name, "sd1", SD_LAYOUT) == "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
-    assert kohya_unet_key(name, "sdxl", SDXL_LAYOUT) == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    assert get_family("sd1").denoiser_key(name, SD_LAYOUT) == "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert get_family("sdxl").denoiser_key(name, SDXL_LAYOUT) == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     assert kohya_te_key("lora_te1", "text_model.encoder.layers.0.mlp.fc1") == "lora_te1_text_model_encoder_layers_0_mlp_fc1"

@@ -11,7 +11,7 @@ bf16 once more) is measured on the GPU by `python -m bench.equivalence` (bench/R
 import pytest
 import torch
 
-import engine.train as train_module
+import engine.step as step_module
 from engine.models import tiny_sd1, tiny_sdxl
 from engine.train import train
 
@@ -35,13 +35,13 @@ def _bf16(build):
 
 def _autocast_calls(monkeypatch) -> list[bool]:
     seen = []
-    original = train_module.autocast
+    original = step_module.autocast
 
     def recording(device, precision, enabled=True):
         seen.append(enabled)
         return original(device, precision, enabled)
 
-    monkeypatch.setattr(train_module, "autocast", recording)
+    monkeypatch.setattr(step_module, "autocast", recording)
     return seen
 
 

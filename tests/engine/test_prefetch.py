@@ -8,6 +8,7 @@ play (random crops, flips, colour jitter, shuffled captions) and more steps than
 import torch
 
 import engine.train as train_module
+import engine.train_loop as train_loop
 from engine.data.prefetch import Prefetch
 from engine.models import tiny_sd1
 from engine.train import train
@@ -31,7 +32,7 @@ def test_prefetched_run_matches_the_in_line_run(tmp_path, monkeypatch):
             hits.append(self.pending is not None and self.pending[:2] == (epoch, index))
             return super().get(plan, epoch, index)
 
-    monkeypatch.setattr(train_module, "Prefetch", Forced)
+    monkeypatch.setattr(train_loop, "Prefetch", Forced)
     ahead = train(quick_config(data, tmp_path / "b", **opts), tiny_sd1())
     assert len(hits) == 5 and not hits[0] and all(hits[1:]), hits  # every batch after the first came ahead
     assert in_line.losses == ahead.losses

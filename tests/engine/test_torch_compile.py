@@ -8,6 +8,8 @@ hooks and the UNet, and the same forward/backward split by AOTAutograd, run by e
 check that compiling changes nothing but kernels: losses and final weights to 1e-5 relative.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.exc import Unsupported
@@ -15,9 +17,10 @@ from torch._dynamo.exc import Unsupported
 import engine.compiled_loss as compiled_loss
 from engine.events import FunctionCallback
 from engine.models import tiny_sd1
+from engine.options import EngineOptions
 from engine.train import train
 
-from train_fixtures import fast_step_on_cpu, pattern_dataset, quick_config
+from train_fixtures import pattern_dataset, quick_config
 
 OPTS = dict(max_train_steps=5, batch_size=2, lr_scheduler="cosine", warmup_steps=2, max_grad_norm=0.05)
 RTOL = 1e-5
@@ -28,27 +31,25 @@ def data(tmp_path_factory):
     return pattern_dataset(tmp_path_factory.mktemp("compile"), n=4)
 
 
-@pytest.fixture
-def compiles_on_cpu(monkeypatch):
-    """The fast step and the compiled loss on the CPU (aot_eager kernels)."""
-    fast_step_on_cpu(monkeypatch)
-    monkeypatch.setattr(compiled_loss, "DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(compiled_loss, "BACKEND", "aot_eager")
+# the fast step and the compiled loss on the CPU (aot_eager kernels)
+COMPILES_ON_CPU = EngineOptions(fast_step_without_graph=True, compile_backend="aot_eager",
+                                compile_devices=("cuda", "cpu"))
 
 
-def _run(data, out, **opts):
+def _run(data, out, options=None, **opts):
     events = []
-    result = train(quick_config(data, out, **OPTS, **opts), tiny_sd1(), callbacks=[FunctionCallback(events.append)])
+    result = train(quick_config(data, out, **OPTS, **opts), tiny_sd1(), callbacks=[FunctionCallback(events.append)],
+                   options=options)
     said = [e.message for e in events if e.kind == "info" and e.message and "torch_compile" in e.message]
     return result, said
 
 
-def test_compiled_step_gives_the_plain_loss_curve(data, tmp_path, request):
+def test_compiled_step_gives_the_plain_loss_curve(data, tmp_path):
     plain, _ = _run(data, tmp_path / "plain")
-    request.getfixturevalue("compiles_on_cpu")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled, said = _run(data, tmp_path / "compiled", torch_compile=True)
+    compiled, said = _run(data, tmp_path / "compiled", COMPILES_ON_CPU, torch_compile=True)
+    assert compiled.fast_steps == 5
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
     assert said == []
     assert len(plain.losses) == len(compiled.losses) == 5
@@ -60,7 +61,7 @@ def test_compiled_step_gives_the_plain_loss_curve(data, tmp_path, request):
     assert any(v.abs().sum() > 0 for k, v in compiled.tensors.items() if k.endswith("lora_up.weight"))
 
 
-def test_a_step_that_cannot_compile_trains_without_it(data, tmp_path, compiles_on_cpu, monkeypatch):
+def test_a_step_that_cannot_compile_trains_without_it(data, tmp_path, monkeypatch):
     """The user sees why in the run's log, and the run is the plain one."""
     def refuse(fn, **kw):
         def compiled(*args):
@@ -68,8 +69,8 @@ def test_a_step_that_cannot_compile_trains_without_it(data, tmp_path, compiles_o
         return compiled
 
     monkeypatch.setattr(compiled_loss.torch, "compile", refuse)
-    plain, _ = _run(data, tmp_path / "plain")
-    fallback, said = _run(data, tmp_path / "fallback", torch_compile=True)
+    plain, _ = _run(data, tmp_path / "plain", COMPILES_ON_CPU)
+    fallback, said = _run(data, tmp_path / "fallback", COMPILES_ON_CPU, torch_compile=True)
     assert len(said) == 1 and "a construct the compiler cannot trace" in said[0] and "without it" in said[0]
     assert plain.losses == fallback.losses
 
@@ -84,11 +85,10 @@ def test_on_the_cpu_it_says_cuda_only_and_trains_plain(data, tmp_path):
 def test_every_bucket_shape_is_compiled_past_torchs_default_limit(monkeypatch):
     """torch stops compiling a function after 8 input shapes; a run with more buckets keeps compiling
     (up to the 16 shapes the fast step graphs), and the host's own limit is left as it was."""
-    monkeypatch.setattr(compiled_loss, "BACKEND", "aot_eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     limit = torch._dynamo.config.recompile_limit
-    loss = compiled_loss.CompiledLoss(lambda x: (x * 2).square().mean())
+    loss = compiled_loss.CompiledLoss(lambda x: (x * 2).square().mean(), backend="aot_eager")
     for side in range(1, 13):
         assert float(loss(torch.ones(side, side + 1))) == 4.0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 12
@@ -96,7 +96,7 @@ def test_every_bucket_shape_is_compiled_past_torchs_default_limit(monkeypatch):
     assert torch._dynamo.config.recompile_limit == limit
 
 
-def test_a_backward_that_cannot_compile_falls_back_too(data, tmp_path, compiles_on_cpu, monkeypatch):
+def test_a_backward_that_cannot_compile_falls_back_too(data, tmp_path):
     """torch compiles the backward lazily, at the first backward; a failure there would end the run. The
     engine compiles it with the forward, so it is caught like a forward failure."""
     from torch._dynamo.backends.common import aot_autograd
@@ -104,9 +104,10 @@ def test_a_backward_that_cannot_compile_falls_back_too(data, tmp_path, compiles_
     def refuse_backward(gm, example_inputs):
         raise RuntimeError("no kernel for this backward")
 
-    monkeypatch.setattr(compiled_loss, "BACKEND", aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=refuse_backward))
+    options = dataclasses.replace(COMPILES_ON_CPU, compile_backend=aot_autograd(fw_compiler=lambda gm, _: gm,
+                                                                                bw_compiler=refuse_backward))
     torch._dynamo.reset()
-    plain, _ = _run(data, tmp_path / "plain")
-    fallback, said = _run(data, tmp_path / "fallback", torch_compile=True)
+    plain, _ = _run(data, tmp_path / "plain", COMPILES_ON_CPU)
+    fallback, said = _run(data, tmp_path / "fallback", options, torch_compile=True)
     assert len(said) == 1 and "no kernel for this backward" in said[0], said
     assert plain.losses == fallback.losses

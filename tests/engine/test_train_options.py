@@ -85,7 +85,7 @@ def test_previews_and_tensorboard(data, tmp_path):
 def test_preview_out_of_memory_skips_the_preview_and_training_goes_on(data, tmp_path, monkeypatch):
     """Sampling needs more memory than training (encoders back, its own activations): a preview that
     does not fit must not end a run that fits."""
-    import engine.train as train_module
+    import engine.run_output as run_output
     from engine.events import FunctionCallback
 
     calls = []
@@ -94,7 +94,7 @@ def test_preview_out_of_memory_skips_the_preview_and_training_goes_on(data, tmp_
         calls.append(1)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_module, "render_previews", oom)
+    monkeypatch.setattr(run_output, "render_previews", oom)
     events = []
     cfg = quick_config(data, tmp_path, max_train_steps=4, sample_prompts=["stripes"], sample_every_n_steps=2)
     result = train(cfg, tiny_sd1(), callbacks=[FunctionCallback(on_event=events.append)])
@@ -125,5 +125,6 @@ def test_ctrl_c_keeps_a_checkpoint_and_prints_how_to_resume(data, tmp_path, monk
                  "--set", "max_train_steps=5", "--set", "resolution=64"])
     assert code == 130
     out = capsys.readouterr().out
-    assert "step-00000002" in out and "resume_from_checkpoint=latest" in out
+    assert "stopped at step 2; checkpoint kept in " in out and "step-00000002" in out
+    assert "--set resume_from_checkpoint=latest" in out
     assert (tmp_path / "my_lora" / "checkpoints" / "step-00000002").is_dir()

@@ -10,7 +10,10 @@ import torch
 from PIL import Image
 
 from engine.config import TrainConfig
-from engine.loss import add_noise
+from engine.options import EngineOptions
+
+# the fast step (everything the CUDA graph replays) run without the graph, on the CPU
+FAST_ON_CPU = EngineOptions(fast_step_without_graph=True)
 
 
 def pattern_dataset(folder: Path, n: int = 4, size: int = 64) -> Path:
@@ -25,29 +28,25 @@ def pattern_dataset(folder: Path, n: int = 4, size: int = 64) -> Path:
     return folder
 
 
+def tiny_diffusers_folder(folder: Path, seed: int = 3) -> Path:
+    """The tiny SD1 model saved as a diffusers folder (what a user's base_model folder looks like)."""
+    from diffusers import StableDiffusionPipeline
+
+    from engine.models import tiny_sd1
+
+    model = tiny_sd1(seed=seed)
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
+                                   unet=model.unet, scheduler=model._sampling_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
 def quick_config(data: Path, out: Path, **changes) -> TrainConfig:
     base = dict(train_data_dir=str(data), output_dir=str(out), output_name="test_lora", resolution="64",
                 batch_size=2, max_train_steps=4, learning_rate=1e-3, save_every_n_epochs=0, save_precision="fp32")
     base.update(changes)
     return TrainConfig(**base)
-
-
-def fast_step_on_cpu(monkeypatch) -> list:
-    """Let the trainer take the fast step on the CPU (everything the CUDA graph replays, run without the
-    graph); returns the list of FastStep objects made, so a test can check the fast path was taken."""
-    import engine.train as train_module
-    from engine.fast_step import FastStep
-
-    made = []
-
-    class OnCpu(FastStep):
-        def __init__(self, trainer, **kw):
-            super().__init__(trainer, capture=False)
-            made.append(self)
-
-    monkeypatch.setattr(train_module, "unsupported_reason", lambda *a, **k: None)
-    monkeypatch.setattr(train_module, "FastStep", OnCpu)
-    return made
 
 
 def eval_loss(model, folder: Path, n: int = 4) -> float:
@@ -58,12 +57,12 @@ def eval_loss(model, folder: Path, n: int = 4) -> float:
     with torch.no_grad():
         latents = model.encode_images(pixels)
         cond = model.encode_text([f"stripes {i}" for i in range(n)])
-        acp = model.alphas_cumprod()
+        objective = model.objective()
         total = 0.0
         for t in (100, 300, 500, 700, 900):
             noise = torch.randn(latents.shape, generator=g)
             steps = torch.full((n,), t)
-            pred = model.predict(add_noise(latents, noise, steps, acp), steps, cond)
+            pred = model.predict(objective.add_noise(latents, noise, steps), steps, cond)
             total += float(((pred - noise) ** 2).mean())
     return total / 5
 

@@ -23,6 +23,7 @@ from .weight_delta import WeightDeltaModule, no_dropout
 class LoHaModule(WeightDeltaModule):
     kind = "loha"
     factor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    zero_factor = "hada_w2_a"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         no_dropout(self.kind, dropout)

@@ -76,6 +76,7 @@ class LoKrModule(WeightDeltaModule):
         else:
             self.lokr_w2 = nn.Parameter(torch.zeros(b, d, *kernel))
         self.low_rank = (w1_low, w2_low)
+        self.zero_factor = "lokr_w2_b" if w2_low else "lokr_w2"
         if not (w1_low or w2_low):
             self.alpha.fill_(float(rank))  # scale 1, stored as LyCORIS stores it
         self._scale = self._scale_for(float(self.alpha))

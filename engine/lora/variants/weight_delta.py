@@ -40,10 +40,11 @@ def no_dropout(kind: str, dropout: float) -> None:
 
 class WeightDeltaModule(nn.Module):
     """Base of the modules whose update is a whole weight. Subclasses define `factor_names` (their
-    parameters, in file order) and `_delta(factors)`: the update, unscaled, from those factors."""
+    parameters, in file order), `zero_factor` and `_delta(factors)`: the update, unscaled, from those factors."""
 
     kind = ""
     factor_names: tuple[str, ...] = ()
+    zero_factor = ""  # the factor initialised to zero (the change check watches it)
 
     def __init__(self, base: nn.Module, rank: int, alpha: float):
         super().__init__()
@@ -67,6 +68,9 @@ class WeightDeltaModule(nn.Module):
         raise NotImplementedError
 
     # --- the shared interface (see engine/lora/network.py) -------------------------------------------
+    def zero_start(self) -> torch.Tensor:
+        return getattr(self, self.zero_factor)
+
     def cast_sources(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.factor_names if getattr(self, name, None) is not None]
 

@@ -18,7 +18,7 @@ STYLE = "train_style_lora_compare_strengths"
 CAPTION = "caption_folder_then_train"
 CPU_TRAINER = {"steps": 2, "epochs": 1, "rank": 4, "alpha": 0.0, "learning_rate": 0.01, "scheduler": "constant",
                "precision": "fp32", "gradient_checkpointing": True, "preview_every_n_steps": 0,
-               "checkpoint_every_n_steps": 0, "advanced": "sample_steps: 2\nsample_cfg: 1.0"}
+               "checkpoint_every_n_steps": 0, "preview_steps": 2, "advanced": "sample_cfg: 1.0"}
 
 
 def load_api(name):

@@ -61,9 +61,9 @@ def comfy_keys(family, unet_config, pack):
     import comfy.sd1_clip
     import comfy.sdxl_clip
     from inplace_pack.engine.config import TrainConfig
+    from inplace_pack.engine.hostkit import clip_holders, ldm_names
     from inplace_pack.engine.lora.targets import build_network
     from inplace_pack.engine.model import ModelInfo
-    from inplace_pack.nodes import comfy_names as names
 
     model_config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
     base = model_config.get_model({}, device="meta")
@@ -71,9 +71,10 @@ def comfy_keys(family, unet_config, pack):
         clip = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float16)
     else:
         clip = comfy.sd1_clip.SD1ClipModel(device="meta", dtype=torch.float16)
-    layout = names.layout_from_unet_config(model_config.unet_config)
-    unet = names.unet_layers(base.diffusion_model, layout)
-    model = Named(ModelInfo(family=family, layout=layout), unet, names.text_encoders(clip, family), names)
+    layout = ldm_names.layout_from_unet_config(model_config.unet_config)
+    unet = ldm_names.unet_layers(base.diffusion_model, layout)
+    model = Named(ModelInfo(family=family, layout=layout), unet, clip_holders.text_encoders(clip, family),
+                  clip_holders)
     network = build_network(model, TrainConfig.from_dict({"train_text_encoder": True}))
     return sorted(network.loras.keys()), type(model_config).__name__
 
@@ -81,8 +82,8 @@ def comfy_keys(family, unet_config, pack):
 def name_maps(pack):
     """Per config: (ldm, ours, comfy's) for every UNet weight where our map and comfy's disagree."""
     import comfy.utils
-    from inplace_pack.engine.lora.names import ldm_to_diffusers
-    from inplace_pack.nodes.comfy_names import layout_from_unet_config
+    from inplace_pack.engine.families.unet import ldm_to_diffusers
+    from inplace_pack.engine.hostkit.ldm_names import layout_from_unet_config
 
     out = {}
     for name, cfg in (("SD15", SD15), ("SD21", SD21), ("SDXL", SDXL), ("SSD1B", SSD1B)):
@@ -106,6 +107,18 @@ def name_maps(pack):
 FLUX_SMALL = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
               "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1,
               "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "patch_size": 2}
+
+
+def flux_config() -> dict:
+    """FLUX_SMALL with the fields newer ComfyUI requires (0.2x added `txt_ids_dims`; Flux.1 has none)."""
+    import dataclasses
+
+    from comfy.ldm.flux.model import FluxParams
+
+    config = dict(FLUX_SMALL)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+        config.setdefault("txt_ids_dims", [])
+    return config
 
 
 def adapter_checks():
@@ -157,7 +170,7 @@ def adapter_checks():
     lcm = mp.clone()
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     out["sd1_lcm"] = attempt(ModelSamplingDiscrete().patch(lcm, "lcm", False)[0], clip)
-    flux = comfy.model_detection.model_config_from_unet_config(dict(FLUX_SMALL)).get_model({}, device="meta")
+    flux = comfy.model_detection.model_config_from_unet_config(flux_config()).get_model({}, device="meta")
     out["flux"] = attempt(*wrap(flux, sd1_clip))
     return out
 

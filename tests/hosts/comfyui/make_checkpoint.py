@@ -1,14 +1,14 @@
-"""Write a full-size SD1.5 checkpoint with random weights, for real-ComfyUI tests.
+"""Write a full-size SD1.5 (or SDXL) checkpoint with random weights, for real-ComfyUI tests.
 
 Run it with the ComfyUI venv's python (it imports ComfyUI's own model classes, so
-the key names and shapes are exactly what ComfyUI detects as SD1.5):
+the key names and shapes are exactly what ComfyUI detects as SD1.5 / SDXL):
 
-    $COMFYUI_PYTHON tests/hosts/comfyui/make_checkpoint.py OUT.safetensors [--seed 0]
+    $COMFYUI_PYTHON tests/hosts/comfyui/make_checkpoint.py OUT.safetensors [--seed 0] [--family sdxl]
 
 ComfyUI's ops leave weights uninitialised (torch.empty), so every parameter is
 filled here: norms get weight=1, bias=0; everything else N(0, 0.02). That keeps a
 2-step sample at 64x64 finite and non-constant. The file is fp16, about 2 GB, and
-the same seed gives the same bytes.
+the same seed gives the same bytes. SDXL (GPU benchmarks) is about 7 GB.
 """
 import argparse
 import importlib.util
@@ -47,8 +47,18 @@ def init_weights(module, generator, std=0.02):
                     b.normal_(0.0, std, generator=generator)
 
 
-def build_state_dict(seed):
-    """SD1.5 UNet + CLIP-L + KL VAE, built from ComfyUI's classes, in checkpoint layout."""
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def build_state_dict(seed, family="sd15"):
+    """SD1.5 UNet + CLIP-L (SDXL: UNet + CLIP-L + CLIP-G) + KL VAE, from ComfyUI's classes, in checkpoint layout."""
     import torch
     from comfy.cli_args import args as comfy_args
 
@@ -66,13 +76,21 @@ def build_state_dict(seed):
         "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
+    expected = "SD15"
+    if family == "sdxl":
+        import comfy.sdxl_clip
+
+        unet_config, expected = dict(SDXL_UNET, dtype=torch.float32), "SDXL"
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config)
-    if type(model_config).__name__ != "SD15":
-        sys.exit(f"ComfyUI matched {type(model_config).__name__}, expected SD15")
+    if type(model_config).__name__ != expected:
+        sys.exit(f"ComfyUI matched {type(model_config).__name__}, expected {expected}")
     base = model_config.get_model({}, device="cpu")
     init_weights(base.diffusion_model, gen)
 
-    clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
+    if family == "sdxl":
+        clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float32)
+    else:
+        clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
     init_weights(clip, gen)
 
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -95,6 +113,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("output", help="path of the .safetensors file to write")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
     args = ap.parse_args()
 
     sys.path.insert(0, comfy_root())
@@ -103,9 +122,10 @@ def main():
 
     t0 = time.time()
     torch.manual_seed(args.seed)
-    sd = build_state_dict(args.seed)
-    meta = {"format": "pt", "modelspec.architecture": "stable-diffusion-v1",
-            "modelspec.title": f"random SD1.5 test fixture (seed {args.seed})"}
+    sd = build_state_dict(args.seed, args.family)
+    arch, title = (("stable-diffusion-xl-v1-base", "SDXL") if args.family == "sdxl" else ("stable-diffusion-v1", "SD1.5"))
+    meta = {"format": "pt", "modelspec.architecture": arch,
+            "modelspec.title": f"random {title} test fixture (seed {args.seed})"}
     tmp = args.output + ".tmp"
     save_file(sd, tmp, metadata=meta)
     os.replace(tmp, args.output)

@@ -58,8 +58,9 @@ def free_port():
 class ComfyServer:
     """One ComfyUI process over one base directory; use as a context manager or start()/stop()."""
 
-    def __init__(self, python, base_dir, extra_args=(), root=None):
+    def __init__(self, python, base_dir, extra_args=(), root=None, cpu=True):
         self.python = python
+        self.cpu = cpu  # False: ComfyUI picks the GPU and its defaults (dynamic VRAM on 0.2x+), for bench/
         self.base_dir = os.path.abspath(base_dir)
         self.root = root or comfy_root(python)
         self.extra_args = list(extra_args)
@@ -80,7 +81,7 @@ class ComfyServer:
         """Launch main.py and block until the HTTP API answers; raise with the log if it dies."""
         make_base_dir(self.base_dir)
         self.port = free_port()
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", self.base_dir, "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch", "--disable-api-nodes", *self.extra_args]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}

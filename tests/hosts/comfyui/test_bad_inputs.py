@@ -54,6 +54,17 @@ def test_missing_folder_is_refused_at_queue_time(comfy_server, style_graph):
     assert snapshot(comfy_server) == before
 
 
+def test_a_validation_message_is_attached_to_the_input_it_is_about(comfy_server, style_graph):
+    graph = with_inputs(style_graph, "InplaceLoRA_LoadDataset", folder="no_such_folder")
+    with pytest.raises(Exception) as rejection:
+        comfy_server.post_prompt(graph)
+    node = one(graph, "InplaceLoRA_LoadDataset")
+    errors = rejection.value.body["node_errors"][node]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["folder"], errors
+    msg = rejected(comfy_server, with_inputs(style_graph, "InplaceLoRA_LoadDataset", resolution="big"))
+    assert "resolution must be a size like 512" in msg and "'big'" in msg and "was not found" not in msg, msg
+
+
 def test_folder_without_images_lists_what_it_found(comfy_server, style_graph):
     folder = comfy_server.path("input", "only_text")
     os.makedirs(folder, exist_ok=True)
@@ -73,7 +84,8 @@ def test_unreadable_images_are_named_in_the_error(comfy_server, style_graph):
             f.write(b"\x89PNG not really an image")
     before = snapshot(comfy_server)
     msg = rejected(comfy_server, with_inputs(style_graph, "InplaceLoRA_LoadDataset", folder="broken_only"))
-    assert "broken.png" in msg and "half.jpg" in msg, msg
+    assert msg.count("broken.png") == 1 and msg.count("half.jpg") == 1, msg
+    assert "warning" not in msg.lower(), msg
     assert snapshot(comfy_server) == before
 
 

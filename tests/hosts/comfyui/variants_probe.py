@@ -72,12 +72,12 @@ def check(kind, options, models, tmp):
     from inplace_pack.engine.lora.kohya_io import save_lora
     from inplace_pack.engine.lora.targets import build_network
     from inplace_pack.engine.model import ModelInfo
-    from inplace_pack.nodes import comfy_names as names
+    from inplace_pack.engine.hostkit import clip_holders, ldm_names
 
     model_config, base, clip = models
-    layout = names.layout_from_unet_config(model_config.unet_config)
-    named = Named(ModelInfo(family="sd1", layout=layout), names.unet_layers(base.diffusion_model, layout),
-                  names.text_encoders(clip, "sd1"), names)
+    layout = ldm_names.layout_from_unet_config(model_config.unet_config)
+    named = Named(ModelInfo(family="sd1", layout=layout), ldm_names.unet_layers(base.diffusion_model, layout),
+                  clip_holders.text_encoders(clip, "sd1"), clip_holders)
     cfg = TrainConfig.from_dict({"train_text_encoder": True, "target_modules": "locon", "lora_rank": 4,
                                  "lora_alpha": 2, **options})
     network = build_network(named, cfg)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from inplace_lora_pack.engine.models.module_state import checkpointed_forwards, recompute_units
-from inplace_lora_pack.nodes.host_state import borrowed_weights, clip_backprop_guard, state_fingerprint
+from engine.hostkit.borrowing import borrowed_weights, clip_backprop_guard, state_fingerprint
+from engine.models.module_state import checkpointed_forwards, recompute_units
 
 
 def inference_model(seed=0):

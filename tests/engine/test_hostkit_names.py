@@ -1,12 +1,12 @@
-"""ComfyUI's LDM module names and unet_config map onto the engine's names (the full-size key check
+"""LDM module names (ComfyUI's, Forge's) and ComfyUI's unet_config map onto the engine's names (the full-size key check
 against real ComfyUI classes is tests/hosts/comfyui/test_kohya_keys.py)."""
 import pytest
 from torch import nn
 
-from inplace_lora_pack.engine.errors import ModelError
-from inplace_lora_pack.engine.model import SD_LAYOUT, SDXL_LAYOUT
-from inplace_lora_pack.nodes.comfy_names import (layout_from_unet_config, text_encoder_layers, text_encoders,
-                                                 unet_layers)
+from engine.errors import ModelError
+from engine.families.unet import SD_LAYOUT, SDXL_LAYOUT
+from engine.hostkit.clip_holders import text_encoder_layers, text_encoders
+from engine.hostkit.ldm_names import layout_from_unet_config, unet_layers
 
 SD15 = {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1}

@@ -1,15 +1,17 @@
-"""Borrowing ComfyUI's loaded modules for training and giving them back exactly as they were.
+"""Borrowing a host's loaded modules for training and giving them back exactly as they were.
 
-Two things stand between ComfyUI's modules and backprop, and each is undone in `finally`:
+Written for ComfyUI and true of every host built like it (Forge): two things stand between its
+modules and backprop, and each is undone in `finally`:
 
-- Weights loaded by ComfyUI are *inference tensors* (made under `torch.inference_mode()`); autograd
+- Weights loaded under `torch.inference_mode()` (ComfyUI's loaders) are *inference tensors*; autograd
   cannot save them for backward. `borrowed_weights` swaps each one for a normal-tensor clone, one
   tensor at a time (the old one is freed, so memory stays flat), freezes every parameter, and at the
   end swaps clones made under inference mode back in with the original `requires_grad` (ComfyUI leaves
   it True). Values are copied bit for bit both ways.
 - ComfyUI's `CLIPLayer.forward` adds in place onto a tensor its LayerNorm saved for backward.
   `clip_backprop_guard` gives each `layer_norm1`/`layer_norm2` a cloned input through a pre-hook.
-Pure torch: no comfy import, so the guarantees are unit-tested without a ComfyUI install.
+`unet_blocks` lists what gradient checkpointing wraps in an LDM UNet, and `state_fingerprint` what the
+hash tests compare. Pure torch: no host import, so the guarantees are unit-tested without a host.
 """
 
 from __future__ import annotations
