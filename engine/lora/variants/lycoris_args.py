@@ -38,7 +38,7 @@ def network_metadata(cfg, network_args: dict[str, Any]) -> tuple[str, dict[str, 
     return "lycoris.kohya", args
 
 
-def _truth(value: Any) -> bool:
+def truth(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
@@ -47,7 +47,7 @@ def from_lycoris_args(args: dict[str, Any], source: str, network_alpha: Any = No
     one summary line. `network_alpha` is the config's, which LyCORIS also uses for conv_alpha."""
     args = dict(args)
     algo = str(args.pop("algo", "lora")).lower()
-    dora = _truth(args.pop("dora_wd", False))
+    dora = truth(args.pop("dora_wd", False))
     on_output = args.pop("wd_on_output", None)
     if algo not in ("lora", "locon", "loha", "lokr"):
         raise ConfigError(f"{source}: lycoris algo={algo} is not supported here; lora, locon, loha and lokr are "
@@ -65,14 +65,16 @@ def from_lycoris_args(args: dict[str, Any], source: str, network_alpha: Any = No
     if preset == "full":
         notes.append("lycoris preset full is trained on the locon layers (transformer blocks, ResNet and "
                      "resampler convs; LyCORIS' full also adapts conv_in, conv_out and the time embedding)")
-    if dora and on_output is not None and _truth(on_output):
+    if dora and (on_output is None or truth(on_output)):  # LyCORIS' default is wd_on_output=True
         notes.append("DoRA's magnitude is kept per input channel (wd_on_output=False), the form A1111 and "
-                     "ComfyUI apply correctly; wd_on_output=True is not used")
+                     "ComfyUI apply correctly; LyCORIS' wd_on_output=True (its default) is not used")
     for key, value in args.items():
         if key in ("verbose",):
             continue
-        if key in _ARGS:
-            out[_ARGS[key]] = _truth(value) if key in ("decompose_both", "full_matrix", "use_tucker", "use_cp") \
+        if key == "dropout" and not _same(value, 0):
+            out["lora_dropout"] = value  # LoRA/LoCon's; LoHa/LoKr/DoRA have none (the config says so)
+        elif key in _ARGS:
+            out[_ARGS[key]] = truth(value) if key in ("decompose_both", "full_matrix", "use_tucker", "use_cp") \
                 else value
         elif key in _OFF and _same(value, _OFF[key]):
             continue
@@ -87,7 +89,7 @@ def from_lycoris_args(args: dict[str, Any], source: str, network_alpha: Any = No
 
 def _same(value: Any, off: Any) -> bool:
     if isinstance(off, bool):
-        return _truth(value) == off
+        return truth(value) == off
     try:
         return float(value) == float(off)
     except (TypeError, ValueError):
