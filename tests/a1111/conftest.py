@@ -34,14 +34,3 @@ def dataset(tmp_path) -> Path:
         Image.fromarray(arr).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(f"stripes {i}, (pattern)", encoding="utf-8")
     return folder
-
-
-
-def pytest_terminal_summary(terminalreporter):
-    """Say loudly when A1111's real Lora loader was not run (test_a1111_lora_variants.py needs A1111_ROOT)."""
-    import os
-
-    if not os.environ.get("A1111_ROOT"):
-        terminalreporter.write_sep("!", "A1111 loader tests skipped", yellow=True, bold=True)
-        terminalreporter.write_line("A1111_ROOT is not set: A1111's own Lora extension did NOT read the LoRA/LoHa/"
-                                    "LoKr/DoRA files (set it to an A1111 v1.10.x checkout)")
