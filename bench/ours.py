@@ -16,7 +16,8 @@ compiles the step with torch.compile (`torch_compile: true`; the compile runs in
 "ours-cast-each" casts each LoRA weight on its own instead of all together (`cast_together` in
 engine/lora/network.py), and "ours-copy-up" adds each Linear LoRA's up projection with the copying
 addmm instead of in place (engine/lora/up_add.py), to measure what each of those buys. Those three
-switch the optimisation off through `EngineOptions` (engine/options.py), passed to `train()`.
+switch the optimisation off through `EngineOptions` (engine/options.py), passed to `train()`. "ours-loha",
+"ours-lokr" and "ours-dora" train LyCORIS' LoHa, LoKr (factor -1) and DoRA (`network_type`) instead of LoRA.
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
 reset when the loop starts, after caching, so it covers the training steps.
@@ -35,7 +36,10 @@ from .workload import engine_model, image_folder
 VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules": "attention"},
             "ours-autocast": {"autocast": "always"}, "ours-fp8": {},
             "ours-compile": {"torch_compile": True}, "ours-fp8c": {"fp8_compute": True},
-            "ours-fp8c-fp8": {"fp8_compute": True}, "ours-fp8c-compile": {"fp8_compute": True, "torch_compile": True}}
+            "ours-fp8c-fp8": {"fp8_compute": True}, "ours-fp8c-compile": {"fp8_compute": True, "torch_compile": True},
+            # the LyCORIS variants (engine/lora/variants/) on the same layers, rank and alpha
+            "ours-loha": {"network_type": "loha"}, "ours-lokr": {"network_type": "lokr"},
+            "ours-dora": {"network_type": "dora"}}
 FP8_STORED = ("ours-fp8", "ours-fp8c-fp8")  # tools whose model keeps its weights in fp8 (fp8_base)
 # tools that turn one engine optimisation off (EngineOptions fields), to measure what it buys
 SWITCHED_OFF = {"ours-host-geglu": {"lean_geglu": False}, "ours-copy-up": {"up_in_place": False},

@@ -32,7 +32,10 @@ WEIGHTS_FILE = "lora_fp32.safetensors"
 # Settings that change what a step computes or where the data stream is: resuming with other values
 # would not continue the same run.
 FINGERPRINT_KEYS = ("lora_rank", "lora_alpha", "target_modules", "conv_rank", "conv_alpha",
-                    "train_text_encoder", "batch_size", "gradient_accumulation_steps", "seed", "optimizer")
+                    "train_text_encoder", "batch_size", "gradient_accumulation_steps", "seed", "optimizer",
+                    "network_type", "lokr_factor", "decompose_both", "full_matrix")
+# what a checkpoint written before a key was fingerprinted ran with
+_FINGERPRINT_BEFORE = {"network_type": "lora", "lokr_factor": -1, "decompose_both": False, "full_matrix": False}
 
 
 @dataclass
@@ -197,6 +200,7 @@ def load_checkpoint(folder: Path, cfg_dict: dict[str, Any]) -> tuple[dict[str, t
     """Weights and state; refuses a checkpoint whose run settings differ from the config's."""
     state = read_state(folder)
     saved, now = state["fingerprint"], fingerprint(cfg_dict)
+    saved = {k: saved.get(k, _FINGERPRINT_BEFORE.get(k)) for k in FINGERPRINT_KEYS}
     changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in FINGERPRINT_KEYS if saved.get(k) != now.get(k)]
     if any(c.startswith("batch_size") for c in changed):
         runs = state.get("config", {}).get("processes", 1), cfg_dict.get("processes", 1)

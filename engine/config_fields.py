@@ -29,6 +29,7 @@ def _f(default, help: str, *, choices=None, aliases=(), group="train", path=None
 
 
 TARGET_PRESETS = ("kohya", "attention", "locon")
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")  # engine/lora/variants/
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "Prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -146,6 +147,18 @@ class TrainConfig:
     block_alphas: Any = _f("", "Alpha of every UNet block, as block_dims (default: lora_alpha).", group="network")
     conv_block_dims: Any = _f("", "Rank of the 3x3 convs of every block (LoCon), as block_dims.", group="network")
     conv_block_alphas: Any = _f("", "Alpha of the 3x3 convs of every block, as block_dims.", group="network")
+    network_type: str = _f("lora", "The module each targeted layer gets: lora; locon (LoRA with target_modules "
+                           "locon); or LyCORIS' loha (Hadamard product), lokr (Kronecker product) or dora (LoRA "
+                           "with a learned magnitude per input channel). Files load in ComfyUI's LoraLoader, "
+                           "A1111/Forge and LyCORIS.", choices=NETWORK_TYPES, group="network", aliases=("algo",))
+    lokr_factor: int = _f(-1, "LoKr: split each side of a layer as (factor, size/factor); -1 takes the split "
+                          "closest to a square (LyCORIS' factor).", group="network", aliases=("factor",))
+    decompose_both: bool = _f(False, "LoKr: make the smaller Kronecker factor low-rank too (LyCORIS' "
+                              "decompose_both).", group="network")
+    full_matrix: bool = _f(False, "LoKr: keep both Kronecker factors full whatever the rank (LyCORIS' "
+                           "full_matrix).", group="network")
+    use_tucker: bool = _f(False, "LyCORIS' Tucker (CP) form of 3x3 kernels: not supported, stays false.",
+                          group="network", aliases=("use_cp",))
     network_weights: str = _f("", "Continue from an existing LoRA file (kohya, diffusers/PEFT or "
                               "ComfyUI-native).", group="network", aliases=("init_lora",), path="file")
     train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", group="network")
@@ -312,10 +325,24 @@ class TrainConfig:
             raise ConfigError(f"{source}: validation_split is the fraction of images held out (e.g. 0.1), below 1.")
         if self.ema_decay >= 1:
             raise ConfigError(f"{source}: ema_decay is below 1 (e.g. 0.999), or 0 for no average; got {self.ema_decay}.")
+        self._validate_network(source)
         self.resolution_wh()  # raises on a malformed value
         if any(c in self.output_name for c in '/\\:*?"<>|') or self.output_name in ("", ".", ".."):
             raise ConfigError(f"{source}: output_name {self.output_name!r} must be a plain file name "
                               f"(no folders, no / \\ : * ? \" < > |).")
+
+    def _validate_network(self, source: str) -> None:
+        if self.network_type == "locon" and self.target_modules == "kohya":
+            self.target_modules = "locon"  # LoCon is LoRA on the locon layers
+        if self.network_type in ("loha", "lokr", "dora") and self.lora_dropout:
+            raise ConfigError(f"{source}: lora_dropout is for LoRA/LoCon; network_type {self.network_type} has "
+                              f"none (LyCORIS implements none for LoHa/LoKr and ignores it for DoRA). Set it to 0.")
+        if self.use_tucker:
+            raise ConfigError(f"{source}: use_tucker (LyCORIS' Tucker/CP form of 3x3 kernels) is not supported; "
+                              f"set it to false (the plain form loads in every host).")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"{source}: lokr_factor is -1 (the split closest to a square) or a whole number "
+                              f"of at least 1, got {self.lokr_factor}.")
 
     def resolution_wh(self, native: int = 512) -> tuple[int, int]:
         """(width, height) of the training resolution; `auto` is the family's native size."""

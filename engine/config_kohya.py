@@ -137,7 +137,6 @@ _NETWORK_ARGS = {"conv_dim": "conv_rank", "conv_rank": "conv_rank", "conv_alpha"
                  "dropout": "lora_dropout",
                  **{k: k for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
                                    "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")}}
-_LYCORIS_LATER = ("loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft", "oft")
 # Defaults that differ from kohya's, named when a kohya-style config leaves them unset.
 _DIFFERENT_DEFAULTS = {"lora_alpha": ("network_alpha", "rank/2", "1"), "lr_scheduler": ("lr_scheduler", "cosine", "constant"),
                        "warmup_steps": ("lr_warmup_steps", "5% of the run", "0"),
@@ -253,29 +252,34 @@ def _kohya_semantics(data: dict[str, Any], notes: list[str]) -> None:
 
 
 def _network(data: dict[str, Any], source: str, notes: list[str]) -> None:
+    from .lora.variants.lycoris_args import from_lycoris_args, truth  # LyCORIS' names live with the variants
+
     module = str(data.pop("network_module", "") or "networks.lora")
     args = kv_list(data.pop("network_args", None) or [], "network_args", source)
-    algo = str(args.pop("algo", "lora")).lower()
-    if module == "lycoris.kohya":
-        if algo in _LYCORIS_LATER:
-            raise ConfigError(f"{source}: network_module lycoris.kohya with algo={algo} is not supported yet; "
-                              f"LoRA (networks.lora) and LoCon (lycoris.kohya algo=locon, or networks.lora with "
-                              f"network_args conv_dim) are.")
-        if algo not in ("lora", "locon"):
-            raise ConfigError(f"{source}: lycoris algo={algo!r} is unknown; use locon (or networks.lora).")
-        if algo == "locon" and "target_modules" not in data:
-            data["target_modules"] = "locon"
-            notes.append("lycoris.kohya algo=locon trains LoCon, written with kohya's LoCon key names "
-                         "(ComfyUI, A1111 and kohya read them)")
-    elif module not in ("networks.lora", "networks.lora_sd", "lora"):
+    if module == "lycoris.kohya":  # LoRA/LoCon, LoHa, LoKr, DoRA (engine/lora/variants/lycoris_args.py)
+        alpha = next((data[k] for k in ("network_alpha", "lora_alpha", "alpha") if k in data), None)
+        keys, more = from_lycoris_args(args, source, network_alpha=alpha)
+        for key, value in keys.items():
+            data.setdefault(key, value)
+        notes += more
+        return
+    if module not in ("networks.lora", "networks.lora_sd", "lora"):
         raise ConfigError(f"{source}: network_module {module!r} is not supported; use networks.lora (LoRA, LoCon "
-                          f"with network_args conv_dim) or lycoris.kohya with algo=locon.")
+                          f"with network_args conv_dim) or lycoris.kohya (algo=locon, loha or lokr; dora_wd=True).")
+    algo = str(args.pop("algo", "lora")).lower()
+    if algo != "lora":
+        raise ConfigError(f"{source}: network_args algo={algo} is LyCORIS' argument, which kohya's networks.lora "
+                          f"does not read; set network_module = \"lycoris.kohya\" to train {algo}.")
+    if truth(args.pop("dora_wd", False)):
+        data.setdefault("network_type", "dora")
+        notes.append("networks.lora with dora_wd=True trains DoRA (LyCORIS' dora_wd on LoRA; kohya's networks.lora "
+                     "has no DoRA and would train plain LoRA)")
     for key, value in args.items():
         if key in ("verbose",):
             continue
         if key not in _NETWORK_ARGS:
             raise ConfigError(f"{source}: network_args {key}={value} is not supported here; supported: "
-                              f"{', '.join(_NETWORK_ARGS)}, algo=locon. Remove it to train.")
+                              f"{', '.join(_NETWORK_ARGS)}, dora_wd. Remove it to train.")
         if isinstance(value, (list, tuple)):  # "block_dims=4,4,..." reads as a tuple: keep kohya's text
             value = ",".join(map(str, value))
         data.setdefault(_NETWORK_ARGS[key], value)

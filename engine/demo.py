@@ -41,6 +41,15 @@ def write_dataset(folder: Path, n: int = 12, seed: int = 0) -> Path:
     return folder
 
 
+def stripiness(cell: np.ndarray) -> float:
+    """How much the centre of a picture (one grid cell, `SCALE` times 64 px) changes from row to row:
+    high for horizontal stripes, low for a solid shape (whose only row-to-row changes are its top and
+    bottom edges). The demo's test and bench/quality.py score the LoRA's stripes with it."""
+    size = 64 * SCALE
+    lum = cell[size // 2 - 30:size // 2 + 30, size // 2 - 20:size // 2 + 20].mean(axis=(1, 2))
+    return float(np.abs(np.diff(lum[::SCALE])).mean())
+
+
 def label_rows(grid: Image.Image, prompts: list[str], row_h: int, top: int = LABEL_HEIGHT) -> Image.Image:
     """The grid with each row's prompt written to its left."""
     from PIL import ImageDraw

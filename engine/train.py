@@ -32,6 +32,7 @@ from .lora.network import LoRANetwork
 from .lora.targets import build_network
 from .memory.recovery import OutOfMemoryRecovery
 from .memory.run import memory_note
+from .lora.variants import check_file_type
 from .model import TrainableModel
 from .nan_guard import NanGuard
 from .models.fp8_compute import fp8_compute
@@ -105,11 +106,9 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
                 self.frozen_te = True
                 self.warnings.append("the LoRA file has text-encoder modules; they are kept as they are "
                                      "(set train_text_encoder: true to train them)")
+            check_file_type(cfg, tensors, cfg.network_weights)
             renamed, ignored = to_network_keys(network, tensors)
-            for key, module in list(network.loras.items()):
-                down = renamed.get(f"{key}.lora_down.weight")
-                if down is not None and down.shape[0] != module.rank:
-                    network.resize(key, int(down.shape[0]), float(renamed.get(f"{key}.alpha", down.shape[0])))
+            network.match_file(renamed)  # another rank or LoKr split than the config's: the file's
             loaded, _ = network.load_kohya_state_dict(renamed)
             if not loaded:
                 raise UserError(f"none of the {len(tensors)} tensors in '{cfg.network_weights}' match a layer "

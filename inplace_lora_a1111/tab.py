@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from engine.config import OPTIMIZERS, SCHEDULERS, TARGET_PRESETS, TrainConfig
+from engine.config import NETWORK_TYPES, OPTIMIZERS, SCHEDULERS, TARGET_PRESETS, TrainConfig
 from engine.errors import UserError
 
 from .job import MANAGER
@@ -47,6 +47,7 @@ KNOBS = (
     Knob("batch_size", "Batch size", "slider", minimum=1, maximum=16, step=1),
     Knob("resolution", "Resolution (auto = the model's)", "text"),
     Knob("target_modules", "Layers", "choice", choices=TARGET_PRESETS),
+    Knob("network_type", "Network (LoRA, LoCon, LyCORIS LoHa / LoKr, DoRA)", "choice", choices=NETWORK_TYPES),
     Knob("optimizer", "Optimizer", "choice", choices=OPTIMIZERS),
     Knob("lr_scheduler", "LR schedule", "choice", choices=SCHEDULERS),
     Knob("train_text_encoder", "Train text encoder", "bool"),

@@ -2,8 +2,8 @@
 
 A run whose every gradient was zero (a model whose layers the hooks never reach, a loss that does not
 depend on the LoRA, a learning rate of 0) still writes a file; it must not look like a success. Each
-trained module's up weight is noted when the loop starts (a fresh LoRA's is all zeros: nothing is
-copied) and compared at the end: a module that received no gradient still has it, or (with weight
+trained module's up weight (a LoHa/LoKr module's factor that starts at zero: `zero_start()`) is noted
+when the loop starts (a fresh LoRA's is all zeros: nothing is copied) and compared at the end: a module that received no gradient still has it, or (with weight
 decay on a loaded LoRA) a scaled copy of it. Adam moves every element that gets a gradient on its
 own, so a moved layer never looks like a scaled copy.
 
@@ -25,7 +25,7 @@ class ChangeCheck:
     def __init__(self, network: LoRANetwork, step: int):
         self.step = step
         self.start: dict[str, torch.Tensor | None] = {}  # None: all zeros (a fresh LoRA)
-        trained = {k: m.lora_up.weight.detach() for k, m in network.loras.items() if m.lora_up.weight.requires_grad}
+        trained = {k: m.zero_start().detach() for k, m in network.loras.items() if m.zero_start().requires_grad}
         if not trained:
             return
         nonzero = torch.stack([w.abs().amax() for w in trained.values()]).gt(0).tolist()  # one device sync
@@ -37,7 +37,7 @@ class ChangeCheck:
         keys = list(self.start)
         if not keys:
             return []
-        ups = [network.loras[k].lora_up.weight.detach() for k in keys]
+        ups = [network.loras[k].zero_start().detach() for k in keys]
         peaks = torch.stack([w.abs().amax() for w in ups]).tolist()
         out = []
         for key, up, peak in zip(keys, ups, peaks):

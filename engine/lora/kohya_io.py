@@ -24,14 +24,17 @@ from safetensors.torch import load_file, save
 from ..errors import UserError
 from .network import LoRANetwork
 
-# file suffix -> our part ("down", "up", "alpha")
+# file suffix -> the suffix in our network's state dict
+_DOWN, _UP = "lora_down.weight", "lora_up.weight"
 _SUFFIXES = (
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora_down.weight", _DOWN), (".lora_up.weight", _UP), (".alpha", "alpha"),
+    (".lora_A.weight", _DOWN), (".lora_B.weight", _UP),
+    (".lora.down.weight", _DOWN), (".lora.up.weight", _UP),
+    (".lora_linear_layer.down.weight", _DOWN), (".lora_linear_layer.up.weight", _UP),
+    # LyCORIS' variants (engine/lora/variants/), named as ComfyUI, A1111 and LyCORIS read them
+    *((f".{name}", name) for name in ("dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1",
+                                      "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")),
 )
-
 
 def tensor_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
     """(sshs_model_hash, sshs_legacy_hash) as kohya computes them: hashes of a serialisation that
@@ -120,13 +123,12 @@ def to_network_keys(network: LoRANetwork, tensors: dict[str, torch.Tensor]
         if part == "alpha":
             out[f"{target}.alpha"] = tensor
             continue
-        lora = network.loras[target]
-        want = (lora.lora_down if part == "down" else lora.lora_up).weight.shape
-        if tensor.shape != want and tensor.numel() == torch.Size(want).numel() and tensor.dim() == 2:
-            tensor = tensor.reshape(want)  # ComfyUI-native conv LoRA: [r, in*k*k] / [out, r]
-        out[f"{target}.lora_{part}.weight"] = tensor
+        want = network.loras[target].state_dict().get(part)
+        if want is not None and tensor.shape != want.shape and tensor.numel() == want.numel() and tensor.dim() == 2:
+            tensor = tensor.reshape(want.shape)  # ComfyUI-native conv LoRA: [r, in*k*k] / [out, r]
+        out[f"{target}.{part}"] = tensor
     for key in network.loras:
-        down = out.get(f"{key}.lora_down.weight")
+        down = out.get(f"{key}.{_DOWN}")
         if down is not None and f"{key}.alpha" not in out:
             out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
     return out, ignored
@@ -137,7 +139,7 @@ def file_ranks(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     ranks = {}
     for key, tensor in tensors.items():
         split = _split(key)
-        if split and split[1] == "down":
+        if split and split[1] in (_DOWN, "hada_w1_b"):
             ranks[split[0]] = int(tensor.shape[0])
     return ranks
 

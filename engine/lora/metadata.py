@@ -17,6 +17,7 @@ from typing import Any
 from ..config import TrainConfig
 from ..model import ModelInfo
 from .blocks import network_args as block_network_args
+from .variants.lycoris_args import network_metadata
 
 PRODUCT = "inplace-lora-trainer"
 
@@ -45,6 +46,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
     elif cfg.target_modules != "kohya":
         network_args = {"target_modules": cfg.target_modules}
     network_args.update(block_network_args(cfg))  # down_lr_weight, block_dims, ... as kohya writes them
+    network_module, network_args = network_metadata(cfg, network_args)
     md: dict[str, Any] = {
         "ss_session_id": _session_int(session_id),
         "ss_training_started_at": started_at,
@@ -66,7 +68,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_lr_warmup_steps": cfg.warmup_steps,
         "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": cfg.lora_rank,
         "ss_network_alpha": alpha,
         "ss_network_dropout": cfg.lora_dropout,

@@ -6,8 +6,11 @@ themselves: ComfyUI's weight functions, A1111's Lora extension), compose with gr
 checkpointing, and are removed without a trace by `detach()`. A Linear's hook adds into the output it
 receives when it is the module's only hook (nothing else has seen that tensor): up_add.py.
 
-The network's own state dict already has kohya's layout:
-`lora_unet_<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`.
+The network's own state dict already has the file layout: kohya's
+`lora_unet_<name>.lora_down.weight`, `.lora_up.weight`, `.alpha` for LoRA, LyCORIS' names for the
+variants (engine/lora/variants/: LoHa, LoKr, DoRA). Every module kind has the same small interface:
+`apply_to` (the hook's work), `cast_sources` (the weights the step casts at once), `delta_weight` (the
+closed-form weight update a loader adds), `load_parts`/`fits`/`like_file` (reading a file back).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from .up_add import add_up
 
 class LoRAModule(nn.Module):
     """The low-rank delta of one base layer, initialised as kohya does (kaiming down, zero up)."""
+
+    kind = "lora"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -48,11 +53,55 @@ class LoRAModule(nn.Module):
         self.dropout = dropout
         self.multiplier = 1.0
         self._scale = float(alpha) / rank  # kept host-side: reading the buffer would sync the GPU
-        self._cast: tuple[torch.Tensor, torch.Tensor] | None = None  # (down, up) in the compute dtype
+        self._cast: tuple[torch.Tensor, ...] | None = None  # cast_sources() in the compute dtype
 
     def set_alpha(self, alpha: float) -> None:
         self.alpha.fill_(float(alpha))
         self._scale = float(alpha) / self.rank
+
+    # --- the interface every module kind shares (engine/lora/variants/) -----------------------------
+    def zero_start(self) -> torch.Tensor:
+        """The weight that starts at zero and moves once the module gets a gradient (the change check)."""
+        return self.lora_up.weight
+
+    def cast_sources(self) -> list[torch.Tensor]:
+        """The weights `LoRANetwork.cast_weights` casts once per step; `_cast` then holds them in order."""
+        return [self.lora_down.weight, self.lora_up.weight]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The weight update a loader adds at strength 1 (float32, the base weight's shape)."""
+        down, up = self.lora_down.weight.float(), self.lora_up.weight.float()
+        shape = (up.shape[0], *down.shape[1:])
+        return (up.flatten(1) @ down.flatten(1)).reshape(shape) * self._scale
+
+    def fits(self, parts: dict[str, torch.Tensor]) -> bool:
+        """True when a file's tensors for this module (suffix -> tensor) have this module's shapes."""
+        own = self.state_dict()
+        return all(k in parts and _fit(parts[k], own[k].shape).shape == own[k].shape
+                   for k in ("lora_down.weight", "lora_up.weight"))
+
+    @classmethod
+    def like_file(cls, base: nn.Module, parts: dict[str, torch.Tensor], template: "LoRAModule") -> "LoRAModule":
+        """A module for `base` shaped as a file's tensors say (another rank), else like `template`."""
+        rank = int(parts["lora_down.weight"].shape[0])
+        return cls(base, rank, float(parts.get("alpha", rank)), template.dropout)
+
+    def load_parts(self, parts: dict[str, torch.Tensor], key: str) -> set[str]:
+        """Copy a file's tensors in (a missing alpha means alpha = rank); returns the suffixes used."""
+        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
+        if down is None or up is None:
+            raise ValueError(f"{key}: the file has {sorted(parts)} but a LoRA module needs lora_down and lora_up")
+        down, up = _fit(down, self.lora_down.weight.shape), _fit(up, self.lora_up.weight.shape)
+        if down.shape != self.lora_down.weight.shape or up.shape != self.lora_up.weight.shape:
+            raise ValueError(f"{key}: the file has rank {down.shape[0]} with shapes {tuple(down.shape)}/"
+                             f"{tuple(up.shape)}, the network expects {tuple(self.lora_down.weight.shape)}/"
+                             f"{tuple(self.lora_up.weight.shape)}; set lora_rank to the file's rank")
+        with torch.no_grad():
+            self.lora_down.weight.copy_(down)
+            self.lora_up.weight.copy_(up)
+            alpha = parts.get("alpha")
+            self.set_alpha(float(alpha) if alpha is not None else self.rank)
+        return {"lora_down.weight", "lora_up.weight", "alpha"}
 
     def apply_to(self, x: torch.Tensor, output: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """`output + delta(x)` in the output's dtype with as few kernels as possible: the down/up
@@ -61,11 +110,7 @@ class LoRAModule(nn.Module):
         `in_place`: nothing else holds `output`, so a Linear's up projection may be added into it
         (engine/lora/up_add.py)."""
         dtype = output.dtype
-        cached = self._cast
-        if cached is not None and cached[0].dtype == dtype:
-            down_w, up_w = cached
-        else:
-            down_w, up_w = self.lora_down.weight.to(dtype), self.lora_up.weight.to(dtype)
+        down_w, up_w = step_weights(self, dtype)
         scale = self.multiplier * self._scale
         x = x.to(dtype)
         if self.is_conv:
@@ -80,6 +125,14 @@ class LoRAModule(nn.Module):
         if not output.is_contiguous() or output.dim() < 2:
             return output.add(F.linear(h, up_w), alpha=scale)
         return add_up(output, h, up_w, scale, in_place)
+
+
+def step_weights(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A module's `cast_sources()` in `dtype`: the step's one cast (`cast_weights`) when there is one."""
+    cached = module._cast
+    if cached is not None and cached[0].dtype == dtype:
+        return cached
+    return tuple(w.to(dtype) for w in module.cast_sources())
 
 
 def cast_together(weights: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -115,12 +168,14 @@ class LoRANetwork(nn.Module):
         self.cast_together = True  # cast_weights casts all weights in a few kernels (cast_together)
 
     def add(self, key: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-            text_encoder: bool = False, aliases: tuple[str, ...] = (), conv_shaped: bool = False) -> LoRAModule:
+            text_encoder: bool = False, aliases: tuple[str, ...] = (), conv_shaped: bool = False,
+            factory=LoRAModule) -> nn.Module:
         """`conv_shaped`: save this Linear module's weights as [r,in,1,1]/[out,r,1,1], where kohya's
-        model has a 1x1 conv at that place (SD2's proj_in/proj_out)."""
+        model has a 1x1 conv at that place (SD2's proj_in/proj_out). `factory(base, rank, alpha,
+        dropout)` makes the module: LoRAModule, or a variant's (engine/lora/variants/)."""
         if key in self.loras:
             raise ValueError(f"duplicate LoRA module name {key}")
-        module = LoRAModule(base, rank, alpha, dropout)
+        module = factory(base, rank, alpha, dropout)
         self.loras[key] = module
         self._bases[key] = base
         if text_encoder:
@@ -131,10 +186,13 @@ class LoRANetwork(nn.Module):
             self.aliases[alias] = key
         return module
 
-    def resize(self, key: str, rank: int, alpha: float) -> None:
-        """Rebuild one module at another rank (continuing from a file trained with other ranks)."""
-        old = self.loras[key]
-        self.loras[key] = LoRAModule(self._bases[key], rank, alpha, old.dropout)
+    def match_file(self, sd: dict[str, torch.Tensor]) -> None:
+        """Rebuild each module whose shapes differ from a file's (continuing from a file trained with
+        other ranks, or another LoKr factorisation): `sd` is the file under this network's keys."""
+        for key, parts in _by_module(sd).items():
+            module = self.loras[key] if key in self.loras else None
+            if module is not None and set(parts) - {"alpha"} and not module.fits(parts):
+                self.loras[key] = type(module).like_file(self._bases[key], parts, module)
 
     def __len__(self) -> int:
         return len(self.loras)
@@ -187,10 +245,11 @@ class LoRANetwork(nn.Module):
             return
         try:
             loras = list(self.loras.values())
-            weights = [w for lora in loras for w in (lora.lora_down.weight, lora.lora_up.weight)]
-            casts = cast_together(weights, dtype) if self.cast_together else [w.to(dtype) for w in weights]
-            for lora, down, up in zip(loras, casts[0::2], casts[1::2]):
-                lora._cast = (down, up)
+            sources = [lora.cast_sources() for lora in loras]
+            weights = [w for ws in sources for w in ws]
+            casts = iter(cast_together(weights, dtype) if self.cast_together else [w.to(dtype) for w in weights])
+            for lora, ws in zip(loras, sources):
+                lora._cast = tuple(next(casts) for _ in ws)
             yield
         finally:
             for lora in self.loras.values():
@@ -218,33 +277,37 @@ class LoRANetwork(nn.Module):
         for key, tensor in self.state_dict().items():
             name = key[len("loras."):]
             t = tensor.detach().to("cpu")
-            if t.dim() == 2 and name.split(".", 1)[0] in self.conv_shaped:
+            if t.dim() == 2 and name.endswith(_CONV_SHAPED_PARTS) and name.split(".", 1)[0] in self.conv_shaped:
                 t = t[:, :, None, None]
-            out[name] = t.to(dtype) if dtype is not None else t.clone()
+            # DoRA's magnitude stays float32: an fp16 one would move every weight by ~1e-4 of itself
+            out[name] = t.to(dtype) if dtype is not None and not name.endswith(".dora_scale") else t.clone()
         return out
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """Copy matching tensors in; returns (modules loaded, file keys that matched nothing)."""
-        loaded, unused = [], []
-        seen = set()
-        for key, module in self.loras.items():
-            down, up = sd.get(f"{key}.lora_down.weight"), sd.get(f"{key}.lora_up.weight")
-            if down is None or up is None:
+        loaded, seen = [], set()
+        for key, parts in _by_module(sd).items():
+            module = self.loras[key] if key in self.loras else None
+            if module is None or not set(parts) - {"alpha"}:
                 continue
-            down, up = _fit(down, module.lora_down.weight.shape), _fit(up, module.lora_up.weight.shape)
-            if down.shape != module.lora_down.weight.shape or up.shape != module.lora_up.weight.shape:
-                raise ValueError(f"{key}: the file has rank {down.shape[0]} with shapes {tuple(down.shape)}/"
-                                 f"{tuple(up.shape)}, the network expects {tuple(module.lora_down.weight.shape)}/"
-                                 f"{tuple(module.lora_up.weight.shape)}; set lora_rank to the file's rank")
-            with torch.no_grad():
-                module.lora_down.weight.copy_(down)
-                module.lora_up.weight.copy_(up)
-                alpha = sd.get(f"{key}.alpha")
-                module.set_alpha(float(alpha) if alpha is not None else module.rank)
+            used = module.load_parts(parts, key)
             loaded.append(key)
-            seen.update({f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"})
+            seen.update(f"{key}.{suffix}" for suffix in used if suffix in parts)
         unused = sorted(k for k in sd if k not in seen)
         return loaded, unused
+
+
+_CONV_SHAPED_PARTS = (".lora_down.weight", ".lora_up.weight")  # a variant's other tensors keep their shapes
+
+
+def _by_module(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`{"lora_unet_x.lora_down.weight": t}` -> `{"lora_unet_x": {"lora_down.weight": t}}` (module
+    names hold no dots)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in sd.items():
+        key, _, suffix = name.partition(".")
+        out.setdefault(key, {})[suffix] = tensor
+    return out
 
 
 def _fit(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ..families.clip import kohya_te_key
 from ..model import TrainableModel
 from .blocks import layout_for, ranks
 from .network import LoRANetwork
+from .variants import module_factory
 
 
 def te_aliases(peft_prefix: str, name: str) -> tuple[str, ...]:
@@ -32,6 +33,7 @@ def build_network(model: TrainableModel, cfg: TrainConfig, *, include_text_encod
     network = LoRANetwork()
     layout = layout_for(cfg, spec)
     per_block = ranks(cfg, layout) if layout is not None else None  # block_dims, or blocks at lr 0 left out
+    factory = module_factory(cfg)
     for name, module in model.unet_layers():
         if not spec.select_denoiser(name, module, preset):
             continue
@@ -44,14 +46,14 @@ def build_network(model: TrainableModel, cfg: TrainConfig, *, include_text_encod
                 continue
         conv_shaped = spec.conv_shaped is not None and spec.conv_shaped(name, module)
         network.add(key, module, rank, alpha, cfg.lora_dropout,
-                    aliases=spec.denoiser_aliases(name, info.layout), conv_shaped=conv_shaped)
+                    aliases=spec.denoiser_aliases(name, info.layout), conv_shaped=conv_shaped, factory=factory)
     train_te = cfg.train_text_encoder if include_text_encoder is None else include_text_encoder
     if train_te:
         for prefix, name, module in model.text_encoder_layers():
             te = spec.text_encoder(prefix)
             if te.trainable and te.select(name, module, preset):
                 network.add(kohya_te_key(prefix, name), module, cfg.lora_rank, cfg.alpha, cfg.lora_dropout,
-                            text_encoder=True, aliases=te_aliases(te.peft_prefix, name))
+                            text_encoder=True, aliases=te_aliases(te.peft_prefix, name), factory=factory)
     if len(network) == 0:
         raise ConfigError(f"target_modules={preset!r} matched no layer of this model; use kohya, "
                           f"attention, locon or suffixes such as [to_q, to_v].")

@@ -34,4 +34,3 @@ def dataset(tmp_path) -> Path:
         Image.fromarray(arr).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(f"stripes {i}, (pattern)", encoding="utf-8")
     return folder
-

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from engine.__main__ import main
-from engine.demo import DEMO_PROMPTS, LABEL_HEIGHT, LABEL_WIDTH, SCALE, STRENGTHS
+from engine.demo import DEMO_PROMPTS, LABEL_HEIGHT, LABEL_WIDTH, SCALE, STRENGTHS, stripiness
 from engine.errors import ModelError
 from engine.models.demo_model import demo_model
 
@@ -45,13 +45,6 @@ def test_missing_demo_model_file_says_how_to_restore_it(tmp_path):
         demo_model(tmp_path / "gone.safetensors")
 
 
-def _stripiness(cell: np.ndarray) -> float:
-    """How much the centre of a picture changes from row to row: high for horizontal stripes, low for a
-    solid shape (whose only row-to-row changes are its top and bottom edges)."""
-    lum = cell[CELL // 2 - 30:CELL // 2 + 30, CELL // 2 - 20:CELL // 2 + 20].mean(axis=(1, 2))
-    return float(np.abs(np.diff(lum[::SCALE])).mean())
-
-
 def test_demo_trains_a_lora_that_visibly_changes_the_pictures(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path / "演示 out")]) == 0  # the default run a user makes
     root = tmp_path / "演示 out" / "demo"
@@ -67,7 +60,7 @@ def test_demo_trains_a_lora_that_visibly_changes_the_pictures(tmp_path, capsys):
     base, lora = STRENGTHS.index(0.0), STRENGTHS.index(1.0)
     diff = np.mean([np.abs(cell(r, base) - cell(r, lora)).mean() for r in range(len(DEMO_PROMPTS))])
     assert diff > DIFF_THRESHOLD, f"strength 0 and 1 differ by only {diff:.1f} (0-255) on average"
-    stripes = [(round(_stripiness(cell(r, base)), 1), round(_stripiness(cell(r, lora)), 1))
+    stripes = [(round(stripiness(cell(r, base)), 1), round(stripiness(cell(r, lora)), 1))
                for r in range(len(DEMO_PROMPTS))]
     assert sum(with_lora > 2 * without for without, with_lora in stripes) >= 2, \
         f"the LoRA column should show stripes the base column lacks (stripiness base, LoRA per row: {stripes})"

@@ -320,8 +320,8 @@ def test_network_module_and_args():
     assert (locon.target_modules, locon.conv_rank, locon.conv_alpha) == ("locon", 8, 4)
     lycoris = TrainConfig.from_dict({"network_module": "lycoris.kohya", "network_args": ["algo=locon", "conv_dim=4"]})
     assert (lycoris.target_modules, lycoris.conv_rank) == ("locon", 4)
-    with pytest.raises(ConfigError, match="algo=lokr is not supported yet"):
-        TrainConfig.from_dict({"network_module": "lycoris.kohya", "network_args": ["algo=lokr"]})
+    with pytest.raises(ConfigError, match="algo=ia3 is not supported"):  # LoHa/LoKr/DoRA: test_kohya_lycoris_configs
+        TrainConfig.from_dict({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]})
     with pytest.raises(ConfigError, match="network_module 'networks.dylora' is not supported"):
         TrainConfig.from_dict({"network_module": "networks.dylora"})
     with pytest.raises(ConfigError, match="network_args rank_dropout=.* is not supported"):

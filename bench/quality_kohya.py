@@ -1,0 +1,45 @@
+"""kohya sd-scripts' train_network.py on the demo model, run by bench/quality_runs.py in kohya's own
+Python (KOHYA_PYTHON; KOHYA_DIR and, for lycoris.kohya, LYCORIS_DIR on PYTHONPATH).
+
+    python bench/quality_kohya.py <train_network.py arguments>
+
+Two things differ from a plain `python train_network.py`, both because the demo model is a toy:
+- kohya converts a diffusers UNet into its own copy of SD1's UNet class, whose block widths are SD1's
+  (320-1280); the demo UNet (32-64 wide, three levels) does not fit it. Its diffusers UNet is used as
+  it is: the same blocks and names (kohya's copy mirrors diffusers' layout, so `networks.lora` and
+  LyCORIS find the same Transformer2DModel layers), called as kohya calls its own (`unet(x, t, ctx).sample`).
+- kohya scales SD1 latents by 0.18215; the demo VAE's own scaling factor (in its config) is used.
+Everything else (data loading, latent caching, noise, timesteps, loss, network, optimizer, saving) is
+kohya's own code, untouched.
+"""
+
+import sys
+
+
+def main(argv: list[str]) -> None:
+    import train_network
+    from library import model_util
+
+    def load_target_model(self, args, weight_dtype, accelerator):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        path = args.pretrained_model_name_or_path
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        self.vae_scale_factor = vae.config.scaling_factor
+        return model_util.get_model_version_str_for_sd1_sd2(args.v2, args.v_parameterization), text_encoder, vae, unet
+
+    train_network.NetworkTrainer.load_target_model = load_target_model
+    parser = train_network.setup_parser()
+    args = parser.parse_args(argv)
+    from library import train_util
+
+    train_util.verify_command_line_training_args(args)
+    args = train_util.read_config_from_file(args, parser)
+    train_network.NetworkTrainer().train(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
