@@ -59,6 +59,7 @@ class FamilySpec:
     denoiser_aliases: AliasRule  # the names other tools give a layer (files to continue from)
     select_denoiser: SelectRule
     conv_shaped: Callable[[str, nn.Module], bool] | None = None  # Linear layers kohya saves as 1x1 convs
+    presets: tuple[str, ...] = ("kohya", "attention", "locon")  # the target_modules names its rules know
 
     # --- text and conditioning -------------------------------------------------------------------------
     text_encoders: tuple[TextEncoderSpec, ...]
@@ -68,6 +69,7 @@ class FamilySpec:
 
     # --- training ---------------------------------------------------------------------------------------
     objective: str = "ddpm"  # the objective kind its models train with (engine/objectives)
+    timestep_sampling: str = "uniform"  # flow families: how sigma is drawn when the config says auto
     lean_geglu: bool = False  # its denoiser has GEGLU feed-forwards the lean version can run
     vae_fp32: bool = False  # its VAE overflows in fp16 (NaN latents): encode and decode in fp32
 
