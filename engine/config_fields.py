@@ -42,6 +42,15 @@ class TrainConfig:
     base_model: str = _f("", "Local path of the checkpoint (.safetensors/.ckpt) or diffusers folder. "
                          "Not needed inside ComfyUI/A1111, which pass the loaded model.", group="model",
                          aliases=("pretrained_model_name_or_path", "model_path"), path="any")
+    ae: str = _f("", "Flux.1: the autoencoder file (ae.safetensors), as kohya's --ae. Flux files hold the "
+                 "transformer alone.", group="model", path="file")
+    clip_l: str = _f("", "Flux.1: the CLIP-L text encoder file (clip_l.safetensors), as kohya's --clip_l.",
+                     group="model", path="file")
+    t5xxl: str = _f("", "Flux.1: the T5-XXL text encoder file (t5xxl_fp16.safetensors), as kohya's --t5xxl.",
+                    group="model", path="file")
+    t5xxl_tokenizer: str = _f("", "Flux.1: a folder with T5's tokenizer.json or spiece.model (default: beside "
+                              "the t5xxl file, or the local Hugging Face cache of google/t5-v1_1-xxl).",
+                              group="model", path="any")
     prediction_type: str = _f("auto", "epsilon or v_prediction; auto detects it (SD2-768 models are v).",
                               choices=("auto", "epsilon", "v_prediction"), group="model")
     clip_skip: int = _f(0, "Use the output of the N-th last text-encoder layer (0 = the family's default, "

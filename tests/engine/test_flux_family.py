@@ -26,13 +26,13 @@ FIXTURES = Path(__file__).parent / "fixtures" / "kohya_keys"
 class MetaFlux(TrainableModel):
     """Full-size flux1-dev and CLIP-L on the meta device: only the layer tree matters for keys."""
 
-    def __init__(self):
+    def __init__(self, dims=FLUX1_DEV):
         from transformers import CLIPTextConfig, CLIPTextModel
 
         self.info = ModelInfo(family="flux1", variant="dev", layout=None)
         self.device, self.dtype = torch.device("meta"), torch.bfloat16
         with torch.device("meta"):
-            self.transformer = FluxTransformer(FLUX1_DEV)
+            self.transformer = FluxTransformer(dims)
             self.clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                        num_attention_heads=12, projection_dim=768))
 
