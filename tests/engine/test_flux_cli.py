@@ -139,3 +139,14 @@ def test_sd_options_and_odd_sizes_on_flux_are_refused_before_loading(flux_files,
 
     with pytest.raises(ConfigError, match=says):
         train(_config(flux_files, data, tmp_path, **changes))
+
+
+def test_the_flux_preset_config_reads_as_kohyas_guide():
+    from pathlib import Path
+
+    from engine.config_io import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "flux_style.yaml")
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.fp8_base, cfg.mixed_precision) == (16, 1.0, True, "bf16")
+    assert (cfg.timestep_sampling, cfg.guidance_scale, cfg.gradient_checkpointing) == ("flux_shift", 1.0, True)
+    assert cfg.ae == cfg.clip_l == cfg.t5xxl == ""  # set per run, as base_model
