@@ -143,15 +143,21 @@ class ComfyFluxModel(ComfyModel):
     def session(self, gradient_checkpointing: bool, train_text_encoder: bool):
         swap = [self._dm] + (self.text_models() if train_text_encoder else [])
         self._resident()
+        modes = [(m, m.training) for m in self._dm.modules()]
         with contextlib.ExitStack() as stack:
             stack.enter_context(borrowed_weights(self.trainable_roots(), swap))
             if train_text_encoder:
                 stack.enter_context(clip_backprop_guard(self.text_models()))
             self._checkpoint = gradient_checkpointing
+            # fp8_e4m3fn_fast's Linears run their fp8 matmul (no backward, input clamped in place) only in
+            # eval mode; in train mode they take the cast path like fp8_e4m3fn
+            self._dm.train()
             try:
                 yield self
             finally:
                 self._checkpoint = False
+                for module, flag in modes:
+                    module.training = flag
 
     # --- previews -----------------------------------------------------------------------------------
     @torch.no_grad()
