@@ -154,3 +154,23 @@ def test_latents_pack_into_2x2_patches_with_row_column_ids():
     assert torch.equal(unpack(tokens, 4, 6), x)
     ids = image_ids(1, 4, 6, "cpu")[0]
     assert ids[:, 0].eq(0).all() and ids[4].tolist() == [0, 1, 1] and ids[5].tolist() == [0, 1, 2]
+
+
+def test_a_kohya_flux_config_reads_with_its_meaning(tmp_path):
+    from engine.config import load_config
+
+    path = tmp_path / "flux.toml"
+    path.write_text('network_module = "networks.lora_flux"\nnetwork_dim = 16\nnetwork_alpha = 1\n'
+                    'network_args = ["train_blocks=single"]\ntimestep_sampling = "shift"\n'
+                    'discrete_flow_shift = 3.1582\nguidance_scale = 1.0\nmodel_prediction_type = "raw"\n'
+                    'weighting_scheme = "uniform"\nclip_l = "clip_l.safetensors"\nt5xxl = "t5xxl.safetensors"\n'
+                    'ae = "ae.safetensors"\n', encoding="utf-8")
+    cfg = load_config(path)
+    assert (cfg.target_modules, cfg.lora_rank, cfg.lora_alpha) == ("single", 16, 1.0)
+    assert (cfg.timestep_sampling, cfg.discrete_flow_shift, cfg.guidance_scale) == ("shift", 3.1582, 1.0)
+    assert cfg.weighting_scheme == "none"
+    assert (cfg.ae, cfg.clip_l, cfg.t5xxl) == ("ae.safetensors", "clip_l.safetensors", "t5xxl.safetensors")
+
+    path.write_text(path.read_text().replace('"raw"', '"sigma_scaled"'), encoding="utf-8")
+    with pytest.raises(ConfigError, match="model_prediction_type = 'sigma_scaled' is not supported here: Flux.1"):
+        load_config(path)
