@@ -57,11 +57,16 @@ def build_model(cfg):
     """The row's model; ours-fp8 (and ours-fp8c-fp8) store the UNet's Linear/Conv2d weights in fp8 as
     `fp8_base: true` does for a base_model the engine loads (the benchmark builds its model, so it
     converts it here)."""
-    model = engine_model(cfg.model)
+    if cfg.model == "flux1":  # Flux.1-dev (workload_flux.py); ours-fp8 = fp8_base on its Linear weights
+        from .workload_flux import engine_model as flux_model
+
+        model = flux_model()
+    else:
+        model = engine_model(cfg.model)
     if cfg.tool in FP8_STORED:
         from engine.models.fp8 import store_in_fp8
 
-        store_in_fp8(model.unet)
+        store_in_fp8(model.transformer if cfg.model == "flux1" else model.unet)
     return model
 
 

@@ -66,6 +66,26 @@ def comfy_model(model: str):
     return comfy_adapter_module().ComfyModel(patcher, clip, vae, name=f"random-{model}")
 
 
+def comfy_flux_model():
+    """ComfyUI's Flux MODEL (Load Diffusion Model's loader over the workload's BFL state dict, bf16) as
+    the trainer node's `ComfyFluxModel`, fed the workload's cached data as `ours` is (random latents and
+    T5/CLIP-L conditioning of the real shapes), so ComfyUI's T5-XXL and VAE are not built."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from .peer_comfy_flux import comfy_model as flux_patcher
+    from .workload_flux import BenchFluxData
+
+    flux = comfy_adapter_module().__name__.rsplit(".", 1)[0] + ".comfy_flux"
+
+    class BenchComfyFlux(BenchFluxData, importlib.import_module(flux).ComfyFluxModel):
+        pass
+
+    holder = SimpleNamespace(t5xxl=nn.Module(), clip_l=SimpleNamespace(transformer=nn.Module()))
+    return BenchComfyFlux(flux_patcher(), SimpleNamespace(cond_stage_model=holder), object(), name="random-flux1")
+
+
 def run_row(model, cfg, root):
     import torch
 
@@ -77,7 +97,8 @@ def run_row(model, cfg, root):
 
 
 def main(argv=None):
-    run_rows(parse_configs(sys.argv[1:] if argv is None else argv), lambda cfg: comfy_model(cfg.model), run_row,
+    build = lambda cfg: comfy_flux_model() if cfg.model == "flux1" else comfy_model(cfg.model)  # noqa: E731
+    run_rows(parse_configs(sys.argv[1:] if argv is None else argv), build, run_row,
              prefix="bench_ours_comfy_")
 
 

@@ -49,8 +49,9 @@ TOOLS = {  # tool -> module that runs its rows
     "ours-comfyui": "bench.ours_comfy",
     "ours-comfyui-compile": "bench.ours_comfy",
 }
-# Flux.1 rows (model flux1) run in the Flux peers; `ours` comes with the Flux family (issue 16)
-FLUX_TOOLS = {"kohya": "bench.peer_kohya_flux", "kohya-fp8": "bench.peer_kohya_flux",
+# Flux.1 rows (model flux1) run in the Flux peers and in bench.ours (the engine's FluxModel, workload_flux.py)
+FLUX_TOOLS = {"ours": "bench.ours", "ours-fp8": "bench.ours", "ours-eager": "bench.ours",
+              "ours-comfyui": "bench.ours_comfy", "kohya": "bench.peer_kohya_flux", "kohya-fp8": "bench.peer_kohya_flux",
               "diffusers-peft": "bench.peer_diffusers_flux", "diffusers-peft-bf16": "bench.peer_diffusers_flux",
               "comfyui-native": "bench.peer_comfy_flux"}
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1,

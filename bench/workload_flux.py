@@ -118,3 +118,44 @@ def t5_tokenizer_folder() -> str:
     from .peer_comfy import comfy_root
 
     return os.path.join(comfy_root(), "comfy", "text_encoders", "t5_tokenizer")
+
+
+class BenchFluxData:
+    """The workload's cached data as an adapter's encoders give it: random latents and T5/CLIP-L
+    conditioning of the real shapes (text of `text_tokens()` tokens), the same for a caption every time."""
+
+    def encode_images(self, pixels):
+        import torch
+
+        g = torch.Generator(self.device).manual_seed(SEED + pixels.shape[0])
+        b, _, h, w = pixels.shape
+        return torch.randn(b, 16, h // 8, w // 8, generator=g, device=self.device)
+
+    def encode_text(self, captions):
+        import zlib
+
+        import torch
+
+        d, rows, pooled = dims(), [], []
+        for caption in captions:
+            g = torch.Generator(self.device).manual_seed(zlib.crc32(caption.encode()))
+            rows.append(torch.randn(1, text_tokens(), d.context_in, generator=g, device=self.device))
+            pooled.append(torch.randn(1, d.vec_in, generator=g, device=self.device))
+        return {"context": torch.cat(rows).to(self.dtype), "pooled": torch.cat(pooled).to(self.dtype)}
+
+
+def engine_model():
+    """The standalone engine's FluxModel over the workload's random transformer (bf16, on the device),
+    fed the workload's cached data as every peer is (`BenchFluxData`), so neither encoder is built."""
+    import torch
+    from torch import nn
+
+    from engine.models.flux_adapter import FluxModel
+    from engine.models.flux_model import FluxTransformer
+
+    class BenchFlux(BenchFluxData, FluxModel):
+        pass
+
+    transformer = build_random(lambda: FluxTransformer(dims()))
+    return BenchFlux(transformer, None, nn.Module(), nn.Module(), None, None, name="random-flux1",
+                     device=device(), dtype=torch.bfloat16)

@@ -28,7 +28,7 @@ def _f(default, help: str, *, choices=None, aliases=(), group="train", path=None
     return field(default=default, metadata=meta)
 
 
-TARGET_PRESETS = ("kohya", "attention", "locon")
+TARGET_PRESETS = ("kohya", "attention", "locon", "double", "single")  # double/single: Flux.1 only
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")  # engine/lora/variants/
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "Prodigy")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -43,6 +43,15 @@ class TrainConfig:
     base_model: str = _f("", "Local path of the checkpoint (.safetensors/.ckpt) or diffusers folder. "
                          "Not needed inside ComfyUI/A1111, which pass the loaded model.", group="model",
                          aliases=("pretrained_model_name_or_path", "model_path"), path="any")
+    ae: str = _f("", "Flux.1: the autoencoder file (ae.safetensors), as kohya's --ae. Flux files hold the "
+                 "transformer alone.", group="model", path="file")
+    clip_l: str = _f("", "Flux.1: the CLIP-L text encoder file (clip_l.safetensors), as kohya's --clip_l.",
+                     group="model", path="file")
+    t5xxl: str = _f("", "Flux.1: the T5-XXL text encoder file (t5xxl_fp16.safetensors), as kohya's --t5xxl.",
+                    group="model", path="file")
+    t5xxl_tokenizer: str = _f("", "Flux.1: a folder with T5's tokenizer.json or spiece.model (default: beside "
+                              "the t5xxl file, or the local Hugging Face cache of google/t5-v1_1-xxl).",
+                              group="model", path="any")
     prediction_type: str = _f("auto", "epsilon or v_prediction; auto detects it (SD2-768 models are v).",
                               choices=("auto", "epsilon", "v_prediction"), group="model")
     clip_skip: int = _f(0, "Use the output of the N-th last text-encoder layer (0 = the family's default, "
@@ -128,7 +137,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "Dropout on the LoRA down projection.", group="network",
                              aliases=("network_dropout",), minimum=0)
     target_modules: Any = _f("kohya", "kohya (attention + feed-forward + proj in transformer blocks), "
-                             "attention, locon (+ ResNet convs), or a list of name suffixes.",
+                             "attention, locon (+ ResNet convs), or a list of name suffixes. Flux.1: kohya (every "
+                             "block Linear), double, single, attention.",
                              group="network")
     conv_rank: int = _f(0, "Rank for 3x3 convs with locon; 0 = lora_rank.", group="network",
                         aliases=("conv_dim",), minimum=0)
@@ -238,6 +248,25 @@ class TrainConfig:
     ema_start_step: int = _f(0, "The average copies the weights up to this step and averages after it.", minimum=0)
     ema_save: str = _f("beside", "beside: <name>.safetensors holds the trained weights and <name>_ema.safetensors "
                        "the average; instead: <name>.safetensors holds the average.", choices=("beside", "instead"))
+    # flow-matching models (Flux.1): kohya's flux_train_network.py options, by their names
+    timestep_sampling: str = _f("auto", "How sigma is drawn for flow models (Flux.1): auto (the model's own: Flux.1 "
+                                "flux_shift), sigma (from the shifted schedule, kohya's default), uniform, sigmoid, "
+                                "shift (sigmoid shifted by discrete_flow_shift), flux_shift (sigmoid shifted by "
+                                "Flux's resolution-dependent mu), logit_normal. SD models ignore it.",
+                                choices=("auto", "sigma", "uniform", "sigmoid", "shift", "flux_shift", "logit_normal"))
+    sigmoid_scale: float = _f(1.0, "Scale of the normal draw in sigmoid / shift / flux_shift sampling.", minimum=0)
+    discrete_flow_shift: float = _f(3.0, "Shift of the shift and sigma samplings (kohya's guide: 3.1582 for Flux.1).",
+                                    minimum=0)
+    weighting_scheme: str = _f("none", "Flow loss weighting (SD3 paper): none, sigma_sqrt, cosmap; logit_normal and "
+                               "mode shape the sigma sampling instead.",
+                               choices=("none", "sigma_sqrt", "logit_normal", "mode", "cosmap"),
+                               synonyms={"uniform": "none"})
+    logit_mean: float = _f(0.0, "Mean of the logit_normal sigma density.")
+    logit_std: float = _f(1.0, "Standard deviation of the logit_normal sigma density.", minimum=0)
+    mode_scale: float = _f(1.29, "Scale of the mode sigma density.")
+    guidance_scale: float = _f(1.0, "Guidance value fed to Flux.1 dev's guidance input while training (kohya's "
+                               "--guidance_scale; 1.0 as kohya's guide recommends). Schnell has no guidance input.",
+                               minimum=0)
 
     # --- output -------------------------------------------------------------------------------------
     output_dir: str = _f("output", "Where `<output_name>/` is written.", group="save")

@@ -87,6 +87,8 @@ IGNORED: dict[str, str] = {
 
 _OURS = "; remove it (or set it off) to train here"
 UNSUPPORTED: dict[str, str] = {
+    "model_prediction_type": "Flux.1 trains on the raw velocity, as kohya's Flux guide recommends; set it to raw "
+                             "or remove it",
     "network_train_text_encoder_only": "the UNet LoRA is always trained" + _OURS,
     "loss_type": "only the l2 (MSE) loss is implemented" + _OURS,
     "adaptive_noise_scale": "adaptive noise scale is not implemented; noise_offset is" + _OURS,
@@ -130,7 +132,7 @@ CONVERTED = frozenset({"network_module", "network_args", "network_train_unet_onl
 # kohya's defaults that mean "off" although they are not false/0/empty.
 _KOHYA_OFF = {"loss_type": "l2", "caption_separator": ",", "token_warmup_min": 1, "dynamo_backend": "inductor",
               "multires_noise_discount": 0.3, "huber_c": 0.1, "huber_scale": 1.0, "huber_schedule": "snr",
-              "zero_stage": 2, "dataset_repeats": 1, "resize_interpolation": "lanczos"}
+              "zero_stage": 2, "dataset_repeats": 1, "resize_interpolation": "lanczos", "model_prediction_type": "raw"}
 
 # network_args of networks.lora / lycoris.kohya that map onto ours; the rest are refused by name.
 _NETWORK_ARGS = {"conv_dim": "conv_rank", "conv_rank": "conv_rank", "conv_alpha": "conv_alpha",
@@ -263,7 +265,12 @@ def _network(data: dict[str, Any], source: str, notes: list[str]) -> None:
             data.setdefault(key, value)
         notes += more
         return
-    if module not in ("networks.lora", "networks.lora_sd", "lora"):
+    if module == "networks.lora_flux":  # kohya's Flux.1 LoRA: train_blocks all/double/single as our presets
+        blocks = str(args.pop("train_blocks", "all")).lower()
+        if blocks not in ("all", "double", "single"):
+            raise ConfigError(f"{source}: network_args train_blocks={blocks} must be all, double or single.")
+        data.setdefault("target_modules", "kohya" if blocks == "all" else blocks)
+    elif module not in ("networks.lora", "networks.lora_sd", "lora"):
         raise ConfigError(f"{source}: network_module {module!r} is not supported; use networks.lora (LoRA, LoCon "
                           f"with network_args conv_dim) or lycoris.kohya (algo=locon, loha or lokr; dora_wd=True).")
     algo = str(args.pop("algo", "lora")).lower()

@@ -16,6 +16,7 @@ from .data.cache import weights_digest
 from .data.shards import ShardedData
 from .errors import ConfigError
 from .families import FamilySpec, get_family
+from .family_checks import check_family_options
 from .model import TrainableModel
 from .runtime import compute_dtype, resolve_device, resolve_precision
 
@@ -37,6 +38,7 @@ def load_inputs(cfg: TrainConfig, model: TrainableModel | None, data, dist, even
                           "model comes from the host, whose weights the trainer never changes. Turn "
                           "fp8_base off (in ComfyUI, load the UNet in fp8 with Load Diffusion Model, "
                           "weight_dtype fp8_e4m3fn, and train that MODEL as it is).")
+    check_family_options(cfg, model.info.spec)
     precision = resolve_precision(cfg.mixed_precision, model.device)
     if cfg.prediction_type != "auto":
         model.info.prediction_type = cfg.prediction_type
@@ -58,6 +60,12 @@ def _load_from_disk(cfg: TrainConfig, data, dist, events) -> RunInputs:
     if demo:
         family, native = "sd1", DEMO_SIZE
     else:
+        from .models.flux_load import is_flux_file
+
+        if is_flux_file(path):  # Flux.1: the transformer, with ae / clip_l / t5xxl set beside it
+            from .flux_inputs import load_flux_inputs
+
+            return load_flux_inputs(cfg, path, data, dist, events)
         found = detect_path(path)  # refuses other families and broken files
         v_hint = found.v_pred_marker or found.scheduler_prediction_type == "v_prediction"
         family = found.family

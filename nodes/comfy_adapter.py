@@ -71,6 +71,15 @@ def prediction_type(model_sampling) -> str:
     raise _refuse(f"The MODEL predicts with {name}, neither eps nor v.")
 
 
+def comfy_model(model, clip, vae, *, name: str = "") -> "ComfyModel":
+    """The adapter for what is connected: ComfyUI's Flux.1 (nodes/comfy_flux.py) or an SD checkpoint."""
+    from .comfy_flux import ComfyFluxModel, is_flux
+
+    if is_flux(model):
+        return ComfyFluxModel(model, clip, vae, name=name)
+    return ComfyModel(model, clip, vae, name=name)
+
+
 def escape_caption(text: str) -> str:
     """Captions are literal: ComfyUI's tokenizer would read `(word:1.2)` as a weight."""
     return str(text).replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")

@@ -149,7 +149,8 @@ class PreviewStrengths(io.ComfyNode):
         values = parse_strengths(strengths)
         trigger = lora.metadata.get("modelspec.trigger_phrase", "")
         prompts = [p.strip().replace("[trigger]", trigger) for p in prompt.splitlines() if p.strip()] or [""]
-        latent = {"samples": torch.zeros([1, 4, height // 8, width // 8])}
+        channels = model.get_model_object("latent_format").latent_channels  # 4 for SD, 16 for Flux
+        latent = {"samples": torch.zeros([1, channels, height // 8, width // 8])}
         columns, batch = [], []
         for strength in values:
             m, c = (model, clip) if strength == 0 else comfy.sd.load_lora_for_models(

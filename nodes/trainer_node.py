@@ -172,12 +172,12 @@ class LoRATrainer(io.ComfyNode):
         import torch
 
         from ..engine.train import train
-        from .comfy_adapter import ComfyModel
+        from .comfy_adapter import comfy_model
         from .plot import loss_plot, pil_to_image_tensor
         from .progress import NodeProgress
 
         node_id = cls.hidden.unique_id
-        adapter = ComfyModel(model, clip, vae, name=checkpoint_name(cls.hidden.prompt, node_id))
+        adapter = comfy_model(model, clip, vae, name=checkpoint_name(cls.hidden.prompt, node_id))
         cfg = cls.build_config(adapter, dataset, **settings)
         check_resolution(cfg, adapter.info, adapter.family_name)
         progress = NodeProgress(node_id, cfg.output_name, Path(cfg.output_dir) / cfg.output_name)

@@ -62,6 +62,7 @@ class FamilySpec:
     select_denoiser: SelectRule
     conv_shaped: Callable[[str, nn.Module], bool] | None = None  # Linear layers kohya saves as 1x1 convs
     blocks: BlockLayout | None = None  # block-wise lr and ranks (blocks.py); None: the family has none
+    presets: tuple[str, ...] = ("kohya", "attention", "locon")  # the target_modules names its rules know
 
     # --- text and conditioning -------------------------------------------------------------------------
     text_encoders: tuple[TextEncoderSpec, ...]
@@ -71,6 +72,7 @@ class FamilySpec:
 
     # --- training ---------------------------------------------------------------------------------------
     objective: str = "ddpm"  # the objective kind its models train with (engine/objectives)
+    timestep_sampling: str = "uniform"  # flow families: how sigma is drawn when the config says auto
     lean_geglu: bool = False  # its denoiser has GEGLU feed-forwards the lean version can run
     vae_fp32: bool = False  # its VAE overflows in fp16 (NaN latents): encode and decode in fp32
 

@@ -18,7 +18,8 @@ from ..families import get_family
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # family -> the holder attribute of each text encoder, in the family's order
-HOLDER_ATTRS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
+HOLDER_ATTRS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g"),
+                "flux1": ("clip_l",)}  # Flux's T5 (`t5xxl`) is never trained
 
 
 def text_encoders(cond_stage_model: nn.Module, family: str) -> list[tuple[str, nn.Module, int | None]]:

@@ -130,6 +130,8 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
         "modelspec.timestep_range": "0,1000",
     }
+    if spec.objective == "flow":
+        md.update(flow_metadata(cfg, info))
     if cfg.clip_skip:
         md["modelspec.encoder_layer"] = cfg.clip_skip
     if cfg.trigger_word:
@@ -137,6 +139,19 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
     if extra:
         md.update(extra)
     return {k: _s(v) for k, v in md.items() if v is not None}
+
+
+def flow_metadata(cfg: TrainConfig, info: ModelInfo) -> dict[str, Any]:
+    """What kohya's flux_train_network.py adds for a flow model (`update_metadata`), and no modelspec
+    prediction type (kohya writes none for Flux)."""
+    sampling = cfg.timestep_sampling if cfg.timestep_sampling != "auto" else info.spec.timestep_sampling
+    return {"modelspec.prediction_type": None, "modelspec.timestep_range": None,
+            "ss_timestep_sampling": sampling, "ss_sigmoid_scale": cfg.sigmoid_scale,
+            "ss_discrete_flow_shift": cfg.discrete_flow_shift, "ss_weighting_scheme": cfg.weighting_scheme,
+            "ss_logit_mean": cfg.logit_mean, "ss_logit_std": cfg.logit_std, "ss_mode_scale": cfg.mode_scale,
+            "ss_guidance_scale": cfg.guidance_scale if info.variant != "schnell" else None,
+            "ss_model_prediction_type": "raw", "ss_apply_t5_attn_mask": False,
+            "ss_model_type": info.variant or None}
 
 
 def _session_int(session_id: str | None) -> str:

@@ -30,6 +30,9 @@ def build_network(model: TrainableModel, cfg: TrainConfig, *, include_text_encod
     info = model.info
     spec = info.spec
     preset = cfg.target_modules
+    if isinstance(preset, str) and preset not in spec.presets:
+        raise ConfigError(f"target_modules={preset!r} is not a {spec.display_name} preset; {spec.display_name} takes "
+                          f"{', '.join(spec.presets)} or a list of layer-name suffixes.")
     network = LoRANetwork()
     layout = layout_for(cfg, spec)
     per_block = ranks(cfg, layout) if layout is not None else None  # block_dims, or blocks at lr 0 left out
@@ -55,6 +58,7 @@ def build_network(model: TrainableModel, cfg: TrainConfig, *, include_text_encod
                 network.add(kohya_te_key(prefix, name), module, cfg.lora_rank, cfg.alpha, cfg.lora_dropout,
                             text_encoder=True, aliases=te_aliases(te.peft_prefix, name), factory=factory)
     if len(network) == 0:
-        raise ConfigError(f"target_modules={preset!r} matched no layer of this model; use kohya, "
-                          f"attention, locon or suffixes such as [to_q, to_v].")
+        example = "[to_q, to_v]" if spec.objective == "ddpm" else "[linear1, linear2]"
+        raise ConfigError(f"target_modules={preset!r} matched no layer of this {spec.display_name} model; use "
+                          f"{', '.join(spec.presets)} or suffixes such as {example}.")
     return network

@@ -17,6 +17,9 @@ How sigma is drawn (`sampling`), as kohya's flux_train_utils offers it and the S
   "mode": u - mode_scale * (cos(pi u / 2)^2 - 1 + u) flipped, SD3's mode sampling; otherwise uniform),
   then sigma is read from the 1000-step shifted schedule at index u * 1000, as kohya's default path
   reads diffusers' FlowMatchEulerDiscreteScheduler.
+A model with a guidance input (Flux.1 dev: guidance distilled into the weights) is told `guidance` at
+every step; the value is a draw of its own, "cond.guidance" (a constant [B] tensor), so every step path
+hands it to the adapter's `predict` with the rest of the conditioning. kohya trains with 1.0.
 Loss weighting (`weighting`, SD3 paper section 3.1): "none"; "sigma_sqrt": sigma^-2; "cosmap":
 2 / (pi (1 - 2 sigma + 2 sigma^2)); "logit_normal" and "mode" weigh every sample 1 (their effect is the
 density of the "sigma" sampling), as in kohya and diffusers.
@@ -33,6 +36,7 @@ from .base import Noised, Objective
 
 SAMPLINGS = ("uniform", "sigmoid", "logit_normal", "shift", "flux_shift", "sigma")
 WEIGHTINGS = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+GUIDANCE = "cond.guidance"  # the step's conditioning prefix (engine/step.py COND) + the role
 
 
 def shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -60,6 +64,7 @@ class FlowObjective(Objective):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     noise_offset: float = 0.0
+    guidance: float | None = None  # the guidance input's value (None: the model has none)
     kind = "flow"
 
     def __post_init__(self):
@@ -69,8 +74,14 @@ class FlowObjective(Objective):
             raise ValueError(f"weighting scheme {self.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
 
     def for_training(self, cfg, device: torch.device) -> "FlowObjective":
-        """The run's noise offset; min-SNR is a DDPM weighting and does not apply to flow."""
-        return dataclasses.replace(self, noise_offset=cfg.noise_offset)
+        """The run's sampling options (kohya's names; `timestep_sampling: auto` keeps the model's own),
+        noise offset and guidance value; min-SNR is a DDPM weighting and does not apply to flow."""
+        sampling = cfg.timestep_sampling if cfg.timestep_sampling != "auto" else self.sampling
+        return dataclasses.replace(
+            self, sampling=sampling, weighting=cfg.weighting_scheme, sigmoid_scale=cfg.sigmoid_scale,
+            shift=cfg.discrete_flow_shift, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+            mode_scale=cfg.mode_scale, noise_offset=cfg.noise_offset,
+            guidance=None if self.guidance is None else cfg.guidance_scale)
 
     # --- draws ---------------------------------------------------------------------------------------
     def draw(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -78,7 +89,10 @@ class FlowObjective(Objective):
         noise = torch.randn(x0.shape, generator=generator, device=device)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn((b, x0.shape[1], 1, 1), generator=generator, device=device)
-        return {"noise": noise, "sigma": self.sample_sigmas(b, x0.shape, generator, device)}
+        drawn = {"noise": noise, "sigma": self.sample_sigmas(b, x0.shape, generator, device)}
+        if self.guidance is not None:
+            drawn[GUIDANCE] = torch.full((b,), float(self.guidance), device=device)
+        return drawn
 
     def sample_sigmas(self, n: int, shape, generator: torch.Generator, device) -> torch.Tensor:
         def normal():
@@ -121,4 +135,5 @@ class FlowObjective(Objective):
         return None
 
     def describe(self) -> str:
-        return f"flow ({self.sampling} sampling, {self.weighting} weighting)"
+        guidance = "" if self.guidance is None else f", guidance {self.guidance:g}"
+        return f"flow ({self.sampling} sampling, {self.weighting} weighting{guidance})"

@@ -119,15 +119,16 @@ def probe_vae(path):
             "latent_shape": list(lat.shape), "decoded_shape": list(dec.shape), "finite": bool(torch.isfinite(dec).all())}
 
 
-def probe_clip(folder):
-    """ComfyUI's Flux text encoder (as DualCLIPLoader type=flux builds it) over a random CLIP-L and a tiny T5."""
+def write_text_encoders(folder):
+    """A random full-size CLIP-L and a tiny T5 in ComfyUI's own classes, written as DualCLIPLoader reads
+    them; returns the two paths."""
     import torch
     from safetensors.torch import save_file
 
-    import comfy.sd
-    from comfy.text_encoders.t5 import T5
-    from comfy import clip_model, sd1_clip
     import comfy.ops
+    import comfy.sd
+    from comfy import clip_model, sd1_clip
+    from comfy.text_encoders.t5 import T5
 
     t5_cfg = json.load(open(os.path.join(os.path.dirname(comfy.sd.__file__), "text_encoders", "t5_config_xxl.json")))
     t5_cfg.update(TINY_T5)
@@ -145,6 +146,16 @@ def probe_clip(folder):
     paths = [os.path.join(folder, "clip_l_random.safetensors"), os.path.join(folder, "t5xxl_tiny.safetensors")]
     save_file({k: v.contiguous() for k, v in clip_l.state_dict().items()}, paths[0])
     save_file({k: v.contiguous() for k, v in t5.state_dict().items()}, paths[1])
+    return paths, t5
+
+
+def probe_clip(folder):
+    """ComfyUI's Flux text encoder (as DualCLIPLoader type=flux builds it) over a random CLIP-L and a tiny T5."""
+    import torch
+
+    import comfy.sd
+
+    paths, t5 = write_text_encoders(folder)
     result = {}
     options = {"t5xxl_model_config": TINY_T5}
     clip = comfy.sd.load_clip(paths, clip_type=comfy.sd.CLIPType.FLUX, model_options=options)
