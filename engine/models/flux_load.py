@@ -20,8 +20,12 @@ PATHS = ("ae", "clip_l", "t5xxl")
 
 
 def is_flux_file(path: Path) -> bool:
-    """A BFL Flux.1 transformer file (or a checkpoint holding one under ComfyUI's prefix)."""
-    shapes = read_shapes(path) if path.is_file() else None
+    """A BFL Flux.1 transformer file (or a checkpoint holding one under ComfyUI's prefix). A file whose
+    header cannot be read is not one: the family detection that follows says what is wrong with it."""
+    try:
+        shapes = read_shapes(path) if path.is_file() else None
+    except ModelError:
+        return False
     return bool(shapes) and any(k.endswith(FLUX_MARKERS[0]) for k in shapes) and any(
         k.endswith(FLUX_MARKERS[1]) for k in shapes)
 

@@ -317,19 +317,20 @@ def test_training_with_fp8_compute_follows_the_bf16_curve_and_gives_the_model_ba
     """With checkpointing, so the recompute runs the fp8 layers too (the step without it is the one
     test_lora_gradients_flow_through_the_fp8_layers runs: LoRA weights cast once, added in place)."""
     from engine.events import FunctionCallback
+    from engine.options import EngineOptions
     from engine.train import train
-    from train_fixtures import fast_step_on_cpu, quick_config
+    from train_fixtures import quick_config
 
-    steps = fast_step_on_cpu(monkeypatch)  # the step the CUDA graph replays, run without the graph
+    graph_body = EngineOptions(fast_step_without_graph=True)  # the step the CUDA graph replays, without the graph
     opts = dict(max_train_steps=4, batch_size=2, mixed_precision="bf16", device="cpu", seed=3,
                 gradient_checkpointing=True)
     model = bf16_tiny()
     before = snapshot(model.unet)
-    ref = train(quick_config(data, tmp_path / "ref", **opts), model)
+    ref = train(quick_config(data, tmp_path / "ref", **opts), model, options=graph_body)
     messages = []
-    got = train(quick_config(data, tmp_path / "fp8", fp8_compute=True, **opts), model,
+    got = train(quick_config(data, tmp_path / "fp8", fp8_compute=True, **opts), model, options=graph_body,
                 callbacks=[FunctionCallback(lambda e: messages.append(e.message or ""))])
-    assert len(steps) == 2 and any(m.startswith("fp8_compute: ") for m in messages)
+    assert ref.fast_steps == got.fast_steps == 4 and any(m.startswith("fp8_compute: ") for m in messages)
     assert len(got.losses) == len(ref.losses) == 4
     assert got.losses != ref.losses
     for a, b in zip(got.losses, ref.losses):

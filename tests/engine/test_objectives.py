@@ -71,7 +71,9 @@ def test_ddpm_draws_noise_then_offset_then_timesteps_from_the_generator():
 
 
 def test_for_training_takes_the_runs_options_and_device():
-    cfg = type("Cfg", (), {"min_snr_gamma": 3.0, "noise_offset": 0.05})()
+    from engine.config import TrainConfig
+
+    cfg = TrainConfig(min_snr_gamma=3.0, noise_offset=0.05)
     objective = _ddpm("v_prediction").for_training(cfg, torch.device("cpu"))
     assert (objective.min_snr_gamma, objective.noise_offset, objective.prediction_type) == (3.0, 0.05, "v_prediction")
     flow = FlowObjective(sampling="shift").for_training(cfg, torch.device("cpu"))

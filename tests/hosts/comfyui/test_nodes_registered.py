@@ -90,7 +90,7 @@ def test_ui_workflows_are_the_same_graphs_as_their_api_copies(comfy_server):
 
     info = comfy_server.object_info()
     names = sorted(f[: -len(".api.json")] for f in os.listdir(EXAMPLES) if f.endswith(".api.json"))
-    assert names == ["caption_folder_then_train", "train_style_lora_compare_strengths"]
+    assert names == ["caption_folder_then_train", "train_flux_lora", "train_style_lora_compare_strengths"]
     for name in names:
         with open(os.path.join(EXAMPLES, f"{name}.json"), encoding="utf-8") as f:
             ui = json.load(f)
