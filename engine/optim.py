@@ -107,3 +107,19 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     warmup = 0 if cfg.lr_scheduler == "constant" else warmup_count(cfg, total_steps)
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup,
                          num_training_steps=total_steps, **kwargs)
+
+
+def optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm: float) -> None:
+    """One update from accumulated gradients: unscale (fp16), clip, step, drop the gradients, advance
+    the schedule. The image and the text loops share it (their fast steps do the same inside a graph)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()

@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from .data.prefetch import Prefetch
 from .errors import TrainingStopped
 from .fast_step import host_lrs
+from .optim import optimizer_step
 
 
 class TrainingLoop:
@@ -124,17 +125,7 @@ class TrainingLoop:
 
     def _update(self) -> None:
         """One optimizer step on gradients already summed over the processes (`dist.reduce_step`)."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        optimizer_step(self.optimizer, self.scheduler, self.scaler, self.params, self.cfg.max_grad_norm)
 
     def _flush(self, pending: list[tuple[int, torch.Tensor]]) -> list[tuple[int, float]]:
         if not pending:

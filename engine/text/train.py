@@ -26,7 +26,7 @@ from ..config import dump_config
 from ..errors import NonFiniteLoss, TrainingStopped, UserError
 from ..events import Callbacks
 from ..fast_step import host_lrs, unsupported_reason
-from ..optim import build_optimizer, build_scheduler
+from ..optim import build_optimizer, build_scheduler, optimizer_step
 from ..runtime import compute_dtype, grad_scaler, resolve_device, resolve_precision
 from .dataset import build_data
 from .evaluate import generate_samples, load_sample_prompts, perplexity, samples_markdown
@@ -244,17 +244,7 @@ class TextTrainer:
         return total
 
     def _update(self) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        optimizer_step(self.optimizer, self.scheduler, self.scaler, self.params, self.cfg.max_grad_norm)
 
     def _flush(self, pending: list[tuple[int, torch.Tensor]]) -> list[tuple[int, float]]:
         values = torch.stack([v for _, v in pending]).float().cpu().tolist()
