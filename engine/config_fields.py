@@ -336,42 +336,10 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def validate(self, source: str = "config") -> None:
-        """Cross-field checks; per-field types and ranges were checked while coercing."""
-        if self.task_type != "image":
-            raise ConfigError(f"{source}: task_type {self.task_type} trains a language model from the command line "
-                              f"(python -m engine train --config x.yaml); this path trains image LoRAs.")
-        if self.caption_dropout > 1 or self.lora_dropout >= 1 or self.caption_tag_dropout_rate > 1:
-            raise ConfigError(f"{source}: caption_dropout, caption_tag_dropout_rate and lora_dropout are "
-                              f"probabilities (0 to 1).")
-        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
-            raise ConfigError(f"{source}: warmup_steps is a step count (e.g. 100) or a ratio below 1 "
-                              f"(e.g. 0.05), not {self.warmup_steps}.")
-        if isinstance(self.target_modules, str) and self.target_modules not in TARGET_PRESETS:
-            raise ConfigError(f"{source}: target_modules must be one of {', '.join(TARGET_PRESETS)} or a "
-                              f"list of module-name suffixes such as [to_q, to_k, to_v, to_out.0]; "
-                              f"got {self.target_modules!r}.")
-        if self.validation_split >= 1:
-            raise ConfigError(f"{source}: validation_split is the fraction of images held out (e.g. 0.1), below 1.")
-        if self.ema_decay >= 1:
-            raise ConfigError(f"{source}: ema_decay is below 1 (e.g. 0.999), or 0 for no average; got {self.ema_decay}.")
-        self._validate_network(source)
-        self.resolution_wh()  # raises on a malformed value
-        if any(c in self.output_name for c in '/\\:*?"<>|') or self.output_name in ("", ".", ".."):
-            raise ConfigError(f"{source}: output_name {self.output_name!r} must be a plain file name "
-                              f"(no folders, no / \\ : * ? \" < > |).")
+        """Cross-field checks; per-field types and ranges were checked while coercing (engine/config_checks.py)."""
+        from .config_checks import validate_config
 
-    def _validate_network(self, source: str) -> None:
-        if self.network_type == "locon" and self.target_modules == "kohya":
-            self.target_modules = "locon"  # LoCon is LoRA on the locon layers
-        if self.network_type in ("loha", "lokr", "dora") and self.lora_dropout:
-            raise ConfigError(f"{source}: lora_dropout is for LoRA/LoCon; network_type {self.network_type} has "
-                              f"none (LyCORIS implements none for LoHa/LoKr and ignores it for DoRA). Set it to 0.")
-        if self.use_tucker:
-            raise ConfigError(f"{source}: use_tucker (LyCORIS' Tucker/CP form of 3x3 kernels) is not supported; "
-                              f"set it to false (the plain form loads in every host).")
-        if self.lokr_factor == 0 or self.lokr_factor < -1:
-            raise ConfigError(f"{source}: lokr_factor is -1 (the split closest to a square) or a whole number "
-                              f"of at least 1, got {self.lokr_factor}.")
+        validate_config(self, source)
 
     def resolution_wh(self, native: int = 512) -> tuple[int, int]:
         """(width, height) of the training resolution; `auto` is the family's native size."""
@@ -390,25 +358,15 @@ class TrainConfig:
         return parts[0], parts[1]
 
     def check_paths(self, *, need_base_model: bool) -> None:
-        """Say which key points at a path that does not exist."""
-        checks = [("train_data_dir", True), ("metadata_path", False), ("reg_data_dir", False),
-                  ("network_weights", False), ("base_model", need_base_model)]
-        for key, required in checks:
-            value = getattr(self, key)
-            if not value:
-                if required:
-                    raise ConfigError(f"{key} is not set: it must point to "
-                                      f"{'your images folder' if key == 'train_data_dir' else 'a local checkpoint file or diffusers folder'}.")
-                continue
-            kind = _FIELD_META[key]["path"]
-            p = Path(value).expanduser()
-            if not p.exists():
-                raise ConfigError(f"{key} points to '{value}', which does not exist. Fix the path in the "
-                                  f"config (or --set {key}=...).")
-            if kind == "dir" and not p.is_dir():
-                raise ConfigError(f"{key} must be a folder, but '{value}' is a file.")
-            if kind == "file" and not p.is_file():
-                raise ConfigError(f"{key} must be a file, but '{value}' is a folder.")
+        """Say which key points at a path that does not exist (engine/config_checks.py)."""
+        from .config_checks import check_paths
+
+        check_paths(self, need_base_model=need_base_model)
 
 
 _FIELD_META = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+
+
+def field_meta(name: str) -> dict:
+    """A field's metadata (help, group, choices, aliases, path kind...)."""
+    return _FIELD_META[name]
