@@ -206,12 +206,7 @@ def state():
 def unique_name(stem: str, folders: list[Path]) -> str:
     """`stem`, or `stem_2`, `stem_3`, ... : no LoRA file or work folder of that name exists yet, so
     the WebUI can never serve weights it cached under the same name."""
-    def taken(name: str) -> bool:
-        return any((f / f"{name}.safetensors").exists() or (f / name).exists() for f in folders)
+    from engine.lora.output_names import free_name
 
-    if not taken(stem):
-        return stem
-    n = 2
-    while taken(f"{stem}_{n}"):
-        n += 1
-    return f"{stem}_{n}"
+    return free_name(stem, lambda name: any((f / f"{name}.safetensors").exists() or (f / name).exists()
+                                            for f in folders))
