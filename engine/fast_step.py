@@ -106,8 +106,15 @@ class FastStep:
 
     def __init__(self, step, *, optimizer, scheduler, params, max_grad_norm: float, capture: bool = True):
         self.step_fn = step  # engine.step.TrainingStep
+        self._setup(optimizer=optimizer, scheduler=scheduler, params=params, max_grad_norm=max_grad_norm,
+                    device=step.device, capture=capture,
+                    dropout=any(getattr(m, "dropout", 0) for m in step.network.loras.values()))
+
+    def _setup(self, *, optimizer, scheduler, params, max_grad_norm: float, device, capture: bool,
+               dropout: bool) -> None:
+        """The graph state every graphed step keeps (the image step above, the text mode's TextGraphStep)."""
         self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
-        self.device = step.device
+        self.device = device
         self.capture = capture
         self.params = [p for p in params if p.requires_grad]
         self.graphs: dict[tuple, _Graph] = {}
@@ -115,9 +122,9 @@ class FastStep:
         self.eager_only: set[tuple] = set()
         self.pool = None
         self._side = None  # one side stream for every warm-up and capture: cuBLAS keeps a workspace per stream
-        self.dropout = any(getattr(m, "dropout", 0) for m in step.network.loras.values())
+        self.dropout = dropout  # LoRA dropout draws RNG in the step
         self.steps = 0  # optimizer steps this fast step took
-        self._tensor_lr(optimizer, self.device)
+        self._tensor_lr(optimizer, device)
 
     # --- learning rate in a device tensor -----------------------------------------------------------
     def _tensor_lr(self, optimizer, device) -> None:

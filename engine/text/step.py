@@ -92,16 +92,10 @@ class TextGraphStep(FastStep):
 
     def __init__(self, trainer, *, capture: bool = True):
         self.t = trainer
-        self.optimizer, self.scheduler, self.max_grad_norm = trainer.optimizer, trainer.scheduler, trainer.cfg.max_grad_norm
-        self.device = trainer.device
-        self.steps = 0
-        self.capture = capture
-        self.params = [p for p in trainer.params if p.requires_grad]
-        self.graphs, self.seen, self.eager_only = {}, set(), set()
-        self.pool = None
-        self._side = None
-        self.dropout = trainer.cfg.lora_dropout > 0  # masks are drawn in the step; nothing is recomputed with RNG
-        self._tensor_lr(trainer.optimizer, trainer.device)
+        # dropout masks are drawn in the step; nothing is recomputed with RNG
+        self._setup(optimizer=trainer.optimizer, scheduler=trainer.scheduler, params=trainer.params,
+                    max_grad_norm=trainer.cfg.max_grad_norm, device=trainer.device, capture=capture,
+                    dropout=trainer.cfg.lora_dropout > 0)
 
     def _body(self, inp: dict) -> torch.Tensor:
         t = self.t
