@@ -26,11 +26,13 @@ from typing import Callable
 import torch
 
 from .fast_step import MAX_GRAPHS
+from .options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
-BACKEND = "inductor"  # the defaults; image runs pass EngineOptions' values, the text mode uses these
-DEVICES = ("cuda",)
+# EngineOptions' defaults: image runs pass the options' values, the text mode reads these
+BACKEND = EngineOptions.compile_backend
+DEVICES = EngineOptions.compile_devices
 
 
 def loss_for_run(loss: Callable[..., torch.Tensor], device: torch.device, say: Callable[[str], None], *,
