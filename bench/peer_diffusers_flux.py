@@ -49,6 +49,9 @@ def run_config(transformer, cfg):
                                           compute_loss_weighting_for_sd3)
     from peft import LoraConfig
 
+    # torch 2.11's cuDNN attention fails on diffusers' Flux backward at 4608 tokens ("mha_graph.execute ...
+    # is_good()", H200, 2026-12-07); the flash/efficient kernels that a default install falls back to run it
+    torch.backends.cuda.enable_cudnn_sdp(False)
     accelerator = Accelerator(mixed_precision="bf16")
     weight_dtype = torch.bfloat16
     dev = accelerator.device

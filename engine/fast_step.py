@@ -54,7 +54,7 @@ def unsupported_reason(cfg, device: torch.device, precision: str, optimizer, tra
         return f"{cfg.optimizer} is not the fused AdamW"
     if train_te:
         return "the text encoder is trained (captions are tokenised on the host every step)"
-    if cfg.shuffle_caption or getattr(cfg, "caption_tag_dropout_rate", 0):
+    if getattr(cfg, "shuffle_caption", False) or getattr(cfg, "caption_tag_dropout_rate", 0):
         return "captions change every step (shuffle_caption, caption_tag_dropout_rate): they are encoded on the host"
     return None
 

@@ -213,3 +213,13 @@ def test_network_weights_continue_an_adapter(tmp_path, llama, corpus):
     again = train_text(_cfg(llama, corpus, tmp_path / "again", max_train_steps=1, eval_split=0,
                             network_weights=str(first.adapter_dir)))
     assert again.losses[0] < fresh_start - 0.5 and again.losses[0] < first.losses[0]
+
+
+def test_the_graphed_step_accepts_a_text_config_on_cuda(tmp_path, llama, corpus):
+    """A text run on a CUDA device must reach the CUDA-graph step: the check once read image-only fields
+    (shuffle_caption) and crashed every text run on a GPU with an AttributeError before its first step."""
+    from engine.fast_step import unsupported_reason
+
+    cfg = _cfg(llama, corpus, tmp_path / "out", gradient_accumulation_steps=1)
+    fused = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    assert unsupported_reason(cfg, torch.device("cuda"), "bf16", fused, False) is None
