@@ -90,7 +90,9 @@ class RunOutput:
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, position=self.position,
             rng=[ckpt.rng_state(self.generator)], cfg_dict=self.dist.run_settings(self.cfg.to_dict()),
             lora_file=lora_path.name,
-            more_weights={EMA_WEIGHTS_FILE: self.ema.kohya_state_dict(None)} if getattr(self, "ema", None) else None)
+            more_weights={EMA_WEIGHTS_FILE: self.ema.kohya_state_dict(None)} if getattr(self, "ema", None) else None,
+            guards={name: guard.state() for name in ("recovery", "nan_guard")
+                    if (guard := getattr(self, name, None)) is not None})
         ckpt.prune(self.ckpt_root, self.cfg.save_last_n_checkpoints)
         self.events.emit("checkpoint", step=step, path=str(folder), lora_path=str(lora_path))
         return folder
