@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from engine.events import FunctionCallback
 from engine.models import tiny_sd1
 from engine.options import EngineOptions
-from engine.train import train
-from tests.engine.train_fixtures import model_fingerprint, pattern_dataset, quick_config
+from tests.engine.test_oom_recovery import _run as _recovery_run
+from tests.engine.test_oom_recovery import _same
+from tests.engine.train_fixtures import model_fingerprint, pattern_dataset
 
-UNCACHED = dict(cache_latents="off", cache_text_encoder_outputs="off", batch_size=1, max_train_steps=5)
+# latents and captions encoded every step (5 steps, as test_oom_recovery's runs)
+UNCACHED = dict(cache_latents="off", cache_text_encoder_outputs="off", batch_size=1)
 
 
 @pytest.fixture
@@ -26,16 +27,7 @@ def data(tmp_path):
 
 
 def _run(data, out, options=EngineOptions(), model=None, **changes):
-    events = []
-    cfg = quick_config(data, out, **{**UNCACHED, **changes})
-    result = train(cfg, model or tiny_sd1(seed=3), callbacks=[FunctionCallback(on_event=events.append)],
-                   options=options)
-    return result, [e.message for e in events if e.kind == "info"]
-
-
-def _same(a, b):
-    assert a.keys() == b.keys()
-    return all(torch.equal(a[k], b[k]) for k in a)
+    return _recovery_run(data, out, options, model, **{**UNCACHED, **changes})
 
 
 def test_uncached_run_caches_on_the_cpu_and_equals_a_run_that_cached_from_that_step(data, tmp_path):
