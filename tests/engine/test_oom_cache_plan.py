@@ -81,3 +81,21 @@ def test_a_run_that_caches_already_is_not_offered_the_plan(data, tmp_path):
     with pytest.raises(UserError, match=r"every recovery plan tried \(gradient_checkpointing\)\. Lower"):
         _run(data, tmp_path, EngineOptions(inject_oom_at=(2, 2)), cache_latents="auto",
              cache_text_encoder_outputs="auto")
+
+
+def test_parking_takes_the_encoders_caching_turned_on_made_idle():
+    """On a GPU the plan parks what the step no longer calls, besides what the run parked at its start
+    (the CPU tests cannot move anything to a GPU; this checks which modules are parked)."""
+    from types import SimpleNamespace
+
+    from engine.encoder_parking import EncoderParking
+
+    model = tiny_sd1(seed=3)
+    data = SimpleNamespace(latent_cache_mode="memory", text_cache_enabled=False)  # latents cached from the start
+    parking = EncoderParking.start(model, data, torch.device("cuda"), train_text_encoder=False)
+    assert parking.modules == [model.vae] and parking.parked
+    data.text_cache_enabled = True  # the plan cached the captions
+    parking.follow(model, data, train_text_encoder=False)
+    assert parking.modules == [model.vae, *model.text_encoders] and parking.parked
+    parking.follow(model, data, train_text_encoder=False)  # nothing new: nothing twice
+    assert len(parking.modules) == 1 + len(model.text_encoders)
