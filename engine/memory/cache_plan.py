@@ -42,8 +42,7 @@ def choose(trainer) -> CacheChoice:
     """What this plan would cache for the run as it is now."""
     data, cfg = trainer.data, trainer.cfg
     choice = CacheChoice()
-    if not hasattr(data, "cache_jobs"):  # a data pipeline without encoder caches (text mode)
-        choice.not_cached.append(f"{type(data).__name__} has no encoder caches")
+    if not hasattr(data, "cache_jobs"):  # a data pipeline without encoder caches: nothing to offer
         return choice
     if data.latent_cache_mode is None:
         changing = per_step_pixel_changes(cfg)
