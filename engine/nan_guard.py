@@ -12,8 +12,8 @@ the last good state then, and continues on the plain step, where each update is 
 
 Checkpoints keep what the guard did (`state`): its counts, its actions and the fp16 -> bf16 switch; a
 resumed run switches again before its first step (`resume`). A halved learning rate needs nothing
-more: the optimizer's and the scheduler's state in the checkpoint hold it. The last good LoRA state of
-a resumed run is the one it resumed from.
+more: the optimizer's and the scheduler's state in the checkpoint hold it. The last good LoRA state is
+the checkpoint's own where that is a good state, else kept in it (`state` says when).
 """
 
 from __future__ import annotations
@@ -155,8 +155,20 @@ class NanGuard:
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"skipped": self.skipped, "in_a_row": self.in_a_row, "restores": self._restores,
-                "actions": list(self.actions), "bf16": BF16_ACTION in self.actions}
+        """What a checkpoint keeps. A checkpoint at a good step of the plain step is a snapshot point: the
+        state a run resumed from it starts with is the one it would go back to. Otherwise (inside a run of
+        non-finite steps, or on the CUDA-graph step, whose updates are checked late) the snapshot goes into
+        the checkpoint, so a restore after resuming goes back where the uninterrupted run would."""
+        t = self.trainer
+        out = {"skipped": self.skipped, "in_a_row": self.in_a_row, "restores": self._restores,
+               "actions": list(self.actions), "bf16": BF16_ACTION in self.actions}
+        if self.on and self.in_a_row == 0 and t.fast is None:
+            self.snapshot()
+        elif self.on and self._snapshot is not None:
+            weights, optimizer = self._snapshot
+            out["snapshot"] = {"step": self._snapshot_step, "weights": weights, "optimizer": optimizer}
+        out["good_since"] = self._good_since
+        return out
 
     def resume(self, state: dict | None) -> None:
         """A checkpoint's guard state; the fp16 -> bf16 switch made again (said, like the first time)."""
@@ -164,6 +176,10 @@ class NanGuard:
             return
         self.skipped, self.in_a_row, self._restores = state["skipped"], state["in_a_row"], state["restores"]
         self.actions = list(state["actions"])
+        self._good_since = state["good_since"]
+        if "snapshot" in state:
+            saved = state["snapshot"]
+            self._snapshot, self._snapshot_step = (list(saved["weights"]), saved["optimizer"]), saved["step"]
         if state["bf16"] and self.trainer.precision == "fp16":
             if self._bf16_possible():
                 self._to_bf16()

@@ -8,6 +8,7 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from engine.events import FunctionCallback
@@ -50,15 +51,22 @@ def test_resumed_run_starts_on_the_recovered_plan_and_equals_the_uninterrupted_r
     assert json.loads(resumed.metadata["inplace_lora_recovery"]) == changes
 
 
-def test_resumed_run_keeps_what_the_nan_guard_did(tmp_path):
+@pytest.mark.parametrize("at", [5, 3], ids=["after-the-restore", "inside-the-run-of-nan-steps"])
+def test_resumed_run_keeps_what_the_nan_guard_did(tmp_path, at):
+    """Steps 2-4 are non-finite: the third in a row restores the LoRA state of step 0 and halves the
+    learning rate. Resumed from step 5 the run keeps the guard's record and the halved rate; resumed from
+    step 3 it still counts two in a row and goes back to step 0, not to the checkpoint's state."""
     data = pattern_dataset(tmp_path / "data")
-    cfg = dict(max_train_steps=6, save_steps=5)
-    straight, _ = _run(data, tmp_path / "a", EngineOptions(inject_nan_at=(2, 3, 4)), **cfg)
+    cfg, options = dict(max_train_steps=6, save_steps=at), EngineOptions(inject_nan_at=(2, 3, 4))
+    straight, _ = _run(data, tmp_path / "a", options, **cfg)
     guard = json.loads(straight.metadata["inplace_lora_nan_guard"])
     assert guard == {"skipped_steps": 3, "actions": ["learning rate halved (now 0.0005)"]}
-    _resume_copy(tmp_path / "a", tmp_path / "b", 5)
-    resumed, events = _run(data, tmp_path / "b", resume_from_checkpoint="latest", **cfg)
+    _resume_copy(tmp_path / "a", tmp_path / "b", at)
+    resumed, events = _run(data, tmp_path / "b", options, resume_from_checkpoint="latest", **cfg)
     assert json.loads(resumed.metadata["inplace_lora_nan_guard"]) == guard
+    if at == 3:
+        assert any(e.message.endswith("3 non-finite steps in a row: restored the LoRA state of step 0; learning "
+                                      "rate halved (now 0.0005)") for e in events if e.kind == "info")
     assert all(torch.equal(straight.tensors[k], resumed.tensors[k]) for k in straight.tensors)  # the halved lr too
 
 
@@ -69,7 +77,7 @@ def _fp16_trainer(said):
 
 
 def test_a_run_that_switched_to_bf16_resumes_in_bf16(monkeypatch):
-    state = {"skipped": 6, "in_a_row": 0, "restores": 1, "actions": [BF16_ACTION], "bf16": True}
+    state = {"skipped": 6, "in_a_row": 0, "restores": 1, "actions": [BF16_ACTION], "bf16": True, "good_since": 0}
     said = []
     trainer = _fp16_trainer(said)
     monkeypatch.setattr(NanGuard, "_bf16_possible", lambda self: True)
