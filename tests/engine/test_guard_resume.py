@@ -85,7 +85,8 @@ def test_a_run_that_switched_to_bf16_resumes_in_bf16(monkeypatch):
     guard.resume(state)
     assert (trainer.precision, trainer.step.precision, trainer.scaler) == ("bf16", "bf16", None)
     assert trainer.step.use_autocast and trainer.step.cast_dtype == torch.bfloat16
-    assert said[-1]["message"] == "NaN guard: resumed in bf16: the run had switched from fp16 to bf16 before the checkpoint"
+    assert said[-1]["message"] == ("NaN guard: resumed in bf16: the run had switched from fp16 to bf16 before "
+                                   "the checkpoint")
     assert guard.state() == state
     monkeypatch.setattr(NanGuard, "_bf16_possible", lambda self: False)  # resumed on a device without bf16
     trainer = _fp16_trainer(said)
