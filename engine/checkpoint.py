@@ -69,11 +69,13 @@ def fingerprint(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer, scheduler, scaler,
                     position: Position, rng: list[dict[str, Any]], cfg_dict: dict[str, Any],
-                    lora_file: str | None, more_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+                    lora_file: str | None, more_weights: dict[str, dict[str, torch.Tensor]] | None = None,
+                    guards: dict[str, Any] | None = None) -> Path:
     """`rng`: the RNG state the run resumes with (one entry; several processes share their generator).
     Processes of a several-GPU run that ends early may write the same step at once: same contents, the
     first complete folder stays. `more_weights`: other weight files of the run's state by file name
-    (the EMA's)."""
+    (the EMA's). `guards`: what the out-of-memory recovery and the NaN guard changed in the run
+    (engine/memory/recovery.py, engine/nan_guard.py), applied again on resume."""
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -89,6 +91,7 @@ def save_checkpoint(folder: Path, *, weights: dict[str, torch.Tensor], optimizer
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng,
         "config": cfg_dict,
+        "guards": guards or {},
     })
     shutil.rmtree(folder, ignore_errors=True)
     try:

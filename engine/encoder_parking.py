@@ -25,15 +25,19 @@ class EncoderParking:
     def start(cls, model, data, device: torch.device, train_text_encoder: bool) -> "EncoderParking":
         """Park what the data pipeline will not call again: the VAE when every latent is cached,
         the text encoders when every caption's conditioning is cached and they are not trained."""
-        if device.type != "cuda":
-            return cls([], device)
-        vae_idle = bool(getattr(data, "latent_cache_mode", None))
-        text_idle = bool(getattr(data, "text_cache_enabled", False)) and not train_text_encoder
-        pick = getattr(model, "idle_encoders", None)
-        modules = list(pick(vae=vae_idle, text=text_idle)) if pick is not None and (vae_idle or text_idle) else []
-        parking = cls(modules, device)
+        parking = cls(_idle(model, data, train_text_encoder) if device.type == "cuda" else [], device)
         parking.park()
         return parking
+
+    def follow(self, model, data, train_text_encoder: bool) -> None:
+        """Caching turned on in the middle of a run (the out-of-memory recovery's last plan): park the
+        encoders the data pipeline no longer calls as well."""
+        if self.device.type != "cuda":
+            return
+        known = {id(m) for m in self.modules}
+        self.modules += [m for m in _idle(model, data, train_text_encoder) if id(m) not in known]
+        self.parked = False  # those parked already stay where they are (`_move` skips them)
+        self.park()
 
     def _move(self, device) -> None:
         with torch.no_grad():
@@ -64,3 +68,12 @@ class EncoderParking:
         finally:
             if was:
                 self.park()
+
+
+def _idle(model, data, train_text_encoder: bool) -> list[torch.nn.Module]:
+    """The VAE when every latent is cached, the text encoders when every caption's conditioning is
+    cached and they are not trained."""
+    vae_idle = bool(getattr(data, "latent_cache_mode", None))
+    text_idle = bool(getattr(data, "text_cache_enabled", False)) and not train_text_encoder
+    pick = getattr(model, "idle_encoders", None)
+    return list(pick(vae=vae_idle, text=text_idle)) if pick is not None and (vae_idle or text_idle) else []

@@ -9,6 +9,11 @@ learning rate, says which, and continues. The CUDA-graph step applies its update
 a non-finite loss is only seen when the losses are read back (about twice a second): the run restores
 the last good state then, and continues on the plain step, where each update is checked.
 `nan_guard_steps: 0` turns the guard off: the first non-finite loss ends the run as before.
+
+Checkpoints keep what the guard did (`state`): its counts, its actions and the fp16 -> bf16 switch; a
+resumed run switches again before its first step (`resume`). A halved learning rate needs nothing
+more: the optimizer's and the scheduler's state in the checkpoint hold it. The last good LoRA state is
+the checkpoint's own where that is a good state, else kept in it (`state` says when).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from .errors import NonFiniteLoss
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_EVERY = 50  # good optimizer steps between snapshots of the LoRA state (a copy to CPU memory)
+BF16_ACTION = "switched from fp16 to bf16 (same speed, fp32's range)"
 MAX_RESTORES = 3  # restores without one good step between them: the cause is not the LoRA, the run stops
 
 
@@ -126,19 +132,61 @@ class NanGuard:
     def _act(self) -> str:
         """fp16 -> bf16 where the device computes bf16, else half the learning rate."""
         t = self.trainer
-        if t.precision == "fp16" and t.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            t.precision = t.step.precision = "bf16"
-            t.scaler = None
-            t.step.use_autocast = True
-            if t.step.cast_dtype is not None:
-                t.step.cast_dtype = torch.bfloat16
-            return "switched from fp16 to bf16 (same speed, fp32's range)"
+        if t.precision == "fp16" and self._bf16_possible():
+            self._to_bf16()
+            return BF16_ACTION
         t.scheduler.base_lrs = [lr * 0.5 for lr in t.scheduler.base_lrs]
         for group in t.optimizer.param_groups:
             group["lr"] = group["lr"] * 0.5
             if "initial_lr" in group:
                 group["initial_lr"] *= 0.5
         return f"learning rate halved (now {t.scheduler.base_lrs[0]:.3g})"
+
+    def _bf16_possible(self) -> bool:
+        return self.trainer.device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def _to_bf16(self) -> None:
+        t = self.trainer
+        t.precision = t.step.precision = "bf16"
+        t.scaler = None
+        t.step.use_autocast = True
+        if t.step.cast_dtype is not None:
+            t.step.cast_dtype = torch.bfloat16
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """What a checkpoint keeps. A checkpoint at a good step of the plain step is a snapshot point: the
+        state a run resumed from it starts with is the one it would go back to. Otherwise (inside a run of
+        non-finite steps, or on the CUDA-graph step, whose updates are checked late) the snapshot goes into
+        the checkpoint, so a restore after resuming goes back where the uninterrupted run would."""
+        t = self.trainer
+        out = {"skipped": self.skipped, "in_a_row": self.in_a_row, "restores": self._restores,
+               "actions": list(self.actions), "bf16": BF16_ACTION in self.actions}
+        if self.on and self.in_a_row == 0 and t.fast is None:
+            self.snapshot()
+        elif self.on and self._snapshot is not None:
+            weights, optimizer = self._snapshot
+            out["snapshot"] = {"step": self._snapshot_step, "weights": weights, "optimizer": optimizer}
+        out["good_since"] = self._good_since
+        return out
+
+    def resume(self, state: dict | None) -> None:
+        """A checkpoint's guard state; the fp16 -> bf16 switch made again (said, like the first time)."""
+        if not state:
+            return
+        self.skipped, self.in_a_row, self._restores = state["skipped"], state["in_a_row"], state["restores"]
+        self.actions = list(state["actions"])
+        self._good_since = state["good_since"]
+        if "snapshot" in state:
+            saved = state["snapshot"]
+            self._snapshot, self._snapshot_step = (list(saved["weights"]), saved["optimizer"]), saved["step"]
+        if state["bf16"] and self.trainer.precision == "fp16":
+            if self._bf16_possible():
+                self._to_bf16()
+                self._say("resumed in bf16: the run had switched from fp16 to bf16 before the checkpoint")
+            else:
+                self._say(f"the run had switched from fp16 to bf16 before the checkpoint, but {self.trainer.device} "
+                          f"does not compute bf16: resumed in fp16")
 
     def snapshot(self) -> None:
         """The LoRA weights and optimizer state now, in CPU memory."""

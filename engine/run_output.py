@@ -82,6 +82,8 @@ class RunOutput:
         processes hold the same LoRA, optimizer and generator state, so nobody waits for this."""
         step = self.position.step
         self.saved_step = step
+        # on every process: the NaN guard takes its snapshot at a checkpoint (engine/nan_guard.py)
+        guards = {name: guard.state() for name in ("recovery", "nan_guard") if (guard := getattr(self, name, None))}
         if not (self.dist.is_main if writer is None else writer):
             return None
         lora_path, _, _ = self._write_lora(self.out / f"{self.cfg.output_name}-step{step:08d}.safetensors")
@@ -90,7 +92,8 @@ class RunOutput:
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, position=self.position,
             rng=[ckpt.rng_state(self.generator)], cfg_dict=self.dist.run_settings(self.cfg.to_dict()),
             lora_file=lora_path.name,
-            more_weights={EMA_WEIGHTS_FILE: self.ema.kohya_state_dict(None)} if getattr(self, "ema", None) else None)
+            more_weights={EMA_WEIGHTS_FILE: self.ema.kohya_state_dict(None)} if getattr(self, "ema", None) else None,
+            guards=guards)
         ckpt.prune(self.ckpt_root, self.cfg.save_last_n_checkpoints)
         self.events.emit("checkpoint", step=step, path=str(folder), lora_path=str(lora_path))
         return folder

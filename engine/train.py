@@ -167,6 +167,9 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
                 self.watchdog = StallWatchdog(self._say, clock=self.options.clock, factor=factor, min_seconds=seconds,
                                               compiling=cfg.torch_compile)
                 self.parking = EncoderParking.start(model, self.data, self.device, cfg.train_text_encoder)
+                guards = getattr(self, "resumed_guards", {})  # a resumed run goes on with what they changed
+                self.recovery.resume(guards.get("recovery"))
+                self.nan_guard.resume(guards.get("nan_guard"))
                 self.events.emit("start", total_steps=self.total_steps, step=self.position.step,
                                  message=self._summary())
                 self._loop()
@@ -269,6 +272,7 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"][0], self.generator)  # the processes share one generator state
         self.position = ckpt.Position(step=state["step"], micro=state["micro"])
+        self.resumed_guards = state.get("guards") or {}  # applied once the guards exist (_run_loaded)
         self.saved_step = self.position.step
         self.events.emit("info", message=f"resumed from {folder} at step {self.position.step}")
         if self.ema is not None:

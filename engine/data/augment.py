@@ -41,3 +41,9 @@ def flip_where(x: torch.Tensor, flags: list[bool]) -> torch.Tensor:
         return x
     mask = torch.tensor(flags, device=x.device).view(-1, 1, 1, 1)
     return torch.where(mask, torch.flip(x, dims=[3]), x)
+
+
+def per_step_pixel_changes(cfg) -> list[str]:
+    """The options that change an image's pixels every step (`random_crop`, `color_jitter`): its latent
+    differs each time, so it cannot be cached (flips can: both sides are cached)."""
+    return [name for name, on in (("random_crop", cfg.random_crop), ("color_jitter", cfg.color_jitter > 0)) if on]

@@ -25,6 +25,14 @@ def stable_int(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def per_step_caption_change(cfg, train_text_encoder: bool) -> str:
+    """Why a caption's text conditioning cannot be cached ("" when it can): a trained text encoder, or
+    captions that change every step."""
+    return ("the text encoder is trained" if train_text_encoder else
+            "shuffle_caption changes captions every step" if cfg.shuffle_caption else
+            "caption_tag_dropout_rate changes captions every step" if cfg.caption_tag_dropout_rate else "")
+
+
 def split_tags(caption: str, separator: str = ",") -> list[str]:
     return [t.strip() for t in caption.split(separator) if t.strip()]
 

@@ -20,7 +20,7 @@ from ..config import TrainConfig
 from ..errors import DatasetError
 from ..model import Conditioning, TrainableModel
 from ..runtime import autocast
-from .augment import color_jitter, flip_where, jitter_params
+from .augment import color_jitter, flip_where, jitter_params, per_step_pixel_changes
 from .buckets import BucketAssigner, Placement
 from .latent_check import bad_samples, encode_checked
 from .cache import CachedLatent, LatentStore, TextCache, file_digest
@@ -29,7 +29,8 @@ from .masks import MaskSource, to_latent_size
 from .plan import BatchPlan, Sample, build_samples, count_batches, epoch_batches
 from .records import ImageRecord, Subset, scan_dataset
 from .validation_split import held_out
-from .text import fixed_caption, process_caption, sample_rng, split_tags, tag_frequency, with_trigger
+from .text import (fixed_caption, per_step_caption_change, process_caption, sample_rng, split_tags, tag_frequency,
+                   with_trigger)
 
 CACHE_DIR_NAME = ".lora_cache"  # hidden, so dataset scans never mistake it for a subset
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow < 9.1 has no Resampling
@@ -129,7 +130,7 @@ class TrainData:
         mode = cfg.cache_latents
         if mode == "off":
             return None
-        changing = [n for n, on in (("random_crop", cfg.random_crop), ("color_jitter", cfg.color_jitter > 0)) if on]
+        changing = per_step_pixel_changes(cfg)
         if changing:
             if mode != "auto":
                 self.warnings.append(f"cache_latents: {mode} is ignored because {' and '.join(changing)} "
@@ -141,9 +142,7 @@ class TrainData:
         mode = self.cfg.cache_text_encoder_outputs
         if mode == "off":
             return False
-        why = ("the text encoder is trained" if train_text_encoder else
-               "shuffle_caption changes captions every step" if self.cfg.shuffle_caption else
-               "caption_tag_dropout_rate changes captions every step" if self.cfg.caption_tag_dropout_rate else "")
+        why = per_step_caption_change(self.cfg, train_text_encoder)
         if why and mode == "on":
             self.warnings.append(f"cache_text_encoder_outputs: on is ignored because {why}.")
         return not why

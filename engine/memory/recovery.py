@@ -4,11 +4,16 @@ plan that fits, instead of ending the run.
 The plans, in order (each one cheaper in speed than the next):
   1. gradient checkpointing on (about 35% slower, a fraction of the activations);
   2. the micro-batch halved, its two halves' gradients summed (the same images per update, in the same
-     order, with the same noise: the run's numbers keep their meaning), again down to single images.
+     order, with the same noise: the run's numbers keep their meaning), again down to single images;
+  3. caching on the CPU (engine/memory/cache_plan.py): latents and text conditioning that the step
+     encodes are cached once and the encoders parked off the device (offered where something can be
+     cached; what cannot, and why, is said with the change).
 Each change is announced as an info event, kept in the LoRA's metadata (`inplace_lora_recovery`) and
-holds to the end of the run (a resumed run starts from its config again). The CUDA-graph step is
-rebuilt after checkpointing is turned on and dropped when the batch is split (its graph replays whole
-batches). When no plan is left the error says so, with the memory estimate's advice; the run's usual
+holds to the end of the run; checkpoints keep the changes (`state`), and a run resumed from one makes
+them again before its first step (`resume`), so it does not run out of memory again where the
+interrupted run did, and trains as that run would have. The CUDA-graph step is
+rebuilt after checkpointing or caching is turned on and dropped when the batch is split (its graph
+replays whole batches). When no plan is left the error says so, with the memory estimate's advice; the run's usual
 error path keeps a checkpoint at the last finished step.
 
 `EngineOptions.inject_oom_at` raises an out-of-memory error inside chosen steps (the CPU tests'
@@ -27,6 +32,8 @@ import logging
 import torch
 
 from ..errors import UserError
+from . import cache_plan
+from .cache_plan import CACHE
 
 logger = logging.getLogger(__name__)
 CHECKPOINTING, SPLIT = "gradient_checkpointing", "half_micro_batch"
@@ -79,14 +86,36 @@ class OutOfMemoryRecovery:
         if change is None:
             advice = getattr(t, "memory_advice", None)
             tried = ", ".join(c["change"] for c in self.changes) or "nothing"
+            uncached = cache_plan.choose(t).not_cached
             raise UserError(f"out of memory on {t.device} at step {step}, with every recovery plan tried "
-                            f"({tried}). " + (f"Memory: {advice.text}. " if advice is not None else "")
+                            f"({tried}). " + (f"Not cached: {'; '.join(uncached)}. " if uncached else "")
+                            + (f"Memory: {advice.text}. " if advice is not None else "")
                             + "Lower the resolution or use a GPU with more free memory; the run can resume "
                             "from its last checkpoint.") from exc
         self._apply(change, step, f"out of memory at step {step}")
         micro, rng = self._restart
         t.generator.set_state(rng)
         return micro
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """What a checkpoint keeps: the changes made so far, in order."""
+        return {"changes": [dict(c) for c in self.changes]}
+
+    def resume(self, state: dict | None) -> None:
+        """Make a checkpoint's changes again (a change the resumed config makes already is skipped)."""
+        for change in (state or {}).get("changes", []):
+            if self._needed(change["change"]):
+                self._apply(change["change"], change["step"], "resumed", record=False)
+            self.changes.append(dict(change))
+
+    def _needed(self, change: str) -> bool:
+        t = self.trainer
+        if change == CHECKPOINTING:
+            return not self.checkpointing and t.model.checkpointing(t.cfg.train_text_encoder) is not None
+        if change == CACHE:
+            return cache_plan.choose(t).any
+        return change == SPLIT
 
     # --- the plans -----------------------------------------------------------------------------------
     def _next(self) -> str | None:
@@ -95,9 +124,11 @@ class OutOfMemoryRecovery:
             return CHECKPOINTING
         if t.cfg.batch_size // self.split > 1:
             return SPLIT
+        if cache_plan.choose(t).any:
+            return CACHE
         return None
 
-    def _apply(self, change: str, step: int, why: str) -> None:
+    def _apply(self, change: str, step: int, why: str, record: bool = True) -> None:
         t = self.trainer
         if change == CHECKPOINTING:
             self._stack.enter_context(t.model.checkpointing(t.cfg.train_text_encoder))
@@ -116,10 +147,17 @@ class OutOfMemoryRecovery:
             size = max(1, t.cfg.batch_size // self.split)
             what = (f"micro-batch halved: each batch of {t.cfg.batch_size} is trained as {self.split} parts of "
                     f"{size} with their gradients summed (the same images per update)")
+        elif change == CACHE:
+            what = cache_plan.apply(t)
+            if self.split == 1 and t.fast is None:
+                t._setup_fast_step()  # the graphed step takes batches whose text is cached
         else:
             raise ValueError(change)
-        self.changes.append({"step": step, "change": change, "detail": what})
-        message = f"{why}: {what}; training step {step} again" if why.startswith("out of") else f"{why}: {what}"
+        if record:
+            self.changes.append({"step": step, "change": change, "detail": what})
+        message = (f"{why}: {what}; training step {step} again" if why.startswith("out of") else
+                   f"resumed with the out-of-memory recovery of step {step}: {what}" if why == "resumed" else
+                   f"{why}: {what}")
         logger.info(message)
         t.events.emit("info", message=message)
 

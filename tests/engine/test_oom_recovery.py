@@ -118,3 +118,21 @@ def test_the_failed_steps_tensors_are_freed_before_the_retry(data, tmp_path, mon
     monkeypatch.setattr(recovery.OutOfMemoryRecovery, "_apply", apply)
     result, _ = _run(data, tmp_path, EngineOptions(inject_oom_at=(2,)))
     assert result.steps == 5 and seen_alive == [False]
+
+
+def test_no_plan_left_gives_the_memory_estimates_advice(data, tmp_path, monkeypatch):
+    """Where the device reports its free memory (CUDA), the final error carries the estimate's advice;
+    here the CPU is made to report 1 MiB free, which no setting fits."""
+    import engine.memory.run as memory_run
+
+    monkeypatch.setattr(memory_run, "free_memory", lambda device: 2**20)
+    events = []
+    cfg = quick_config(data, tmp_path, max_train_steps=5, batch_size=1, gradient_checkpointing=True)
+    with pytest.raises(UserError, match=r"at step 2, with every recovery plan tried \(nothing\)\. Memory: needs "
+                                        r"about [0-9.]+ GiB at batch 1; cpu has 0\.0 GiB free.*: it will not fit "
+                                        r"even at batch 1 with gradient checkpointing.*the run can resume"):
+        train(cfg, tiny_sd1(seed=3), callbacks=[FunctionCallback(on_event=events.append)],
+              options=EngineOptions(inject_oom_at=(2,)))
+    assert "; memory: needs about" in next(e.message for e in events if e.kind == "start")
+    error = [e for e in events if e.kind == "error"][-1]
+    assert error.path and error.path.endswith("step-00000001")
