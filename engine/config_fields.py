@@ -79,6 +79,10 @@ class TrainConfig:
                                "the caption is encoded in 75-token windows and joined; for long tag lists). "
                                "In ComfyUI the windows are ComfyUI's own 77-token chunks; A1111 needs 75.",
                                group="data", choices=(75, 150, 225))
+    t5xxl_max_token_length: int = _f(0, "Flux.1: T5-XXL tokens per caption (kohya's option); 0 = kohya's default, "
+                                     "512 for dev and 256 for schnell. Longer captions are cut, shorter ones padded. "
+                                     "In ComfyUI the loaded CLIP's tokenizer pads T5 to this length and longer "
+                                     "captions are cut to it.", group="data", minimum=0)
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", group="data",
                                 aliases=("caption_dropout_rate",), minimum=0)
     caption_tag_dropout_rate: float = _f(0.0, "Probability of dropping each comma-separated tag of a caption "

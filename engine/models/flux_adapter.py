@@ -2,8 +2,8 @@
 
 The transformer is the engine's BFL module tree (flux_model.py) run by flux_forward.py; the autoencoder
 is diffusers' AutoencoderKL (latents scaled and shifted as Flux's latent format: (z - 0.1159) * 0.3611);
-captions go through CLIP-L (pooled output, 77 tokens) and T5 (hidden states, `T5_TOKENS` tokens, no
-attention mask, as kohya by default). `fp8_base` stores the transformer's Linear weights in float8 and
+captions go through CLIP-L (pooled output, 77 tokens) and T5 (hidden states, `t5xxl_max_token_length`
+tokens: kohya's 512 for dev, 256 for schnell by default; no attention mask, as kohya by default). `fp8_base` stores the transformer's Linear weights in float8 and
 autocast computes each in bf16/fp16 (engine/models/fp8.py), as kohya's --fp8_base does.
 """
 
@@ -16,12 +16,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..families.flux1 import t5_tokens
 from ..model import Conditioning, ModelInfo, TrainableModel
 from ..objectives import FlowObjective
 from .flux_forward import flux_forward
 from .flux_tiny import FLUX_SCALE, FLUX_SHIFT
-
-T5_TOKENS = 256  # as the ComfyUI path (ComfyUI pads T5 to 256) and kohya's schnell default
 
 
 class FluxModel(TrainableModel):
@@ -34,6 +33,7 @@ class FluxModel(TrainableModel):
                               variant="dev" if self.guidance_embed else "schnell")
         self.device, self.dtype = torch.device(device), dtype
         self.source_path = source_path
+        self.t5_tokens = t5_tokens(0, self.info.variant)
         self._checkpoint = False
 
     # --- layers -----------------------------------------------------------------------------------
@@ -46,6 +46,9 @@ class FluxModel(TrainableModel):
 
     def trainable_roots(self) -> list[nn.Module]:
         return [self.transformer, self.clip_l]
+
+    def set_text_options(self, cfg) -> None:
+        self.t5_tokens = t5_tokens(cfg.t5xxl_max_token_length, self.info.variant)
 
     def objective(self) -> FlowObjective:
         return FlowObjective(sampling=self.info.spec.timestep_sampling, guidance=1.0 if self.guidance_embed else None)
@@ -69,7 +72,7 @@ class FluxModel(TrainableModel):
 
         ids = tokenize(self.clip_tok, captions).to(self.device)
         pooled = self.clip_l(ids).pooler_output
-        t5_ids = self.t5_tok(list(captions), padding="max_length", max_length=T5_TOKENS, truncation=True,
+        t5_ids = self.t5_tok(list(captions), padding="max_length", max_length=self.t5_tokens, truncation=True,
                              return_tensors="pt").input_ids.to(self.device)
         with torch.no_grad():  # T5 is never trained
             context = self.t5(t5_ids).last_hidden_state

@@ -63,7 +63,7 @@ def _config(files, data, out, **changes):
                   t5xxl_tokenizer=str(files / "t5_tokenizer.json"), train_data_dir=str(data), output_dir=str(out),
                   output_name="flux", resolution="64", batch_size=2, max_train_steps=3, lora_rank=4,
                   learning_rate=1e-3, save_every_n_epochs=0, lr_scheduler="constant", warmup_steps=0, seed=3,
-                  device="cpu", gradient_checkpointing=True)
+                  device="cpu", gradient_checkpointing=True, t5xxl_max_token_length=32)
     values.update(changes)
     return TrainConfig(**values)
 
@@ -150,3 +150,31 @@ def test_the_flux_preset_config_reads_as_kohyas_guide():
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.fp8_base, cfg.mixed_precision) == (16, 1.0, True, "bf16")
     assert (cfg.timestep_sampling, cfg.guidance_scale, cfg.gradient_checkpointing) == ("flux_shift", 1.0, True)
     assert cfg.ae == cfg.clip_l == cfg.t5xxl == ""  # set per run, as base_model
+
+
+def test_the_cached_t5_context_has_t5xxl_max_token_length_tokens(flux_files, data, tmp_path):
+    """kohya's t5xxl_max_token_length is the length of every T5 context the run encodes and caches; 0
+    (the default) is kohya's 512 for dev."""
+    from engine.models.flux_adapter import load_flux
+
+    cfg = _config(flux_files, data, tmp_path, max_train_steps=1, t5xxl_max_token_length=24)
+    model = load_flux(cfg, flux_files / "flux1-micro.safetensors", device="cpu", dtype=torch.float32)
+    assert model.encode_text(["a photo"])["context"].shape[1] == 512  # dev, before the run sets it
+    lengths = []
+    encode = model.encode_text
+
+    def recording(captions):
+        cond = encode(captions)
+        lengths.append(cond["context"].shape[1])
+        return cond
+
+    model.encode_text = recording
+    train(cfg, model)
+    assert lengths and set(lengths) == {24}
+
+
+def test_schnell_defaults_to_256_t5_tokens():
+    from engine.families.flux1 import t5_tokens
+
+    assert (t5_tokens(0, "schnell"), t5_tokens(0, "dev"), t5_tokens(300, "schnell")) == (256, 512, 300)
+    assert TrainConfig.from_dict({"t5xxl_max_token_length": 128}).t5xxl_max_token_length == 128

@@ -55,3 +55,49 @@ def test_fill_models_and_sd_clips_are_refused():
     sd_clip = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=object()))
     with pytest.raises(ModelError, match="not Flux's text encoder.*DualCLIPLoader"):
         ComfyFluxModel(_patcher(nn.Linear(4, 4)), sd_clip, object())
+
+
+class _RecordingFluxClip:
+    """A ComfyUI Flux CLIP as the adapter calls it: the T5 tokenizer pads to `t5xxl_min_length` (ComfyUI's
+    option, 256 by default) and never cuts; the cond has one row per T5 token."""
+
+    def __init__(self, caption_tokens: int = 4):
+        self.cond_stage_model = SimpleNamespace(t5xxl=object(), clip_l=SimpleNamespace(transformer=nn.Linear(2, 2)))
+        self.caption_tokens, self.options = caption_tokens, []
+
+    def tokenize(self, text, tokenizer_options=None):
+        min_length = (tokenizer_options or {}).get("t5xxl_min_length", 256)
+        self.options.append(tokenizer_options)
+        return {"t5xxl": max(min_length, self.caption_tokens)}
+
+    def encode_from_tokens(self, tokens, return_pooled=True, return_dict=True):
+        return {"cond": torch.randn(1, tokens["t5xxl"], 8), "pooled_output": torch.randn(1, 6)}
+
+
+def _trainable_patcher(guidance_embed=True):
+    mp = _patcher(nn.Linear(4, 4))
+    mp.model.model_config.unet_config["guidance_embed"] = guidance_embed
+    mp.model.manual_cast_dtype = torch.float32
+    return mp
+
+
+@pytest.mark.parametrize("setting, caption_tokens, expected", [(0, 4, 512), (64, 4, 64), (64, 300, 64)])
+def test_comfyui_t5_context_has_t5xxl_max_token_length_tokens(setting, caption_tokens, expected):
+    from inplace_lora_pack.engine.config import TrainConfig
+
+    clip = _RecordingFluxClip(caption_tokens)
+    model = ComfyFluxModel(_trainable_patcher(), clip, object())
+    model.set_text_options(TrainConfig(t5xxl_max_token_length=setting))
+    with torch.enable_grad():  # (without grad the adapter asks ComfyUI to bring the model back)
+        cond = model.encode_text(["a photo", "stripes"])
+    assert cond["context"].shape == (2, expected, 8)
+    assert clip.options[-1] == {"t5xxl_min_length": expected}  # padded by ComfyUI's tokenizer, not by zeros
+
+
+def test_comfyui_schnell_defaults_to_256_t5_tokens():
+    from inplace_lora_pack.engine.config import TrainConfig
+
+    model = ComfyFluxModel(_trainable_patcher(guidance_embed=False), _RecordingFluxClip(), object())
+    model.set_text_options(TrainConfig())
+    with torch.enable_grad():
+        assert model.encode_text(["a photo"])["context"].shape[1] == 256
