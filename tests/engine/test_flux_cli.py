@@ -81,6 +81,22 @@ def test_a_flux_lora_trains_from_local_files(flux_files, data, tmp_path):
     assert result.lora_path.is_file()
 
 
+def test_the_flux_file_carries_the_flow_options_and_no_ddpm_ones(flux_files, data, tmp_path):
+    """kohya's flux_train_network.py metadata (update_metadata) and none of the DDPM-only options, even at
+    their defaults (min_snr_gamma 5)."""
+    from engine.lora.kohya_io import read_lora
+
+    cfg = _config(flux_files, data, tmp_path, max_train_steps=1, timestep_sampling="shift",
+                  discrete_flow_shift=3.1582, guidance_scale=1.0)
+    assert cfg.min_snr_gamma == 5.0
+    _, md = read_lora(train(cfg).lora_path)
+    assert (md["ss_timestep_sampling"], md["ss_discrete_flow_shift"]) == ("shift", "3.1582")
+    assert (md["ss_guidance_scale"], md["ss_model_prediction_type"]) == ("1.0", "raw")
+    ddpm_only = ("ss_min_snr_gamma", "ss_multires_noise_iterations", "ss_multires_noise_discount",
+                 "ss_ip_noise_gamma", "ss_ip_noise_gamma_random_strength", "modelspec.prediction_type")
+    assert [k for k in ddpm_only if k in md] == []
+
+
 def test_fp8_base_trains_with_fp8_linear_weights(flux_files, data, tmp_path):
     result = train(_config(flux_files, data, tmp_path, fp8_base=True, mixed_precision="bf16"))
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
