@@ -301,7 +301,11 @@ class TrainConfig:
     sample_every_n_steps: int = _f(0, "Preview every N steps (0 = off).", group="sample", minimum=0)
     sample_every_n_epochs: int = _f(0, "Preview every N epochs (0 = off).", group="sample", minimum=0)
     sample_steps: int = _f(20, "Sampling steps for previews.", group="sample", minimum=1)
-    sample_cfg: float = _f(7.0, "CFG scale for previews.", group="sample", minimum=0)
+    sample_cfg: float = _f(7.0, "CFG scale for SD previews (Flux.1 previews sample with CFG 1, as kohya's).",
+                           group="sample", minimum=0)
+    sample_guidance: float = _f(3.5, "Flux.1 dev previews: the value of the model's guidance input (FluxGuidance's "
+                                "3.5; kohya's --g in a prompt line). Schnell has no guidance input.", group="sample",
+                                minimum=0)
     sample_seed: int = _f(1234, "Seed for previews, the same every time so they compare.", group="sample")
 
     # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ checkpointing when asked. ComfyUI's Linears still do their own casting, so weigh
 bf16 on a GPU), and nothing is dequantised into a second copy. Captions go through the loaded CLIP
 (DualCLIPLoader clip_l + t5xxl, type flux: T5 hidden states and CLIP-L's pooled output), images through
 the loaded VAE and `latent_format.process_in`; conditioning is cached by the run like any other.
-Previews use ComfyUI's sampler with the conditioning's guidance, as FluxGuidance sets it.
+Previews use ComfyUI's sampler with the run's sample_guidance in the conditioning, as FluxGuidance sets it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .comfy_adapter import ComfyModel, escape_caption
 
 LOADERS = ("Load Diffusion Model (weight_dtype default, fp8_e4m3fn or fp8_e4m3fn_fast) or Load Checkpoint "
            "for the model, DualCLIPLoader (clip_l + t5xxl, type flux) and Load VAE (ae.safetensors)")
-PREVIEW_GUIDANCE = 3.5  # FluxGuidance's default; Flux dev samples with CFG 1
+PREVIEW_GUIDANCE = 3.5  # FluxGuidance's default (the run passes its sample_guidance); Flux dev samples with CFG 1
 
 
 def is_flux(model_patcher) -> bool:
@@ -170,9 +170,10 @@ class ComfyFluxModel(ComfyModel):
     # --- previews -----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int, steps: int, cfg: float, width: int, height: int,
-               negative: str = "") -> list:
-        """Flux previews as a ComfyUI Flux workflow makes them: euler / simple, CFG 1 and the guidance in
-        the conditioning (FluxGuidance's 3.5); the run's sample_cfg is for SD models."""
+               negative: str = "", guidance: float = PREVIEW_GUIDANCE) -> list:
+        """Flux previews as a ComfyUI Flux workflow makes them: euler / simple, `cfg` (1 unless a prompt's
+        --l says otherwise) and `guidance` in the conditioning, as FluxGuidance puts it (the run's
+        sample_guidance, 3.5 by default)."""
         import comfy.sample
         from PIL import Image
 
@@ -180,17 +181,17 @@ class ComfyFluxModel(ComfyModel):
         for prompt in prompts:
             latent = torch.zeros([1, 16, height // 8, width // 8])
             noise = comfy.sample.prepare_noise(latent, seed)
-            positive = self._conditioning(prompt)
-            samples = comfy.sample.sample(self.mp, noise, steps, 1.0, self.sampler_name, self.scheduler, positive,
-                                          self._conditioning(negative), latent, disable_pbar=True, seed=seed)
+            positive, negative_cond = self._guided(prompt, guidance), self._guided(negative, guidance)
+            samples = comfy.sample.sample(self.mp, noise, steps, cfg, self.sampler_name, self.scheduler, positive,
+                                          negative_cond, latent, disable_pbar=True, seed=seed)
             pixels = self.vae.decode(samples)
             for img in pixels.reshape(-1, *pixels.shape[-3:]):
                 images.append(Image.fromarray((img.float().clamp(0, 1) * 255).round().byte().cpu().numpy()))
         self._resident()
         return images
 
-    def _conditioning(self, text: str) -> list:
-        cond = super()._conditioning(text)
+    def _guided(self, text: str, guidance: float) -> list:
+        cond = self._conditioning(text)
         if self.guidance_embed:
-            cond[0][1]["guidance"] = PREVIEW_GUIDANCE
+            cond[0][1]["guidance"] = float(guidance)
         return cond

@@ -101,3 +101,52 @@ def test_comfyui_schnell_defaults_to_256_t5_tokens():
     model.set_text_options(TrainConfig())
     with torch.enable_grad():
         assert model.encode_text(["a photo"])["context"].shape[1] == 256
+
+
+@pytest.fixture
+def fake_comfy_sampler(monkeypatch):
+    """comfy.sample as the adapter calls it, recording the CFG and the conditionings it is given."""
+    import sys
+
+    calls = []
+
+    def sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kw):
+        calls.append({"cfg": cfg, "positive": positive[0][1], "negative": negative[0][1]})
+        return latent
+
+    comfy = SimpleNamespace(sample=SimpleNamespace(prepare_noise=lambda latent, seed: torch.zeros_like(latent),
+                                                   sample=sample),
+                            model_management=SimpleNamespace(load_models_gpu=lambda *a, **k: None))
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.sample", comfy.sample)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", comfy.model_management)
+    return calls
+
+
+@pytest.mark.parametrize("line, setting, guidance, cfg", [("a cat", 3.5, 3.5, 1.0), ("a cat", 2.0, 2.0, 1.0),
+                                                         ("a cat --g 5 --l 2", 2.0, 5.0, 2.0)])
+def test_comfyui_flux_previews_use_sample_guidance(fake_comfy_sampler, line, setting, guidance, cfg):
+    """The run's sample_guidance (or a prompt's --g, kohya's option) reaches ComfyUI's sampler as the
+    conditioning's guidance, as FluxGuidance puts it; CFG is 1 unless the prompt's --l says otherwise (the SD
+    setting sample_cfg 7 does not apply)."""
+    from inplace_lora_pack.engine.config import TrainConfig
+    from inplace_lora_pack.engine.sample import load_prompts, render_previews
+
+    vae = SimpleNamespace(decode=lambda samples: torch.zeros(1, 16, 16, 3))
+    model = ComfyFluxModel(_trainable_patcher(), _RecordingFluxClip(), vae)
+    run = TrainConfig(sample_prompts=[line], sample_guidance=setting, sample_cfg=7.0)
+    images = render_previews(model, load_prompts(run), run, (128, 128))
+    assert len(images) == 1 and len(fake_comfy_sampler) == 1
+    call = fake_comfy_sampler[0]
+    assert (call["positive"]["guidance"], call["negative"]["guidance"], call["cfg"]) == (guidance, guidance, cfg)
+
+
+def test_comfyui_schnell_previews_have_no_guidance(fake_comfy_sampler):
+    from inplace_lora_pack.engine.config import TrainConfig
+    from inplace_lora_pack.engine.sample import load_prompts, render_previews
+
+    vae = SimpleNamespace(decode=lambda samples: torch.zeros(1, 16, 16, 3))
+    model = ComfyFluxModel(_trainable_patcher(guidance_embed=False), _RecordingFluxClip(), vae)
+    run = TrainConfig(sample_prompts=["a cat"])
+    render_previews(model, load_prompts(run), run, (128, 128))
+    assert "guidance" not in fake_comfy_sampler[0]["positive"]
