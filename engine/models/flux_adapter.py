@@ -82,6 +82,14 @@ class FluxModel(TrainableModel):
         return flux_forward(self.transformer, noisy, timesteps.float(), cond["context"], cond["pooled"],
                             cond.get("guidance"), checkpoint=self._checkpoint)
 
+    def sample(self, prompts: list[str], *, seed: int, steps: int, cfg: float, width: int, height: int,
+               negative: str = "", guidance: float = 3.5) -> list:
+        """Previews with the LoRA as trained so far (engine/models/flux_preview.py)."""
+        from .flux_preview import sample_flux
+
+        return sample_flux(self, prompts, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
+                           negative=negative, guidance=guidance)
+
     # --- lifetime -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def session(self, gradient_checkpointing: bool, train_text_encoder: bool):

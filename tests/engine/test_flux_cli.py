@@ -194,3 +194,49 @@ def test_schnell_defaults_to_256_t5_tokens():
 
     assert (t5_tokens(0, "schnell"), t5_tokens(0, "dev"), t5_tokens(300, "schnell")) == (256, 512, 300)
     assert TrainConfig.from_dict({"t5xxl_max_token_length": 128}).t5xxl_max_token_length == 128
+
+
+def test_cli_flux_previews_show_the_lora_as_it_trains(flux_files, data, tmp_path):
+    """sample_prompts / sample_every_n_steps on a Flux config: PNGs in the run's samples folder, made with
+    the engine's Flux and the flow sampler at the run's sample_guidance; the same seed gives the same base
+    image, another guidance another one, and the trained LoRA changes it."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.models.flux_adapter import load_flux
+
+    cfg = _config(flux_files, data, tmp_path, max_train_steps=2, sample_prompts=["stripes --s 2"],
+                  sample_every_n_steps=2, learning_rate=0.1, sample_guidance=2.0)
+    model = load_flux(cfg, flux_files / "flux1-micro.safetensors", device="cpu", dtype=torch.float32)
+    kw = dict(seed=cfg.sample_seed, steps=2, cfg=1.0, width=64, height=64)
+    step0 = np.asarray(model.sample(["stripes"], guidance=2.0, **kw)[0])
+    assert (step0 == np.asarray(model.sample(["stripes"], guidance=2.0, **kw)[0])).all()  # seeded
+    assert not (step0 == np.asarray(model.sample(["stripes"], guidance=3.5, **kw)[0])).all()
+    calls, sample = [], model.sample
+
+    def recording(prompts, **options):
+        calls.append(options)
+        return sample(prompts, **options)
+
+    model.sample = recording
+    result = train(cfg, model)
+    assert [(c["guidance"], c["cfg"], c["steps"], c["seed"]) for c in calls] == [(2.0, 1.0, 2, cfg.sample_seed)]
+    pngs = sorted(p.name for p in (result.output_dir / "samples").glob("*.png"))
+    assert pngs == ["step000002_00.png"]
+    later = np.asarray(Image.open(result.output_dir / "samples" / "step000002_00.png"))
+    assert later.shape == step0.shape == (64, 64, 3)
+    assert np.abs(later.astype(int) - step0.astype(int)).max() > 8  # (the random tiny VAE damps it)
+
+
+def test_the_flow_sampler_follows_kohyas_shifted_schedule():
+    import math
+
+    from engine.objectives.flow_sampler import euler_flow, flux_schedule
+
+    sigmas = flux_schedule(4, 256)  # mu = 0.5 at 256 tokens
+    t = torch.linspace(1, 0, 5, dtype=torch.float64)
+    expected = math.exp(0.5) / (math.exp(0.5) + (1 / t - 1))
+    assert torch.allclose(sigmas, expected) and (sigmas[0], sigmas[-1]) == (1.0, 0.0)
+    # a constant velocity v carries x from sigma 1 to 0 by -v, whatever the schedule
+    x = euler_flow(lambda x, s: torch.ones_like(x), torch.zeros(1, 4), sigmas)
+    assert torch.allclose(x, -torch.ones(1, 4))
