@@ -3,8 +3,9 @@
 The transformer is the engine's BFL module tree (flux_model.py) run by flux_forward.py; the autoencoder
 is diffusers' AutoencoderKL (latents scaled and shifted as Flux's latent format: (z - 0.1159) * 0.3611);
 captions go through CLIP-L (pooled output, 77 tokens) and T5 (hidden states, `t5xxl_max_token_length`
-tokens: kohya's 512 for dev, 256 for schnell by default; no attention mask, as kohya by default). `fp8_base` stores the transformer's Linear weights in float8 and
-autocast computes each in bf16/fp16 (engine/models/fp8.py), as kohya's --fp8_base does.
+tokens: kohya's 512 for dev, 256 for schnell by default; no attention mask, as kohya by default).
+`fp8_base` stores the transformer's Linear weights in float8 and autocast computes each in bf16/fp16
+(engine/models/fp8.py), as kohya's --fp8_base does.
 """
 
 from __future__ import annotations
@@ -103,19 +104,19 @@ class FluxModel(TrainableModel):
 
 
 def load_flux(cfg, path: Path, *, device, dtype: torch.dtype) -> FluxModel:
-    """Flux.1 from the BFL transformer at `path` and the config's ae / clip_l / t5xxl files."""
+    """Flux.1 from `path` (a BFL transformer file with the config's ae / clip_l / t5xxl files, an all-in-one
+    checkpoint or a diffusers folder: engine/models/flux_sources.py)."""
     from .clip_tokenizer import clip_tokenizer
-    from .flux_load import load_clip_l, load_t5, load_transformer, load_vae, require_parts, t5_tokenizer
+    from .flux_sources import load_transformer, part_loaders, t5_tokenizer
 
-    require_parts(cfg, path.name)
-    t5_path = Path(cfg.t5xxl).expanduser()
+    loaders = part_loaders(cfg, path)
     transformer = load_transformer(path, dtype)
-    vae, clip_l, t5 = load_vae(Path(cfg.ae).expanduser()), load_clip_l(Path(cfg.clip_l).expanduser()), load_t5(t5_path)
+    vae, clip_l, t5 = loaders["ae"](), loaders["clip_l"](), loaders["t5xxl"]()
     for module in (transformer, vae, clip_l, t5):
         module.requires_grad_(False).eval()
     torch.nn.Module.to(transformer, device)
     torch.nn.Module.to(vae, device, torch.float32)
     torch.nn.Module.to(clip_l, device, dtype)
     torch.nn.Module.to(t5, device, dtype)
-    return FluxModel(transformer, vae, clip_l, t5, clip_tokenizer(), t5_tokenizer(t5_path, cfg.t5xxl_tokenizer),
+    return FluxModel(transformer, vae, clip_l, t5, clip_tokenizer(), t5_tokenizer(cfg, path),
                      name=path.name, device=device, dtype=dtype, source_path=path)
