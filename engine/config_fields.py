@@ -79,6 +79,10 @@ class TrainConfig:
                                "the caption is encoded in 75-token windows and joined; for long tag lists). "
                                "In ComfyUI the windows are ComfyUI's own 77-token chunks; A1111 needs 75.",
                                group="data", choices=(75, 150, 225))
+    t5xxl_max_token_length: int = _f(0, "Flux.1: T5-XXL tokens per caption (kohya's option); 0 = kohya's default, "
+                                     "512 for dev and 256 for schnell. Longer captions are cut, shorter ones padded. "
+                                     "In ComfyUI the loaded CLIP's tokenizer pads T5 to this length and longer "
+                                     "captions are cut to it.", group="data", minimum=0)
     caption_dropout: float = _f(0.0, "Probability of training a step with an empty caption.", group="data",
                                 aliases=("caption_dropout_rate",), minimum=0)
     caption_tag_dropout_rate: float = _f(0.0, "Probability of dropping each comma-separated tag of a caption "
@@ -297,7 +301,11 @@ class TrainConfig:
     sample_every_n_steps: int = _f(0, "Preview every N steps (0 = off).", group="sample", minimum=0)
     sample_every_n_epochs: int = _f(0, "Preview every N epochs (0 = off).", group="sample", minimum=0)
     sample_steps: int = _f(20, "Sampling steps for previews.", group="sample", minimum=1)
-    sample_cfg: float = _f(7.0, "CFG scale for previews.", group="sample", minimum=0)
+    sample_cfg: float = _f(7.0, "CFG scale for SD previews (Flux.1 previews sample with CFG 1, as kohya's).",
+                           group="sample", minimum=0)
+    sample_guidance: float = _f(3.5, "Flux.1 dev previews: the value of the model's guidance input (FluxGuidance's "
+                                "3.5; kohya's --g in a prompt line). Schnell has no guidance input.", group="sample",
+                                minimum=0)
     sample_seed: int = _f(1234, "Seed for previews, the same every time so they compare.", group="sample")
 
     # ------------------------------------------------------------------------------------------------

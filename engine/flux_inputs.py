@@ -1,6 +1,7 @@
-"""A Flux.1 run's inputs from disk: the transformer at `base_model` with the config's ae / clip_l / t5xxl
-files (engine/models/flux_load.py), `fp8_base` applied to its Linear weights, and the dataset at
-Flux's native 1024 px. Called by run_inputs when `base_model` is a BFL Flux file."""
+"""A Flux.1 run's inputs from disk: the model at `base_model` (a BFL transformer with the config's ae /
+clip_l / t5xxl files, an all-in-one checkpoint or a diffusers folder: engine/models/flux_sources.py),
+`fp8_base` applied to its Linear weights, and the dataset at Flux's native 1024 px. Called by run_inputs
+when `base_model` is a Flux file or folder."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from .runtime import compute_dtype, resolve_device, resolve_precision
 
 def load_flux_inputs(cfg, path: Path, data, dist, events):
     from .models.flux_adapter import load_flux
-    from .models.flux_load import require_parts
+    from .models.flux_sources import part_loaders
     from .run_inputs import RunInputs, _dataset, _file_key
 
     spec = get_family("flux1")
     check_family_options(cfg, spec)  # before the dataset scan and a 24 GB load
-    require_parts(cfg, path.name)
+    part_loaders(cfg, path)  # every part found (nothing loaded yet), or a message naming the missing ones
     if data is None:
         data = _dataset(cfg, dist, spec.resolution, _file_key("flux1", path), spec)
     device = dist.device(resolve_device(cfg.device))

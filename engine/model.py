@@ -132,6 +132,10 @@ class TrainableModel(ABC):
                               f"support {2 * size} and {3 * size}.")
         self.token_windows = windows
 
+    def set_text_options(self, cfg) -> None:
+        """Read the run's text settings that only some families have (Flux.1: t5xxl_max_token_length),
+        before any caption is encoded. Default: none."""
+
     def computes_in(self, dtype: torch.dtype, *, text_encoder: bool) -> bool:
         """True when every floating weight the training forward runs through (the denoiser, and the
         text encoders when they are trained) already is `dtype`: then the step needs no autocast."""

@@ -60,9 +60,9 @@ def _load_from_disk(cfg: TrainConfig, data, dist, events) -> RunInputs:
     if demo:
         family, native = "sd1", DEMO_SIZE
     else:
-        from .models.flux_load import is_flux_file
+        from .models.flux_sources import is_flux_source
 
-        if is_flux_file(path):  # Flux.1: the transformer, with ae / clip_l / t5xxl set beside it
+        if is_flux_source(path):  # Flux.1: a transformer file (+ ae / clip_l / t5xxl), all-in-one, or diffusers
             from .flux_inputs import load_flux_inputs
 
             return load_flux_inputs(cfg, path, data, dist, events)

@@ -1,9 +1,9 @@
 """Preview images during training, with the prompt syntax kohya users write.
 
-A prompt line may carry options: `a cat --n lowres, blurry --w 512 --h 768 --d 42 --l 7 --s 20`
-(negative prompt, width, height, seed, CFG scale, steps). The same seed every time makes previews
-comparable across steps. Hosts with their own sampler (ComfyUI) do not implement `model.sample`,
-and previews are then left to their nodes.
+A prompt line may carry options: `a cat --n lowres, blurry --w 512 --h 768 --d 42 --l 7 --s 20 --g 3.5`
+(negative prompt, width, height, seed, CFG scale, steps, and for Flux.1 the guidance value). The same
+seed every time makes previews comparable across steps. Hosts with their own sampler (ComfyUI) do not
+implement `model.sample`, and previews are then left to their nodes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_OPTION = re.compile(r"\s--(n|w|h|d|l|s)\s+")
+_OPTION = re.compile(r"\s--(n|w|h|d|l|s|g)\s+")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class SamplePrompt:
     seed: int | None = None
     cfg: float | None = None
     steps: int | None = None
+    guidance: float | None = None
 
 
 def parse_prompt(line: str) -> SamplePrompt:
@@ -52,6 +53,8 @@ def parse_prompt(line: str) -> SamplePrompt:
                 result.cfg = float(value)
             elif flag == "s":
                 result.steps = int(value)
+            elif flag == "g":
+                result.guidance = float(value)
         except ValueError:
             raise ConfigError(f"sample prompt {line!r}: --{flag} needs a number, got {value!r}.") from None
     return result
@@ -75,12 +78,16 @@ def render_previews(model, prompts: list[SamplePrompt], cfg: TrainConfig, defaul
     images = []
     for i, p in enumerate(prompts):
         text = p.prompt.replace("[trigger]", trigger_word) if trigger_word else p.prompt
+        # a flow model (Flux.1) is told its guidance value; its CFG is the prompt's --l or 1
+        flow = model.info.spec.objective == "flow"
+        extra = {"guidance": p.guidance if p.guidance is not None else cfg.sample_guidance} if flow else {}
+        scale = p.cfg if p.cfg is not None else (1.0 if flow else cfg.sample_cfg)
         with torch.no_grad():
             try:
                 out = model.sample([text], seed=p.seed if p.seed is not None else cfg.sample_seed + i,
-                                   steps=p.steps or cfg.sample_steps, cfg=p.cfg if p.cfg is not None else cfg.sample_cfg,
+                                   steps=p.steps or cfg.sample_steps, cfg=scale,
                                    width=p.width or default_size[0], height=p.height or default_size[1],
-                                   negative=p.negative)
+                                   negative=p.negative, **extra)
             except NotImplementedError:
                 return []
         images.extend(out)

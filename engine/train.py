@@ -126,6 +126,7 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
         windows_before = self.model.token_windows
         # a host that cannot join windows says so here
         self.model.set_token_windows(self.cfg.max_token_length // self.model.info.spec.token_window)
+        self.model.set_text_options(self.cfg)
         try:
             with self.dist.stop_on_sigterm():
                 return self._run_loaded()

@@ -9,7 +9,7 @@ checkpointing when asked. ComfyUI's Linears still do their own casting, so weigh
 bf16 on a GPU), and nothing is dequantised into a second copy. Captions go through the loaded CLIP
 (DualCLIPLoader clip_l + t5xxl, type flux: T5 hidden states and CLIP-L's pooled output), images through
 the loaded VAE and `latent_format.process_in`; conditioning is cached by the run like any other.
-Previews use ComfyUI's sampler with the conditioning's guidance, as FluxGuidance sets it.
+Previews use ComfyUI's sampler with the run's sample_guidance in the conditioning, as FluxGuidance sets it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..engine.errors import ModelError
+from ..engine.families.flux1 import t5_tokens
 from ..engine.hostkit.borrowing import borrowed_weights, clip_backprop_guard
 from ..engine.hostkit.clip_holders import text_encoder_layers, text_encoders
 from ..engine.model import Conditioning, ModelInfo
@@ -30,8 +31,7 @@ from .comfy_adapter import ComfyModel, escape_caption
 
 LOADERS = ("Load Diffusion Model (weight_dtype default, fp8_e4m3fn or fp8_e4m3fn_fast) or Load Checkpoint "
            "for the model, DualCLIPLoader (clip_l + t5xxl, type flux) and Load VAE (ae.safetensors)")
-PREVIEW_GUIDANCE = 3.5  # FluxGuidance's default; Flux dev samples with CFG 1
-T5_TOKENS = 256  # T5 tokens per caption (ComfyUI pads to 256; kohya's schnell length): one shape for every caption
+PREVIEW_GUIDANCE = 3.5  # FluxGuidance's default (the run passes its sample_guidance); Flux dev samples with CFG 1
 
 
 def is_flux(model_patcher) -> bool:
@@ -83,6 +83,7 @@ class ComfyFluxModel(ComfyModel):
         self.device = torch.device(model.load_device)
         self.dtype = base.manual_cast_dtype or base.get_dtype()
         self.sampler_name, self.scheduler = "euler", "simple"
+        self.t5_tokens = t5_tokens(0, self.info.variant)
         self._checkpoint = False
 
     # --- layers -----------------------------------------------------------------------------------
@@ -94,6 +95,9 @@ class ComfyFluxModel(ComfyModel):
 
     def trainable_roots(self) -> list[nn.Module]:
         return [self._dm, *self.text_models()]
+
+    def set_text_options(self, cfg) -> None:
+        self.t5_tokens = t5_tokens(cfg.t5xxl_max_token_length, self.info.variant)
 
     def objective(self) -> FlowObjective:
         """Rectified flow; sigma drawn with Flux's own resolution-dependent shift unless the config says
@@ -112,13 +116,17 @@ class ComfyFluxModel(ComfyModel):
         return latents
 
     def encode_text(self, captions: list[str]) -> Conditioning:
+        """T5 hidden states of exactly `t5_tokens` tokens for every caption (one shape to batch and cache):
+        ComfyUI's T5 tokenizer pads to its `t5xxl_min_length` option (256 by default) and never cuts, so
+        the tokenizer is asked for the length and a longer caption is cut to it here."""
         contexts, pooled = [], []
+        n = self.t5_tokens
         for caption in captions:
-            tokens = self.clip.tokenize(escape_caption(caption))
+            tokens = self.clip.tokenize(escape_caption(caption), tokenizer_options={"t5xxl_min_length": n})
             out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-            cond = out["cond"][:, :T5_TOKENS]
-            if cond.shape[1] < T5_TOKENS:  # a custom tokenizer without padding: pad as T5 would
-                cond = torch.cat([cond, cond.new_zeros(cond.shape[0], T5_TOKENS - cond.shape[1], cond.shape[2])], 1)
+            cond = out["cond"][:, :n]
+            if cond.shape[1] < n:  # a custom tokenizer without padding: pad as T5 would
+                cond = torch.cat([cond, cond.new_zeros(cond.shape[0], n - cond.shape[1], cond.shape[2])], 1)
             contexts.append(cond.to(self.device))
             pooled.append(out["pooled_output"].to(self.device))
         if not torch.is_grad_enabled():
@@ -162,9 +170,10 @@ class ComfyFluxModel(ComfyModel):
     # --- previews -----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: list[str], *, seed: int, steps: int, cfg: float, width: int, height: int,
-               negative: str = "") -> list:
-        """Flux previews as a ComfyUI Flux workflow makes them: euler / simple, CFG 1 and the guidance in
-        the conditioning (FluxGuidance's 3.5); the run's sample_cfg is for SD models."""
+               negative: str = "", guidance: float = PREVIEW_GUIDANCE) -> list:
+        """Flux previews as a ComfyUI Flux workflow makes them: euler / simple, `cfg` (1 unless a prompt's
+        --l says otherwise) and `guidance` in the conditioning, as FluxGuidance puts it (the run's
+        sample_guidance, 3.5 by default)."""
         import comfy.sample
         from PIL import Image
 
@@ -172,17 +181,17 @@ class ComfyFluxModel(ComfyModel):
         for prompt in prompts:
             latent = torch.zeros([1, 16, height // 8, width // 8])
             noise = comfy.sample.prepare_noise(latent, seed)
-            positive = self._conditioning(prompt)
-            samples = comfy.sample.sample(self.mp, noise, steps, 1.0, self.sampler_name, self.scheduler, positive,
-                                          self._conditioning(negative), latent, disable_pbar=True, seed=seed)
+            positive, negative_cond = self._guided(prompt, guidance), self._guided(negative, guidance)
+            samples = comfy.sample.sample(self.mp, noise, steps, cfg, self.sampler_name, self.scheduler, positive,
+                                          negative_cond, latent, disable_pbar=True, seed=seed)
             pixels = self.vae.decode(samples)
             for img in pixels.reshape(-1, *pixels.shape[-3:]):
                 images.append(Image.fromarray((img.float().clamp(0, 1) * 255).round().byte().cpu().numpy()))
         self._resident()
         return images
 
-    def _conditioning(self, text: str) -> list:
-        cond = super()._conditioning(text)
+    def _guided(self, text: str, guidance: float) -> list:
+        cond = self._conditioning(text)
         if self.guidance_embed:
-            cond[0][1]["guidance"] = PREVIEW_GUIDANCE
+            cond[0][1]["guidance"] = float(guidance)
         return cond

@@ -69,6 +69,12 @@ def flux_aliases(name: str, layout) -> tuple[str, ...]:
 
 # T5 (kohya's lora_te3_) is frozen: its spec is there for the conditioning's padding and messages.
 T5_PAD_ID = 0
+T5_TOKENS = {"dev": 512, "schnell": 256}  # kohya's t5xxl_max_token_length when not given
+
+
+def t5_tokens(setting: int, variant: str) -> int:
+    """T5 tokens per caption: the run's t5xxl_max_token_length, or kohya's default for the variant."""
+    return int(setting) if setting else T5_TOKENS.get(variant, T5_TOKENS["dev"])
 
 SPEC = FamilySpec(
     name="flux1", display_name="Flux.1",

@@ -83,11 +83,6 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_cache_latents": cfg.cache_latents != "off",
         "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset or None,
-        "ss_min_snr_gamma": cfg.min_snr_gamma or None,
-        "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
-        "ss_multires_noise_discount": cfg.multires_noise_discount if cfg.multires_noise_iterations else None,
-        "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,
-        "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength or None,
         "ss_optimizer": f"{cfg.optimizer}({_optimizer_args(cfg)})",
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_prior_loss_weight": cfg.prior_loss_weight,
@@ -130,8 +125,7 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "modelspec.prediction_type": "v" if info.prediction_type == "v_prediction" else "epsilon",
         "modelspec.timestep_range": "0,1000",
     }
-    if spec.objective == "flow":
-        md.update(flow_metadata(cfg, info))
+    md.update(flow_metadata(cfg, info) if spec.objective == "flow" else ddpm_metadata(cfg))
     if cfg.clip_skip:
         md["modelspec.encoder_layer"] = cfg.clip_skip
     if cfg.trigger_word:
@@ -139,6 +133,16 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
     if extra:
         md.update(extra)
     return {k: _s(v) for k, v in md.items() if v is not None}
+
+
+def ddpm_metadata(cfg: TrainConfig) -> dict[str, Any]:
+    """The options only the DDPM objective reads (engine/objectives/ddpm.py, noise.py): a flow model's
+    file does not claim them."""
+    return {"ss_min_snr_gamma": cfg.min_snr_gamma or None,
+            "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
+            "ss_multires_noise_discount": cfg.multires_noise_discount if cfg.multires_noise_iterations else None,
+            "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,
+            "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength or None}
 
 
 def flow_metadata(cfg: TrainConfig, info: ModelInfo) -> dict[str, Any]:

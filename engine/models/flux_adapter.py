@@ -2,9 +2,10 @@
 
 The transformer is the engine's BFL module tree (flux_model.py) run by flux_forward.py; the autoencoder
 is diffusers' AutoencoderKL (latents scaled and shifted as Flux's latent format: (z - 0.1159) * 0.3611);
-captions go through CLIP-L (pooled output, 77 tokens) and T5 (hidden states, `T5_TOKENS` tokens, no
-attention mask, as kohya by default). `fp8_base` stores the transformer's Linear weights in float8 and
-autocast computes each in bf16/fp16 (engine/models/fp8.py), as kohya's --fp8_base does.
+captions go through CLIP-L (pooled output, 77 tokens) and T5 (hidden states, `t5xxl_max_token_length`
+tokens: kohya's 512 for dev, 256 for schnell by default; no attention mask, as kohya by default).
+`fp8_base` stores the transformer's Linear weights in float8 and autocast computes each in bf16/fp16
+(engine/models/fp8.py), as kohya's --fp8_base does.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..families.flux1 import t5_tokens
 from ..model import Conditioning, ModelInfo, TrainableModel
 from ..objectives import FlowObjective
 from .flux_forward import flux_forward
 from .flux_tiny import FLUX_SCALE, FLUX_SHIFT
-
-T5_TOKENS = 256  # as the ComfyUI path (ComfyUI pads T5 to 256) and kohya's schnell default
 
 
 class FluxModel(TrainableModel):
@@ -34,6 +34,7 @@ class FluxModel(TrainableModel):
                               variant="dev" if self.guidance_embed else "schnell")
         self.device, self.dtype = torch.device(device), dtype
         self.source_path = source_path
+        self.t5_tokens = t5_tokens(0, self.info.variant)
         self._checkpoint = False
 
     # --- layers -----------------------------------------------------------------------------------
@@ -46,6 +47,9 @@ class FluxModel(TrainableModel):
 
     def trainable_roots(self) -> list[nn.Module]:
         return [self.transformer, self.clip_l]
+
+    def set_text_options(self, cfg) -> None:
+        self.t5_tokens = t5_tokens(cfg.t5xxl_max_token_length, self.info.variant)
 
     def objective(self) -> FlowObjective:
         return FlowObjective(sampling=self.info.spec.timestep_sampling, guidance=1.0 if self.guidance_embed else None)
@@ -69,7 +73,7 @@ class FluxModel(TrainableModel):
 
         ids = tokenize(self.clip_tok, captions).to(self.device)
         pooled = self.clip_l(ids).pooler_output
-        t5_ids = self.t5_tok(list(captions), padding="max_length", max_length=T5_TOKENS, truncation=True,
+        t5_ids = self.t5_tok(list(captions), padding="max_length", max_length=self.t5_tokens, truncation=True,
                              return_tensors="pt").input_ids.to(self.device)
         with torch.no_grad():  # T5 is never trained
             context = self.t5(t5_ids).last_hidden_state
@@ -78,6 +82,14 @@ class FluxModel(TrainableModel):
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         return flux_forward(self.transformer, noisy, timesteps.float(), cond["context"], cond["pooled"],
                             cond.get("guidance"), checkpoint=self._checkpoint)
+
+    def sample(self, prompts: list[str], *, seed: int, steps: int, cfg: float, width: int, height: int,
+               negative: str = "", guidance: float = 3.5) -> list:
+        """Previews with the LoRA as trained so far (engine/models/flux_preview.py)."""
+        from .flux_preview import sample_flux
+
+        return sample_flux(self, prompts, seed=seed, steps=steps, cfg=cfg, width=width, height=height,
+                           negative=negative, guidance=guidance)
 
     # --- lifetime -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -92,19 +104,19 @@ class FluxModel(TrainableModel):
 
 
 def load_flux(cfg, path: Path, *, device, dtype: torch.dtype) -> FluxModel:
-    """Flux.1 from the BFL transformer at `path` and the config's ae / clip_l / t5xxl files."""
+    """Flux.1 from `path` (a BFL transformer file with the config's ae / clip_l / t5xxl files, an all-in-one
+    checkpoint or a diffusers folder: engine/models/flux_sources.py)."""
     from .clip_tokenizer import clip_tokenizer
-    from .flux_load import load_clip_l, load_t5, load_transformer, load_vae, require_parts, t5_tokenizer
+    from .flux_sources import load_transformer, part_loaders, t5_tokenizer
 
-    require_parts(cfg, path.name)
-    t5_path = Path(cfg.t5xxl).expanduser()
+    loaders = part_loaders(cfg, path)
     transformer = load_transformer(path, dtype)
-    vae, clip_l, t5 = load_vae(Path(cfg.ae).expanduser()), load_clip_l(Path(cfg.clip_l).expanduser()), load_t5(t5_path)
+    vae, clip_l, t5 = loaders["ae"](), loaders["clip_l"](), loaders["t5xxl"]()
     for module in (transformer, vae, clip_l, t5):
         module.requires_grad_(False).eval()
     torch.nn.Module.to(transformer, device)
     torch.nn.Module.to(vae, device, torch.float32)
     torch.nn.Module.to(clip_l, device, dtype)
     torch.nn.Module.to(t5, device, dtype)
-    return FluxModel(transformer, vae, clip_l, t5, clip_tokenizer(), t5_tokenizer(t5_path, cfg.t5xxl_tokenizer),
+    return FluxModel(transformer, vae, clip_l, t5, clip_tokenizer(), t5_tokenizer(cfg, path),
                      name=path.name, device=device, dtype=dtype, source_path=path)

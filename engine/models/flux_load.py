@@ -1,7 +1,8 @@
 """Flux.1 from local files, as kohya's flux_train_network.py takes them: the BFL transformer
 (`flux1-dev.safetensors`, `base_model`), the autoencoder (`ae`), CLIP-L (`clip_l`) and T5-XXL
-(`t5xxl`), each its own file. Sizes are read from the files' shapes, so tiny test files load as the full
-ones do. Nothing is downloaded: the T5 tokenizer comes from `t5xxl_tokenizer` (a folder or
+(`t5xxl`), each its own file, or the same parts' state dicts as flux_sources.py takes them from an
+all-in-one checkpoint or a diffusers folder. Sizes are read from the tensors' shapes, so tiny test files
+load as the full ones do. Nothing is downloaded: the T5 tokenizer comes from `t5xxl_tokenizer` (a folder or
 tokenizer.json), a `tokenizer.json` / `spiece.model` beside the T5 file, or the local Hugging Face cache
 of google/t5-v1_1-xxl (what kohya loads).
 """
@@ -16,7 +17,6 @@ from ..errors import ModelError
 from .checkpoint_file import read_shapes, read_state_dict
 
 FLUX_MARKERS = ("double_blocks.0.img_attn.qkv.weight", "img_in.weight")
-PATHS = ("ae", "clip_l", "t5xxl")
 
 
 def is_flux_file(path: Path) -> bool:
@@ -30,28 +30,20 @@ def is_flux_file(path: Path) -> bool:
         k.endswith(FLUX_MARKERS[1]) for k in shapes)
 
 
-def missing_parts(cfg) -> list[str]:
-    return [key for key in PATHS if not str(getattr(cfg, key, "") or "").strip()]
-
-
-def require_parts(cfg, name: str) -> None:
-    missing = missing_parts(cfg)
-    if missing:
-        raise ModelError(f"'{name}' is a Flux.1 transformer, which holds neither its autoencoder nor its text "
-                         f"encoders. Set {', '.join(missing)} in the config to the paths of ae.safetensors, "
-                         f"clip_l.safetensors and t5xxl_fp16.safetensors (kohya's --ae, --clip_l, --t5xxl).")
-    for key in PATHS:
-        if not Path(getattr(cfg, key)).expanduser().is_file():
-            raise ModelError(f"{key} points to '{getattr(cfg, key)}', which is not a file.")
-
-
 def load_transformer(path: Path, dtype: torch.dtype):
+    return transformer_from_state_dict(read_state_dict(path), dtype, path.name)
+
+
+def transformer_from_state_dict(sd: dict, dtype: torch.dtype, name: str = "transformer"):
+    """The engine's FluxTransformer from BFL keys (bare or under ComfyUI's model prefix) or diffusers' keys."""
+    from .flux_diffusers_keys import diffusers_to_bfl, is_diffusers_flux
     from .flux_model import FluxTransformer, flux_dims_from_state_dict
 
-    sd = read_state_dict(path)
     prefix = next((p for p in ("model.diffusion_model.", "diffusion_model.") if f"{p}img_in.weight" in sd), "")
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    elif is_diffusers_flux(sd):
+        sd = diffusers_to_bfl(sd, name)
     with torch.device("meta"):
         model = FluxTransformer(flux_dims_from_state_dict(sd))
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
@@ -59,13 +51,16 @@ def load_transformer(path: Path, dtype: torch.dtype):
 
 
 def load_vae(path: Path):
-    """The BFL autoencoder as diffusers' AutoencoderKL (channels read from the file)."""
+    return vae_from_state_dict(read_state_dict(path))
+
+
+def vae_from_state_dict(sd: dict):
+    """The BFL autoencoder as diffusers' AutoencoderKL (channels read from the tensors)."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     from .flux_tiny import flux_vae_config
 
-    sd = read_state_dict(path)
     sd = {k.split("first_stage_model.", 1)[-1]: v for k, v in sd.items()}
     ch = sd["encoder.conv_in.weight"].shape[0]
     mults = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
@@ -79,16 +74,19 @@ def load_vae(path: Path):
 
 
 def load_clip_l(path: Path):
+    return clip_l_from_state_dict(read_state_dict(path), path.name)
+
+
+def clip_l_from_state_dict(sd: dict, name: str = "clip_l"):
     """CLIP-L text model (HF names, as ComfyUI and kohya store clip_l.safetensors)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .load import te_keys_for
 
-    sd = {k.split("transformer.", 1)[-1] if k.startswith(("clip_l.", "te1.")) else k: v
-          for k, v in read_state_dict(path).items()}
+    sd = {k.split("transformer.", 1)[-1] if k.startswith(("clip_l.", "te1.")) else k: v for k, v in sd.items()}
     emb = sd.get("text_model.embeddings.token_embedding.weight")
     if emb is None:
-        raise ModelError(f"'{path.name}' is not a CLIP-L text encoder file (no text_model.embeddings).")
+        raise ModelError(f"'{name}' is not a CLIP-L text encoder file (no text_model.embeddings).")
     hidden = emb.shape[1]
     layers = len({k.split(".")[3] for k in sd if k.startswith("text_model.encoder.layers.")})
     config = CLIPTextConfig(vocab_size=emb.shape[0], hidden_size=hidden, num_hidden_layers=layers,
@@ -98,19 +96,22 @@ def load_clip_l(path: Path):
     model = CLIPTextModel(config)
     missing, unexpected = model.load_state_dict(te_keys_for(model, sd), strict=False)
     if [k for k in missing if "position_ids" not in k] or [k for k in unexpected if "text_projection" not in k]:
-        raise ModelError(f"'{path.name}' does not fit CLIP-L: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+        raise ModelError(f"'{name}' does not fit CLIP-L: missing {missing[:3]}, unexpected {unexpected[:3]}.")
     return model
 
 
 def load_t5(path: Path):
+    return t5_from_state_dict(read_state_dict(path), path.name)
+
+
+def t5_from_state_dict(sd: dict, name: str = "t5xxl"):
     """T5 v1.1 encoder (T5-XXL: 24 layers, 4096 wide, gated GELU) in transformers' names."""
     from transformers import T5Config, T5EncoderModel
 
-    sd = read_state_dict(path)
     if "shared.weight" not in sd and "encoder.embed_tokens.weight" in sd:
         sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
     if "shared.weight" not in sd:
-        raise ModelError(f"'{path.name}' is not a T5 encoder file (no shared.weight).")
+        raise ModelError(f"'{name}' is not a T5 encoder file (no shared.weight).")
     q = sd["encoder.block.0.layer.0.SelfAttention.q.weight"]
     heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
     config = T5Config(vocab_size=sd["shared.weight"].shape[0], d_model=q.shape[1], d_kv=q.shape[0] // heads,
@@ -120,7 +121,7 @@ def load_t5(path: Path):
     model = T5EncoderModel(config)
     missing, _ = model.load_state_dict(sd, strict=False)
     if [k for k in missing if "embed_tokens" not in k]:
-        raise ModelError(f"'{path.name}' does not fit a T5 encoder: missing {missing[:3]}.")
+        raise ModelError(f"'{name}' does not fit a T5 encoder: missing {missing[:3]}.")
     return model
 
 

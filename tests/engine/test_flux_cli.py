@@ -63,7 +63,7 @@ def _config(files, data, out, **changes):
                   t5xxl_tokenizer=str(files / "t5_tokenizer.json"), train_data_dir=str(data), output_dir=str(out),
                   output_name="flux", resolution="64", batch_size=2, max_train_steps=3, lora_rank=4,
                   learning_rate=1e-3, save_every_n_epochs=0, lr_scheduler="constant", warmup_steps=0, seed=3,
-                  device="cpu", gradient_checkpointing=True)
+                  device="cpu", gradient_checkpointing=True, t5xxl_max_token_length=32)
     values.update(changes)
     return TrainConfig(**values)
 
@@ -79,6 +79,22 @@ def test_a_flux_lora_trains_from_local_files(flux_files, data, tmp_path):
     assert result.metadata["modelspec.architecture"] == "flux-1-dev/lora"
     assert result.metadata["ss_guidance_scale"] == "1.0"
     assert result.lora_path.is_file()
+
+
+def test_the_flux_file_carries_the_flow_options_and_no_ddpm_ones(flux_files, data, tmp_path):
+    """kohya's flux_train_network.py metadata (update_metadata) and none of the DDPM-only options, even at
+    their defaults (min_snr_gamma 5)."""
+    from engine.lora.kohya_io import read_lora
+
+    cfg = _config(flux_files, data, tmp_path, max_train_steps=1, timestep_sampling="shift",
+                  discrete_flow_shift=3.1582, guidance_scale=1.0)
+    assert cfg.min_snr_gamma == 5.0
+    _, md = read_lora(train(cfg).lora_path)
+    assert (md["ss_timestep_sampling"], md["ss_discrete_flow_shift"]) == ("shift", "3.1582")
+    assert (md["ss_guidance_scale"], md["ss_model_prediction_type"]) == ("1.0", "raw")
+    ddpm_only = ("ss_min_snr_gamma", "ss_multires_noise_iterations", "ss_multires_noise_discount",
+                 "ss_ip_noise_gamma", "ss_ip_noise_gamma_random_strength", "modelspec.prediction_type")
+    assert [k for k in ddpm_only if k in md] == []
 
 
 def test_fp8_base_trains_with_fp8_linear_weights(flux_files, data, tmp_path):
@@ -150,3 +166,77 @@ def test_the_flux_preset_config_reads_as_kohyas_guide():
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.fp8_base, cfg.mixed_precision) == (16, 1.0, True, "bf16")
     assert (cfg.timestep_sampling, cfg.guidance_scale, cfg.gradient_checkpointing) == ("flux_shift", 1.0, True)
     assert cfg.ae == cfg.clip_l == cfg.t5xxl == ""  # set per run, as base_model
+
+
+def test_the_cached_t5_context_has_t5xxl_max_token_length_tokens(flux_files, data, tmp_path):
+    """kohya's t5xxl_max_token_length is the length of every T5 context the run encodes and caches; 0
+    (the default) is kohya's 512 for dev."""
+    from engine.models.flux_adapter import load_flux
+
+    cfg = _config(flux_files, data, tmp_path, max_train_steps=1, t5xxl_max_token_length=24)
+    model = load_flux(cfg, flux_files / "flux1-micro.safetensors", device="cpu", dtype=torch.float32)
+    assert model.encode_text(["a photo"])["context"].shape[1] == 512  # dev, before the run sets it
+    lengths = []
+    encode = model.encode_text
+
+    def recording(captions):
+        cond = encode(captions)
+        lengths.append(cond["context"].shape[1])
+        return cond
+
+    model.encode_text = recording
+    train(cfg, model)
+    assert lengths and set(lengths) == {24}
+
+
+def test_schnell_defaults_to_256_t5_tokens():
+    from engine.families.flux1 import t5_tokens
+
+    assert (t5_tokens(0, "schnell"), t5_tokens(0, "dev"), t5_tokens(300, "schnell")) == (256, 512, 300)
+    assert TrainConfig.from_dict({"t5xxl_max_token_length": 128}).t5xxl_max_token_length == 128
+
+
+def test_cli_flux_previews_show_the_lora_as_it_trains(flux_files, data, tmp_path):
+    """sample_prompts / sample_every_n_steps on a Flux config: PNGs in the run's samples folder, made with
+    the engine's Flux and the flow sampler at the run's sample_guidance; the same seed gives the same base
+    image, another guidance another one, and the trained LoRA changes it."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.models.flux_adapter import load_flux
+
+    cfg = _config(flux_files, data, tmp_path, max_train_steps=2, sample_prompts=["stripes --s 2"],
+                  sample_every_n_steps=2, learning_rate=0.1, sample_guidance=2.0)
+    model = load_flux(cfg, flux_files / "flux1-micro.safetensors", device="cpu", dtype=torch.float32)
+    kw = dict(seed=cfg.sample_seed, steps=2, cfg=1.0, width=64, height=64)
+    step0 = np.asarray(model.sample(["stripes"], guidance=2.0, **kw)[0])
+    assert (step0 == np.asarray(model.sample(["stripes"], guidance=2.0, **kw)[0])).all()  # seeded
+    assert not (step0 == np.asarray(model.sample(["stripes"], guidance=3.5, **kw)[0])).all()
+    calls, sample = [], model.sample
+
+    def recording(prompts, **options):
+        calls.append(options)
+        return sample(prompts, **options)
+
+    model.sample = recording
+    result = train(cfg, model)
+    assert [(c["guidance"], c["cfg"], c["steps"], c["seed"]) for c in calls] == [(2.0, 1.0, 2, cfg.sample_seed)]
+    pngs = sorted(p.name for p in (result.output_dir / "samples").glob("*.png"))
+    assert pngs == ["step000002_00.png"]
+    later = np.asarray(Image.open(result.output_dir / "samples" / "step000002_00.png"))
+    assert later.shape == step0.shape == (64, 64, 3)
+    assert np.abs(later.astype(int) - step0.astype(int)).max() > 8  # (the random tiny VAE damps it)
+
+
+def test_the_flow_sampler_follows_kohyas_shifted_schedule():
+    import math
+
+    from engine.objectives.flow_sampler import euler_flow, flux_schedule
+
+    sigmas = flux_schedule(4, 256)  # mu = 0.5 at 256 tokens
+    t = torch.linspace(1, 0, 5, dtype=torch.float64)
+    expected = math.exp(0.5) / (math.exp(0.5) + (1 / t - 1))
+    assert torch.allclose(sigmas, expected) and (sigmas[0], sigmas[-1]) == (1.0, 0.0)
+    # a constant velocity v carries x from sigma 1 to 0 by -v, whatever the schedule
+    x = euler_flow(lambda x, s: torch.ones_like(x), torch.zeros(1, 4), sigmas)
+    assert torch.allclose(x, -torch.ones(1, 4))

@@ -55,3 +55,98 @@ def test_fill_models_and_sd_clips_are_refused():
     sd_clip = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=object()))
     with pytest.raises(ModelError, match="not Flux's text encoder.*DualCLIPLoader"):
         ComfyFluxModel(_patcher(nn.Linear(4, 4)), sd_clip, object())
+
+
+class _RecordingFluxClip:
+    """A ComfyUI Flux CLIP as the adapter calls it: the T5 tokenizer pads to `t5xxl_min_length` (ComfyUI's
+    option, 256 by default) and never cuts; the cond has one row per T5 token."""
+
+    def __init__(self, caption_tokens: int = 4):
+        self.cond_stage_model = SimpleNamespace(t5xxl=object(), clip_l=SimpleNamespace(transformer=nn.Linear(2, 2)))
+        self.caption_tokens, self.options = caption_tokens, []
+
+    def tokenize(self, text, tokenizer_options=None):
+        min_length = (tokenizer_options or {}).get("t5xxl_min_length", 256)
+        self.options.append(tokenizer_options)
+        return {"t5xxl": max(min_length, self.caption_tokens)}
+
+    def encode_from_tokens(self, tokens, return_pooled=True, return_dict=True):
+        return {"cond": torch.randn(1, tokens["t5xxl"], 8), "pooled_output": torch.randn(1, 6)}
+
+
+def _trainable_patcher(guidance_embed=True):
+    mp = _patcher(nn.Linear(4, 4))
+    mp.model.model_config.unet_config["guidance_embed"] = guidance_embed
+    mp.model.manual_cast_dtype = torch.float32
+    return mp
+
+
+@pytest.mark.parametrize("setting, caption_tokens, expected", [(0, 4, 512), (64, 4, 64), (64, 300, 64)])
+def test_comfyui_t5_context_has_t5xxl_max_token_length_tokens(setting, caption_tokens, expected):
+    from inplace_lora_pack.engine.config import TrainConfig
+
+    clip = _RecordingFluxClip(caption_tokens)
+    model = ComfyFluxModel(_trainable_patcher(), clip, object())
+    model.set_text_options(TrainConfig(t5xxl_max_token_length=setting))
+    with torch.enable_grad():  # (without grad the adapter asks ComfyUI to bring the model back)
+        cond = model.encode_text(["a photo", "stripes"])
+    assert cond["context"].shape == (2, expected, 8)
+    assert clip.options[-1] == {"t5xxl_min_length": expected}  # padded by ComfyUI's tokenizer, not by zeros
+
+
+def test_comfyui_schnell_defaults_to_256_t5_tokens():
+    from inplace_lora_pack.engine.config import TrainConfig
+
+    model = ComfyFluxModel(_trainable_patcher(guidance_embed=False), _RecordingFluxClip(), object())
+    model.set_text_options(TrainConfig())
+    with torch.enable_grad():
+        assert model.encode_text(["a photo"])["context"].shape[1] == 256
+
+
+@pytest.fixture
+def fake_comfy_sampler(monkeypatch):
+    """comfy.sample as the adapter calls it, recording the CFG and the conditionings it is given."""
+    import sys
+
+    calls = []
+
+    def sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kw):
+        calls.append({"cfg": cfg, "positive": positive[0][1], "negative": negative[0][1]})
+        return latent
+
+    comfy = SimpleNamespace(sample=SimpleNamespace(prepare_noise=lambda latent, seed: torch.zeros_like(latent),
+                                                   sample=sample),
+                            model_management=SimpleNamespace(load_models_gpu=lambda *a, **k: None))
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.sample", comfy.sample)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", comfy.model_management)
+    return calls
+
+
+@pytest.mark.parametrize("line, setting, guidance, cfg", [("a cat", 3.5, 3.5, 1.0), ("a cat", 2.0, 2.0, 1.0),
+                                                         ("a cat --g 5 --l 2", 2.0, 5.0, 2.0)])
+def test_comfyui_flux_previews_use_sample_guidance(fake_comfy_sampler, line, setting, guidance, cfg):
+    """The run's sample_guidance (or a prompt's --g, kohya's option) reaches ComfyUI's sampler as the
+    conditioning's guidance, as FluxGuidance puts it; CFG is 1 unless the prompt's --l says otherwise (the SD
+    setting sample_cfg 7 does not apply)."""
+    from inplace_lora_pack.engine.config import TrainConfig
+    from inplace_lora_pack.engine.sample import load_prompts, render_previews
+
+    vae = SimpleNamespace(decode=lambda samples: torch.zeros(1, 16, 16, 3))
+    model = ComfyFluxModel(_trainable_patcher(), _RecordingFluxClip(), vae)
+    run = TrainConfig(sample_prompts=[line], sample_guidance=setting, sample_cfg=7.0)
+    images = render_previews(model, load_prompts(run), run, (128, 128))
+    assert len(images) == 1 and len(fake_comfy_sampler) == 1
+    call = fake_comfy_sampler[0]
+    assert (call["positive"]["guidance"], call["negative"]["guidance"], call["cfg"]) == (guidance, guidance, cfg)
+
+
+def test_comfyui_schnell_previews_have_no_guidance(fake_comfy_sampler):
+    from inplace_lora_pack.engine.config import TrainConfig
+    from inplace_lora_pack.engine.sample import load_prompts, render_previews
+
+    vae = SimpleNamespace(decode=lambda samples: torch.zeros(1, 16, 16, 3))
+    model = ComfyFluxModel(_trainable_patcher(guidance_embed=False), _RecordingFluxClip(), vae)
+    run = TrainConfig(sample_prompts=["a cat"])
+    render_previews(model, load_prompts(run), run, (128, 128))
+    assert "guidance" not in fake_comfy_sampler[0]["positive"]
