@@ -1,6 +1,6 @@
 """Options that do not fit the model's family, refused before anything is loaded or trained.
 
-SD-only settings on a flow model (clip_skip, a prediction type) would silently do nothing, and a Flux.1
+SD-only settings on a flow model (clip_skip, a prediction type, pyramid noise) would silently do nothing, and a Flux.1
 size that is not a multiple of 16 px cannot be cut into its 2x2 latent patches: each gets a message that
 says what to set instead.
 """
@@ -24,6 +24,10 @@ def check_family_options(cfg, spec: FamilySpec) -> None:
         raise ConfigError(f"prediction_type {cfg.prediction_type} is an SD setting: {name} is a rectified-flow "
                           f"model that predicts velocity. Set prediction_type to auto; timestep_sampling and "
                           f"weighting_scheme shape a flow run.")
+    if cfg.multires_noise_iterations:
+        raise ConfigError(f"multires_noise_iterations is an SD setting: pyramid noise shapes DDPM's noise, and "
+                          f"kohya does not apply it to flow models either. Set it to 0; ip_noise_gamma (about "
+                          f"0.1) is the noise regulariser that applies to {name}.")
     w, h = cfg.resolution_wh(spec.resolution)
     if w % PATCH_PX or h % PATCH_PX:
         raise ConfigError(f"resolution {w}x{h}: {name} needs sides that are multiples of {PATCH_PX} px (its latents "

@@ -231,10 +231,6 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
             torch.bfloat16, text_encoder=bool(te_params)))
         # the training step, with the objective the host's model trains with and the run's options
         objective = self.model.objective().for_training(cfg, self.device)
-        if objective.kind != "ddpm" and (cfg.multires_noise_iterations or cfg.ip_noise_gamma):
-            self.warnings.append(f"multires_noise_iterations and ip_noise_gamma apply to SD1/SD2/SDXL (DDPM) models; "
-                                 f"this {self.model.info.family} model trains without them")
-            self.events.emit("info", message=self.warnings[-1])
         self.step = TrainingStep(model=self.model, network=network, objective=objective, generator=self.generator,
                                  precision=self.precision, use_autocast=self.use_autocast,
                                  cast_dtype=self.step_cast_dtype)

@@ -33,6 +33,7 @@ import math
 import torch
 
 from .base import Noised, Objective
+from .noise import input_perturbation
 
 SAMPLINGS = ("uniform", "sigmoid", "logit_normal", "shift", "flux_shift", "sigma")
 WEIGHTINGS = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
@@ -64,6 +65,8 @@ class FlowObjective(Objective):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     noise_offset: float = 0.0
+    ip_noise_gamma: float = 0.0  # input perturbation on the model's input only, as kohya's Flux training does
+    ip_noise_gamma_random_strength: bool = False
     guidance: float | None = None  # the guidance input's value (None: the model has none)
     kind = "flow"
 
@@ -80,8 +83,8 @@ class FlowObjective(Objective):
         return dataclasses.replace(
             self, sampling=sampling, weighting=cfg.weighting_scheme, sigmoid_scale=cfg.sigmoid_scale,
             shift=cfg.discrete_flow_shift, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-            mode_scale=cfg.mode_scale, noise_offset=cfg.noise_offset,
-            guidance=None if self.guidance is None else cfg.guidance_scale)
+            mode_scale=cfg.mode_scale, noise_offset=cfg.noise_offset, ip_noise_gamma=cfg.ip_noise_gamma,
+            ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength, guidance=None if self.guidance is None else cfg.guidance_scale)
 
     # --- draws ---------------------------------------------------------------------------------------
     def draw(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -92,6 +95,9 @@ class FlowObjective(Objective):
         drawn = {"noise": noise, "sigma": self.sample_sigmas(b, x0.shape, generator, device)}
         if self.guidance is not None:
             drawn[GUIDANCE] = torch.full((b,), float(self.guidance), device=device)
+        if self.ip_noise_gamma:  # a key of its own: the CUDA graph gets a buffer for it like any draw
+            drawn["ip_noise"] = input_perturbation(x0, generator, self.ip_noise_gamma,
+                                                   self.ip_noise_gamma_random_strength)
         return drawn
 
     def sample_sigmas(self, n: int, shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -125,7 +131,8 @@ class FlowObjective(Objective):
     def noised(self, x0: torch.Tensor, drawn: dict[str, torch.Tensor]) -> Noised:
         noise, sigma = drawn["noise"], drawn["sigma"]
         s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-        return Noised(noisy=(1 - s) * x0 + s * noise, timestep=sigma, target=noise - x0, weight=self.weights(sigma))
+        model_noise = noise + drawn["ip_noise"] if "ip_noise" in drawn else noise  # the target keeps `noise`
+        return Noised(noisy=(1 - s) * x0 + s * model_noise, timestep=sigma, target=noise - x0, weight=self.weights(sigma))
 
     def weights(self, sigma: torch.Tensor) -> torch.Tensor | None:
         if self.weighting == "sigma_sqrt":

@@ -173,7 +173,27 @@ def test_the_fast_step_trains_a_flow_model_like_the_plain_step(tiny_flow_family,
         assert torch.allclose(value, fast.tensors[key], rtol=1e-5, atol=1e-7), key
 
 
-def test_ddpm_only_noise_options_are_named_for_a_flow_model(tiny_flow_family, data, tmp_path):
-    result = train(_config(data, tmp_path, max_train_steps=1, ip_noise_gamma=0.1, multires_noise_iterations=4),
-                   TinyFlowModel())
-    assert any("multires_noise_iterations and ip_noise_gamma apply to SD1/SD2/SDXL" in w for w in result.warnings)
+def test_pyramid_noise_is_refused_for_a_flow_model_and_input_perturbation_trains(tiny_flow_family, data, tmp_path):
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multires_noise_iterations is an SD setting"):
+        train(_config(data, tmp_path / "a", max_train_steps=1, multires_noise_iterations=4), TinyFlowModel())
+    result = train(_config(data, tmp_path / "b", max_train_steps=1, ip_noise_gamma=0.1), TinyFlowModel())
+    assert result.metadata["ss_ip_noise_gamma"] == "0.1" and not result.warnings
+
+
+def test_input_perturbation_moves_the_flow_input_and_keeps_the_target():
+    """kohya's Flux training: noisy = (1 - s) x0 + s (noise + gamma xi), target noise - x0."""
+    import dataclasses
+
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain = FlowObjective()
+    perturbed = dataclasses.replace(plain, ip_noise_gamma=0.1)
+    a = plain.draw(x0, torch.Generator().manual_seed(0))
+    b = perturbed.draw(x0, torch.Generator().manual_seed(0))
+    assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["sigma"], b["sigma"])
+    na, nb = plain.noised(x0, a), perturbed.noised(x0, b)
+    s = b["sigma"].view(-1, 1, 1, 1)
+    assert torch.equal(na.target, nb.target)
+    assert torch.allclose(nb.noisy - na.noisy, s * b["ip_noise"], atol=1e-6)
+    assert 0.05 < b["ip_noise"].std() < 0.15

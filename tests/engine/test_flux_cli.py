@@ -149,6 +149,7 @@ def test_diffusers_flux_loader_takes_every_key_of_our_file(tmp_path):
     (dict(prediction_type="v_prediction"), "prediction_type v_prediction is an SD setting"),
     (dict(resolution="1000"), "multiples of 16 px"),
     (dict(resolution="512", bucket_reso_steps=40), "bucket_reso_steps 40"),
+    (dict(multires_noise_iterations=6), "multires_noise_iterations is an SD setting"),
 ])
 def test_sd_options_and_odd_sizes_on_flux_are_refused_before_loading(flux_files, data, tmp_path, changes, says):
     from engine.errors import ConfigError
