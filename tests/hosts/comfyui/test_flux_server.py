@@ -12,7 +12,7 @@ give the image of before training; the loaded Flux (fp8 tensors included) is bit
 The CLIP comes from the probe pack's TinyFluxCLIPLoader (ComfyUI's own FluxClipModel with a narrow T5:
 the CI stand-in the issue allows; DualCLIPLoader on the real layouts is manual_flux_full_t5.py). The
 tiny Flux is full width (ComfyUI detects Flux only at 3072), 0.5 B parameters: on 2 CPU cores this
-module takes about 20 minutes (tests/hosts/README.md has the measured time), so it runs only with
+module takes about 16 minutes (tests/hosts/README.md has the measured time), so it runs only with
 COMFYUI_SLOW_TESTS=1; test_flux_train_comfyui.py covers the same training in process in CI.
 """
 import json
@@ -31,7 +31,7 @@ from test_training_flow import run, succeeded, weights_only
 HERE = os.path.dirname(os.path.abspath(__file__))
 SLOW = "COMFYUI_SLOW_TESTS"
 pytestmark = pytest.mark.skipif(not os.environ.get(SLOW), reason=(
-    f"{SLOW} is not set: the Flux server tests (~20 min on 2 CPU cores) did NOT run; set {SLOW}=1 to run them"))
+    f"{SLOW} is not set: the Flux server tests (~16 min on 2 CPU cores) did NOT run; set {SLOW}=1 to run them"))
 DTYPES = ("default", "fp8_e4m3fn")
 
 
