@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import subprocess
+import time
 
 import numpy as np
 from PIL import Image
@@ -115,3 +116,26 @@ def run_probe(comfy_python, script):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cancel_after_a_step(server, graph, trainer, timeout=600):
+    """Post a training graph, press Cancel (/interrupt) once the LoRA Trainer node `trainer` reports a
+    finished step; return (history entry, the step it had reported)."""
+    pid = server.post_prompt(graph)
+    deadline, step = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        info = server.get_json(f"/inplace_lora/history?node={trainer}")
+        if info.get("prompt_id") == pid and info.get("step", 0) >= 1:
+            step = info["step"]
+            break
+        assert pid in server.running_prompt_ids() or not server.history(pid), "run ended before a step"
+        time.sleep(0.2)
+    assert step >= 1, "training never reached step 1"
+    server.interrupt()
+    return server.wait(pid, timeout=timeout), step
+
+
+def checkpoint_steps(server, name):
+    """The steps of the resume checkpoints the run `name` kept under output/lora_trainer/."""
+    root = server.path("output", "lora_trainer", name, "checkpoints")
+    return sorted(int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-") and "." not in d)

@@ -83,12 +83,23 @@ def comfy_server(comfy_python, sd15_checkpoint, tmp_path_factory):
 
     Besides this repository, custom_nodes/ holds the test-only probe pack (probe_nodes/), whose
     node fingerprints the host model for the "left unchanged" tests."""
-    server_mod = _load_server_module()
-    base = str(tmp_path_factory.mktemp("comfy-base"))
-    server_mod.make_base_dir(base)
-    os.symlink(PROBE_PACK, os.path.join(base, "custom_nodes", "inplace_lora_test_probe"), target_is_directory=True)
-    server = server_mod.ComfyServer(comfy_python, base)
+    server = _test_server(comfy_python, str(tmp_path_factory.mktemp("comfy-base")))
     server.start()
     server.checkpoint = server.link_checkpoint(sd15_checkpoint)
     yield server
     server.stop()
+
+
+def _test_server(comfy_python, base):
+    """A ComfyServer (not started) over `base`, this repository and the probe pack in custom_nodes/."""
+    server_mod = _load_server_module()
+    server_mod.make_base_dir(base)
+    os.symlink(PROBE_PACK, os.path.join(base, "custom_nodes", "inplace_lora_test_probe"), target_is_directory=True)
+    return server_mod.ComfyServer(comfy_python, base)
+
+
+@pytest.fixture(scope="session")
+def new_comfy_server(comfy_python):
+    """`new_comfy_server(base)`: another server (with the probe pack) over a base directory the caller
+    fills first (models the session server does not have); the caller starts and stops it."""
+    return lambda base: _test_server(comfy_python, str(base))

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from comfy_workflows import (CAPTION, STYLE, cpu_sized, fingerprint_graph, load_api, make_images, one,
-                             saved_image, txt2img, ui_text)
+from comfy_workflows import (CAPTION, STYLE, cancel_after_a_step, checkpoint_steps, cpu_sized, fingerprint_graph,
+                             load_api, make_images, one, saved_image, txt2img, ui_text)
 
 
 def run(server, graph, timeout=900):
@@ -187,29 +187,13 @@ def cancelled(comfy_server, style_run, fingerprint):
                                                           "InplaceLoRA_Trainer", "PreviewImage")}
     trainer = one(g, "InplaceLoRA_Trainer")
     before = fingerprint()
-    pid = server.post_prompt(g)
-    deadline, step = time.monotonic() + 600, 0
-    while time.monotonic() < deadline:
-        info = server.get_json(f"/inplace_lora/history?node={trainer}")
-        if info.get("prompt_id") == pid and info.get("step", 0) >= 1:
-            step = info["step"]
-            break
-        assert pid in server.running_prompt_ids() or not server.history(pid), "run ended before a step"
-        time.sleep(0.2)
-    assert step >= 1, "training never reached step 1"
-    server.interrupt()
-    entry = server.wait(pid, timeout=300)
+    entry, step = cancel_after_a_step(server, g, trainer)
     return {"graph": g, "entry": entry, "step_at_cancel": step, "trainer": trainer, "before": before}
-
-
-def _checkpoints(server, name):
-    root = server.path("output", "lora_trainer", name, "checkpoints")
-    return sorted(int(d.split("-")[1]) for d in os.listdir(root) if d.startswith("step-") and "." not in d)
 
 
 def test_cancel_stops_within_two_steps_and_keeps_a_checkpoint(comfy_server, cancelled):
     assert "execution_interrupted" in comfy_server.status_events(cancelled["entry"])
-    steps = _checkpoints(comfy_server, "cancel_test")
+    steps = checkpoint_steps(comfy_server, "cancel_test")
     assert steps, "no checkpoint after Cancel"
     assert cancelled["step_at_cancel"] <= steps[-1] <= cancelled["step_at_cancel"] + 2
     info = comfy_server.get_json(f"/inplace_lora/history?node={cancelled['trainer']}")
@@ -224,7 +208,7 @@ def test_host_model_unchanged_after_cancel(cancelled, fingerprint):
 
 def test_resume_continues_from_the_checkpoint_and_a_finished_run_leaves_the_host_unchanged(
         comfy_server, cancelled, fingerprint):
-    done = _checkpoints(comfy_server, "cancel_test")[-1]
+    done = checkpoint_steps(comfy_server, "cancel_test")[-1]
     g = json.loads(json.dumps(cancelled["graph"]))
     g[cancelled["trainer"]]["inputs"].update(resume=True, steps=done + 1)
     before = fingerprint()

@@ -62,4 +62,7 @@ class HostFingerprint:
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
-NODE_CLASS_MAPPINGS = {"InplaceLoRATest_HostFingerprint": HostFingerprint}
+from .flux_clip import TinyFluxCLIPLoader  # noqa: E402
+
+NODE_CLASS_MAPPINGS = {"InplaceLoRATest_HostFingerprint": HostFingerprint,
+                       "InplaceLoRATest_TinyFluxCLIPLoader": TinyFluxCLIPLoader}
