@@ -11,6 +11,7 @@ from torch import nn
 from engine.events import FunctionCallback
 from engine.models import tiny_sd1
 from engine.models.fp8 import FP8, store_in_fp8
+from engine.options import EngineOptions
 from engine.lora.network import LoRANetwork
 from engine.train import train
 
@@ -161,3 +162,23 @@ def test_fp8_base_trains_natively_as_autocast_did(data, tmp_path, loads_tiny, mo
     assert "native, no autocast" not in seen["message"]
     worst = max(abs(a - b) / abs(b) for a, b in zip(new.losses, old.losses))
     assert worst < 0.03, (new.losses, old.losses)
+
+
+def test_fp8_base_compiles_and_runs_the_fast_step(data, tmp_path, loads_tiny):  # noqa: F811
+    """The fp8 layers' Functions trace under torch.compile (aot_eager on the CPU: Dynamo's trace and
+    AOTAutograd's split, eager kernels) inside the fast step, and give the eager step's losses."""
+    base, _ = loads_tiny
+    opts = dict(base_model=str(base), max_train_steps=2, batch_size=2, mixed_precision="bf16", device="cpu",
+                seed=3, fp8_base=True)
+    plain = train(quick_config(data, tmp_path / "plain", **opts))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    said = []
+    options = EngineOptions(fast_step_without_graph=True, compile_backend="aot_eager", compile_devices=("cpu",))
+    compiled = train(quick_config(data, tmp_path / "compiled", torch_compile=True, **opts), options=options,
+                     callbacks=[FunctionCallback(lambda e: said.append(e.message or ""))])
+    assert compiled.fast_steps == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert not [m for m in said if "torch_compile" in m and "without" in m], said
+    for a, b in zip(plain.losses, compiled.losses):
+        assert abs(a - b) <= 0.02 * abs(a), (plain.losses, compiled.losses)
