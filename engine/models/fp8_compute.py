@@ -110,7 +110,8 @@ def linear_fp8(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
 def adoptable(layer: nn.Module, device: torch.device) -> bool:
     """A frozen Linear on `device` whose forward we know (torch's, or ComfyUI's casting one without
     patches), with a plain 2-D weight whose sizes suit the fp8 GEMM (multiples of 16)."""
-    if not isinstance(layer, nn.Linear) or "forward" in layer.__dict__:
+    own = layer.__dict__.get("forward")  # an instance forward: only fp8_host's, the same product
+    if not isinstance(layer, nn.Linear) or (own is not None and not getattr(own, "casts_fp8", False)):
         return False
     w, b = layer.weight, layer.bias
     if type(w) not in (nn.Parameter, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
