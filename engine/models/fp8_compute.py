@@ -122,8 +122,9 @@ def adoptable(layer: nn.Module, device: torch.device) -> bool:
         return False
     if w.shape[0] % 16 or w.shape[1] % 16 or _comfy_scale(layer) is False:
         return False
-    if getattr(type(layer).forward, "__module__", "") == "torch.nn.modules.linear" or type(layer) is Fp8BaseLinear:
-        return True  # torch's forward, or fp8_base's (the same product, its weight cast)
+    torch_forward = getattr(type(layer).forward, "__module__", "") == "torch.nn.modules.linear"
+    if torch_forward or type(layer) is Fp8BaseLinear:  # fp8_base's: the same product, its weight cast
+        return True
     return _comfy_unpatched(layer)
 
 
@@ -174,8 +175,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         return a.type == b.type
     current = torch.cuda.current_device()
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-
-
 
 
 def takes(x: torch.Tensor, w: Fp8Weight, min_rows: int) -> bool:
