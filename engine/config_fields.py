@@ -213,7 +213,9 @@ class TrainConfig:
     fp8_base: bool = _f(False, "Store the frozen UNet's Linear and Conv2d weights in float8 (e4m3fn): on an "
                         "H100 at batch 1 with gradient_checkpointing, SD1.5 1.30 instead of 1.93 GiB and SDXL "
                         "3.93 instead of 6.04 GiB, about 20% slower, loss curve within 0.6% of bf16's. "
-                        "Layers compute in bf16/fp16 under autocast; LoRA and optimizer stay float32 "
+                        "Each layer casts its weight to bf16/fp16 as it runs and backward keeps only the "
+                        "fp8 weight, so it saves the weight bytes with checkpointing off too; LoRA and "
+                        "optimizer stay float32 "
                         "(kohya's --fp8_base). Only for a base_model the engine loads itself (the command "
                         "line): a host's model is never converted (in ComfyUI, a UNet loaded in fp8 by Load Diffusion Model trains as it "
                         "is). Needs mixed_precision bf16 or fp16.", aliases=("fp8_base_unet",))

@@ -139,9 +139,12 @@ class TrainableModel(ABC):
     def computes_in(self, dtype: torch.dtype, *, text_encoder: bool) -> bool:
         """True when every floating weight the training forward runs through (the denoiser, and the
         text encoders when they are trained) already is `dtype`: then the step needs no autocast."""
+        from .models.fp8 import casts_itself  # fp8_base layers cast their weights themselves
+
         roots = self.trainable_roots()
-        return all(t.dtype == dtype for root in (roots if text_encoder else roots[:1])
-                   for t in [*root.parameters(), *root.buffers()] if t.is_floating_point())
+        return all(t.dtype == dtype for root in (roots if text_encoder else roots[:1]) for m in root.modules()
+                   for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+                   if t.is_floating_point() and not (casts_itself(m) and t is m.weight))
 
     # --- lifetime ---------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -6,7 +6,8 @@ forward is the engine's (engine/models/flux_forward.py) over those modules: Comf
 in place and cannot be backpropagated through, and the engine's forward can, with per-block
 checkpointing when asked. ComfyUI's Linears still do their own casting, so weights loaded as
 `fp8_e4m3fn` stay fp8 in memory and are cast per layer to the compute dtype (`manual_cast_dtype`:
-bf16 on a GPU), and nothing is dequantised into a second copy. Captions go through the loaded CLIP
+bf16 on a GPU), and nothing is dequantised into a second copy; for the run, backward keeps each fp8
+Linear's fp8 weight rather than its bf16 cast (engine/models/fp8_host.py). Captions go through the loaded CLIP
 (DualCLIPLoader clip_l + t5xxl, type flux: T5 hidden states and CLIP-L's pooled output), images through
 the loaded VAE and `latent_format.process_in`; conditioning is cached by the run like any other.
 Previews use ComfyUI's sampler with the run's sample_guidance in the conditioning, as FluxGuidance sets it.
@@ -26,6 +27,7 @@ from ..engine.hostkit.borrowing import borrowed_weights, clip_backprop_guard
 from ..engine.hostkit.clip_holders import text_encoder_layers, text_encoders
 from ..engine.model import Conditioning, ModelInfo
 from ..engine.models.flux_forward import flux_forward
+from ..engine.models.fp8_host import host_fp8_casts
 from ..engine.objectives import FlowObjective
 from .comfy_adapter import ComfyModel, escape_caption
 
@@ -154,6 +156,7 @@ class ComfyFluxModel(ComfyModel):
         modes = [(m, m.training) for m in self._dm.modules()]
         with contextlib.ExitStack() as stack:
             stack.enter_context(borrowed_weights(self.trainable_roots(), swap))
+            stack.enter_context(host_fp8_casts(self._dm))  # fp8 Linears: no bf16 copy kept for backward
             if train_text_encoder:
                 stack.enter_context(clip_backprop_guard(self.text_models()))
             self._checkpoint = gradient_checkpointing

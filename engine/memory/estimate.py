@@ -8,7 +8,10 @@
     step     = batch x latent pixels of the largest bucket x the family's bytes per latent pixel
                (checkpointing on or off; x2 in fp32), plus a trained text encoder's own activations;
                uncached latents are encoded first, so the VAE's transient counts when it is the larger
-    fixed    = cuBLAS workspace and the step's small tensors; fp8_base's per-layer casts
+    fixed    = cuBLAS workspace and the step's small tensors; with fp8_base, the one layer's weight cast
+               to the compute dtype while it runs (forward or backward: backward keeps the fp8 weight,
+               not the cast, engine/models/fp8.py), so fp8_base's peak is the bf16 peak less the
+               weight bytes fp8 saves, with checkpointing on or off
 
 The per-family numbers are in families.py; `weights_of_model` counts a loaded model's parameters on
 the device (dtypes as they are), `weights_of_family` the full-size model's before anything is loaded.
@@ -24,6 +27,7 @@ from .families import FamilyMemory, family_memory
 GiB = 1 << 30
 OPTIMIZER_STATE = {"AdamW": 8, "AdamW8bit": 2, "Lion": 4, "Adafactor": 4, "Prodigy": 16}  # bytes per parameter
 WORKSPACE = 64 << 20  # cuBLAS workspace, the step's noise/timesteps/loss, the CUDA graph's pool overhead
+FP8_CAST = 128 << 20  # fp8_base: the largest layer's weight in bf16 (Flux's linear1, 3072x21504: 126 MiB)
 VAE_ENCODE = 2100  # bytes per image pixel while the VAE encodes without grad: 2.06 KB measured (H200, batch 4,
 # SD1.5 at 512 and SDXL at 1024 with checkpointing on, where the encoding is the larger transient), rounded up
 
@@ -96,7 +100,7 @@ def estimate(shape: RunShape, weights: Weights) -> Estimate | None:
     if shape.train_text_encoder:
         activations += shape.batch_size * shape.token_windows * fam.text_activations * (1 if half else 2)
     vae = 0 if shape.cache_latents else shape.batch_size * shape.latent_pixels * fam.latent_factor ** 2 * VAE_ENCODE
-    fixed = WORKSPACE + (weights.fp8 // 10 + (100 << 20) if weights.fp8 else 0)
+    fixed = WORKSPACE + (FP8_CAST if weights.fp8 else 0)
     step = max(activations, vae)
     parts = {"weights": on_device, "lora": params * per_param,
              "activations" if step == activations else "vae_encode": step, "fixed": fixed}

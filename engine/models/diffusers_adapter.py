@@ -249,7 +249,7 @@ class DiffusersModel(TrainableModel):
         p = _param(self.unet)
         factor = pipe.vae_scale_factor
         images = []
-        fp8 = holds_fp8(self.unet)  # fp8_base weights run only under autocast
+        fp8 = holds_fp8(self.unet)  # fp8_base: sampled under autocast, as before (its layers also run without)
         with preserve_module_state(self.trainable_roots()):
             for root in self.trainable_roots():
                 root.eval()

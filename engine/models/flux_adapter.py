@@ -4,8 +4,8 @@ The transformer is the engine's BFL module tree (flux_model.py) run by flux_forw
 is diffusers' AutoencoderKL (latents scaled and shifted as Flux's latent format: (z - 0.1159) * 0.3611);
 captions go through CLIP-L (pooled output, 77 tokens) and T5 (hidden states, `t5xxl_max_token_length`
 tokens: kohya's 512 for dev, 256 for schnell by default; no attention mask, as kohya by default).
-`fp8_base` stores the transformer's Linear weights in float8 and autocast computes each in bf16/fp16
-(engine/models/fp8.py), as kohya's --fp8_base does.
+`fp8_base` stores the transformer's Linear weights in float8 and each layer casts its weight to
+bf16/fp16 as it runs (engine/models/fp8.py), as kohya's --fp8_base does.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .fp8 import Fp8BaseLinear, output_dtype
 from .fp8_quant import E4M3, quantize_rows, quantize_rows_torch
 from .module_state import instance_forwards
 
@@ -109,7 +110,8 @@ def linear_fp8(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
 def adoptable(layer: nn.Module, device: torch.device) -> bool:
     """A frozen Linear on `device` whose forward we know (torch's, or ComfyUI's casting one without
     patches), with a plain 2-D weight whose sizes suit the fp8 GEMM (multiples of 16)."""
-    if not isinstance(layer, nn.Linear) or "forward" in layer.__dict__:
+    own = layer.__dict__.get("forward")  # an instance forward: only fp8_host's, the same product
+    if not isinstance(layer, nn.Linear) or (own is not None and not getattr(own, "casts_fp8", False)):
         return False
     w, b = layer.weight, layer.bias
     if type(w) not in (nn.Parameter, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
@@ -120,7 +122,8 @@ def adoptable(layer: nn.Module, device: torch.device) -> bool:
         return False
     if w.shape[0] % 16 or w.shape[1] % 16 or _comfy_scale(layer) is False:
         return False
-    if getattr(type(layer).forward, "__module__", "") == "torch.nn.modules.linear":
+    torch_forward = getattr(type(layer).forward, "__module__", "") == "torch.nn.modules.linear"
+    if torch_forward or type(layer) is Fp8BaseLinear:  # fp8_base's: the same product, its weight cast
         return True
     return _comfy_unpatched(layer)
 
@@ -174,25 +177,11 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
-def _output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the host's Linear would return for `x`: autocast's where it is on, else x's. (No
-    try/except here: torch.compile traces this on every layer, and a graph break per layer is slow.)"""
-    kind = x.device.type
-    if _DEVICE_AUTOCAST_API:
-        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-    if kind == "cuda":  # torch < 2.4: the CUDA and CPU forms without arguments
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else x.dtype
-    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else x.dtype
-
-
-_DEVICE_AUTOCAST_API = hasattr(torch, "get_autocast_dtype")
-
-
 def takes(x: torch.Tensor, w: Fp8Weight, min_rows: int) -> bool:
     """Whether this call runs in fp8 (decided from shapes and dtypes on the host: no sync)."""
     k = w.q.shape[1]
     return (torch.is_grad_enabled() and x.shape[-1] == k and x.numel() >= min_rows * k and x.device == w.q.device
-            and x.dtype in (torch.bfloat16, torch.float32) and _output_dtype(x) == torch.bfloat16)
+            and x.dtype in (torch.bfloat16, torch.float32) and output_dtype(x) == torch.bfloat16)
 
 
 # --- the switch ---------------------------------------------------------------------------------------

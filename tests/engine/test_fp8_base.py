@@ -1,5 +1,5 @@
 """fp8_base: a model the engine loads keeps its UNet's Linear/Conv2d weights in float8 while it
-trains (kohya's --fp8_base), computes in bf16 under autocast, and learns on the bf16 loss curve.
+trains (kohya's --fp8_base), computes each layer in bf16, and learns on the bf16 loss curve.
 A host's model is never converted."""
 
 from types import SimpleNamespace
@@ -72,7 +72,7 @@ def test_fp8_base_trains_on_the_bf16_curve_and_previews(data, tmp_path, loads_ti
     assert any(v.abs().sum() > 0 for v in ups)  # it trained
     tensors, metadata = read_lora(fp8.lora_path)
     assert metadata["ss_fp8_base"] == "True" and all(v.dtype == torch.float32 for v in tensors.values())
-    assert list((tmp_path / "fp8" / "test_lora" / "samples").glob("*.png"))  # the preview ran under autocast
+    assert list((tmp_path / "fp8" / "test_lora" / "samples").glob("*.png"))  # the preview ran with the fp8 layers
 
 
 def test_fp8_base_needs_bf16_or_fp16(data, tmp_path, loads_tiny):

@@ -109,15 +109,22 @@ def run(weight_dtype, folder, paths, clip, vae, data):
                       train_text_encoder=weight_dtype == "default",
                       sample_prompts=["stripes"] if weight_dtype == "default" else [],
                       sample_every_n_steps=0, sample_steps=2, cache_latents="memory")
-    with torch.inference_mode(False), torch.enable_grad():
-        result = train(cfg, adapter)
+    from inplace_pack.engine.models import fp8 as engine_fp8
+
+    casts, own = [], engine_fp8.CastLinear.forward  # counts the Linear calls that kept fp8, not a bf16 copy
+    engine_fp8.CastLinear.forward = staticmethod(lambda ctx, *args: casts.append(1) or own(ctx, *args))
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            result = train(cfg, adapter)
+    finally:
+        engine_fp8.CastLinear.forward = staticmethod(own)
     tensors, metadata = read_lora(result.lora_path)
     after = model_hash(dm)
     out = {"forward_max_diff": out_parity, "adapter": type(adapter).__name__, "family": adapter.info.family, "variant": adapter.info.variant,
            "losses": [float(v) for v in result.losses], "steps": result.steps,
            "hash_unchanged": before == after, "clip_hash_unchanged": clip_before == model_hash(clip.cond_stage_model),
            "dtypes_before": dtypes_before, "dtypes_after": sorted({str(p.dtype) for p in dm.parameters()}),
-           "inference_after": all(p.is_inference() for p in dm.parameters()),
+           "inference_after": all(p.is_inference() for p in dm.parameters()), "fp8_casts": len(casts),
            "n_keys": len(tensors), "te_keys": sum(k.startswith("lora_te1_") for k in tensors),
            "sample_key": sorted(tensors)[0],
            "base_model_version": metadata.get("ss_base_model_version"),

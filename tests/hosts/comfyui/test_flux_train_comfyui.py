@@ -41,6 +41,8 @@ def test_flux_trains_in_place_and_comfyui_loads_the_file(runs, weight_dtype):
 def test_fp8_weights_stay_fp8(runs):
     r = runs["fp8_e4m3fn"]
     assert r["dtypes_before"] == r["dtypes_after"] == ["torch.float8_e4m3fn"]
+    # ComfyUI's casting Linears kept their fp8 weight for backward, not a bf16 copy (engine/models/fp8_host.py)
+    assert r["fp8_casts"] >= 2 * 13 and runs["default"]["fp8_casts"] == 0
 
 
 def test_previews_come_from_comfyuis_sampler(runs):
