@@ -35,11 +35,13 @@ HERE = __file__.rsplit("/", 1)[-1]
 
 
 def _origin() -> str:
-    """The innermost frame of engine/diffusers/peft code (not torch's) that made autograd save."""
+    """The innermost frame of engine/diffusers/peft code (not torch's or flux_lean's hooks) that made
+    autograd save."""
     f = sys._getframe(2)
     while f is not None:
         name = f.f_code.co_filename
-        if ("/engine/" in name or "/diffusers/" in name or "/peft/" in name) and not name.endswith(HERE):
+        if (("/engine/" in name or "/diffusers/" in name or "/peft/" in name) and not name.endswith(HERE)
+                and not name.endswith("flux_lean.py")):
             return f"{name.rsplit('/', 1)[-1]}:{f.f_lineno} {f.f_code.co_name}"
         f = f.f_back
     return "(other)"
@@ -65,8 +67,27 @@ class SavedBytes:
 
     @contextlib.contextmanager
     def recording(self):
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-            yield self
+        """Count what autograd keeps; inside flux_lean.lean_saves (whose hooks replace these) count what
+        it keeps: the tensor, or for a recipe the tensors its closure holds."""
+        from engine.models import flux_lean
+
+        original = flux_lean._Recipes.pack
+
+        def pack(recipes, t):
+            kept = original(recipes, t)
+            if isinstance(kept, tuple) and kept and kept[0] is flux_lean._Recipe:
+                for cell in kept[1].__closure__ or ():
+                    self._pack(cell.cell_contents)
+            else:
+                self._pack(kept)
+            return kept
+
+        flux_lean._Recipes.pack = pack
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield self
+        finally:
+            flux_lean._Recipes.pack = original
 
     def by_label(self) -> dict[str, int]:
         out: collections.Counter = collections.Counter()
