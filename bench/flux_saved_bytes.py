@@ -69,15 +69,21 @@ class SavedBytes:
     def recording(self):
         """Count what autograd keeps; inside flux_lean.lean_saves (whose hooks replace these) count what
         it keeps: the tensor, or for a recipe the tensors its closure holds."""
-        from engine.models import flux_lean
-
+        try:
+            from engine.models import flux_lean
+        except ImportError:  # a checkout from before the lean forward: nothing else to count
+            flux_lean = None
+        if flux_lean is None:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield self
+            return
         original = flux_lean._Recipes.pack
 
         def pack(recipes, t):
             kept = original(recipes, t)
-            if isinstance(kept, tuple) and kept and kept[0] is flux_lean._Recipe:
-                for cell in kept[1].__closure__ or ():
-                    self._pack(cell.cell_contents)
+            if isinstance(kept, flux_lean._Saved):
+                for t in kept.recipe.tensors():
+                    self._pack(t)
             else:
                 self._pack(kept)
             return kept

@@ -87,11 +87,12 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 def _modulated(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(1 + scale) * LayerNorm(x) + shift; a LoRA on the Linear it feeds keeps the recipe, not the tensor."""
-    def make():
-        return (1 + scale) * _layer_norm(x) + shift
+    normed = recomputed(_layer_norm(x), _layer_norm, x)  # kept by the product for scale's gradient
+    return recomputed(_modulate(normed, shift, scale), _modulate, normed, shift, scale)
 
-    normed = recomputed(_layer_norm(x), lambda: _layer_norm(x))  # kept by the product for scale's gradient
-    return recomputed((1 + scale) * normed + shift, make)
+
+def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (1 + scale) * normed + shift
 
 
 def _heads(qkv: torch.Tensor, norm, heads: int):
@@ -119,13 +120,28 @@ def double_block(block, img, txt, vec, pe, heads: int):
     (t_shift1, t_scale1, t_gate1), (t_shift2, t_scale2, t_gate2) = _modulation(block.txt_mod.lin, vec, 6)
     iq, ik, iv = _heads(block.img_attn.qkv(_modulated(img, i_shift1, i_scale1)), block.img_attn.norm, heads)
     tq, tk, tv = _heads(block.txt_attn.qkv(_modulated(txt, t_shift1, t_scale1)), block.txt_attn.norm, heads)
-    attn = _attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
+    v = recomputed(_cat(tv, iv), _cat, tv, iv)  # tv, iv: views of what the q/k norms keep
+    attn = _attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), v, pe)
     t_len = txt.shape[1]
-    img = img + i_gate1 * block.img_attn.proj(attn[:, t_len:])
+    img = _residual(img, i_gate1, block.img_attn.proj(attn[:, t_len:]))
     img = img + i_gate2 * _mlp(block.img_mlp, _modulated(img, i_shift2, i_scale2))
-    txt = txt + t_gate1 * block.txt_attn.proj(attn[:, :t_len])
+    txt = _residual(txt, t_gate1, block.txt_attn.proj(attn[:, :t_len]))
     txt = txt + t_gate2 * _mlp(block.txt_mlp, _modulated(txt, t_shift2, t_scale2))
     return img, txt
+
+
+def _residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y, kept (by the next LayerNorm) as its recipe: x is the LayerNorm's kept input before,
+    y what the product keeps for the gate's gradient."""
+    return recomputed(_add_gated(x, gate, y), _add_gated, x, gate, y)
+
+
+def _add_gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x + gate * y
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cat((a, b), 2)
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +151,11 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 def _mlp(mlp, x):
     # getattr by index name: ComfyUI's mlp is an nn.Sequential, the engine's a plain container
     hidden = getattr(mlp, "0")(x)
-    return getattr(mlp, "2")(recomputed(_gelu(hidden), lambda: _gelu(hidden)))
+    return getattr(mlp, "2")(recomputed(_gelu(hidden), _gelu, hidden))
+
+
+def _attn_mlp(attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    return _cat(attn, _gelu(mlp))
 
 
 def single_block(block, x, vec, pe, heads: int):
@@ -145,7 +165,7 @@ def single_block(block, x, vec, pe, heads: int):
     qkv, mlp = joint.split([3 * hidden, joint.shape[-1] - 3 * hidden], dim=-1)
     q, k, v = _heads(qkv, block.norm, heads)
     attn = _attention(q, k, v, pe)
-    out = block.linear2(recomputed(torch.cat((attn, _gelu(mlp)), dim=2), lambda: torch.cat((attn, _gelu(mlp)), dim=2)))
+    out = block.linear2(recomputed(_cat(attn, _gelu(mlp)), _attn_mlp, attn, mlp))
     return x + gate * out
 
 

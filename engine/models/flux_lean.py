@@ -18,7 +18,8 @@ counts it per block kind):
   already kept, and its result in backward is bit-identical (the same ops on the same inputs).
 
 Under gradient checkpointing the blocks are recomputed whole and keep nothing between forward and
-backward, so `lean_saves` is only used without it (checkpointing has its own saved-tensor hooks).
+backward, so `lean_saves` is only used without it (checkpointing has its own saved-tensor hooks); under
+torch.compile it does nothing (inductor chooses what to recompute itself, and traces no Python hooks).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import contextlib
 import weakref
 
 import torch
+
+from ..lora.up_add import _compiling
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -58,34 +61,79 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.T
 
 # --- recomputed instead of kept ------------------------------------------------------------------------
 
+class _Recipe:
+    """`fn(*args)` remakes a tensor; an arg is a tensor backward keeps anyway, another _Recipe (a marked
+    tensor made from marked tensors: their recipes are kept, not they), or a plain value."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def make(self) -> torch.Tensor:
+        return self.fn(*(a.make() if isinstance(a, _Recipe) else a for a in self.args))
+
+    def tensors(self):
+        """The tensors this recipe keeps (for counting)."""
+        for a in self.args:
+            if isinstance(a, _Recipe):
+                yield from a.tensors()
+            elif isinstance(a, torch.Tensor):
+                yield a
+
+
+class _Saved:
+    """A saved view of a marked tensor: its recipe and where the view sits in it."""
+
+    __slots__ = ("recipe", "shape", "stride", "offset")
+
+    def __init__(self, recipe, shape, stride, offset):
+        self.recipe, self.shape, self.stride, self.offset = recipe, shape, stride, offset
+
+
 class _Recipes:
     """The tensors marked by `recomputed` while a `lean_saves` context is open: storage address ->
-    (weak reference to the tensor, the function that makes it again)."""
+    (weak reference to the tensor, fn, args)."""
 
     def __init__(self):
-        self.by_storage: dict[int, tuple[weakref.ref, object]] = {}
+        self.by_storage: dict[int, tuple[weakref.ref, object, tuple]] = {}
+
+    def _marked(self, t):
+        if type(t) is not torch.Tensor:  # weights (Parameters), tensor subclasses
+            return None
+        ptr = t.untyped_storage().data_ptr()
+        entry = self.by_storage.get(ptr)
+        if entry is None:
+            return None
+        original = entry[0]()  # alive, so its storage is this one (a dead one's address may be reused)
+        if original is None or original.untyped_storage().data_ptr() != ptr:
+            return None
+        return original, entry[1], entry[2]
+
+    def _recipe(self, fn, args) -> _Recipe:
+        resolved = []
+        for a in args:
+            marked = self._marked(a) if isinstance(a, torch.Tensor) else None
+            # a marked argument is used whole (recomputed() takes only whole, contiguous tensors)
+            resolved.append(self._recipe(marked[1], marked[2]) if marked is not None and marked[0] is a else a)
+        return _Recipe(fn, tuple(resolved))
 
     def pack(self, t):
-        entry = self.by_storage.get(t.untyped_storage().data_ptr()) if isinstance(t, torch.Tensor) else None
-        if entry is not None:
-            ref, make = entry
-            original = ref()
-            if original is not None and original.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
-                return (_Recipe, make, tuple(t.shape), t.stride(), t.storage_offset(), original.storage_offset())
-        return t
+        if not self.by_storage:
+            return t
+        marked = self._marked(t)
+        if marked is None:
+            return t
+        original, fn, args = marked
+        return _Saved(self._recipe(fn, args), tuple(t.shape), t.stride(), t.storage_offset() - original.storage_offset())
 
     @staticmethod
     def unpack(packed):
-        if isinstance(packed, tuple) and packed and packed[0] is _Recipe:
-            _, make, shape, stride, offset, base_offset = packed
+        if isinstance(packed, _Saved):
             with torch.no_grad():
-                full = make()
-            return full.as_strided(shape, stride, full.storage_offset() + offset - base_offset)
+                full = packed.recipe.make()
+            return full.as_strided(packed.shape, packed.stride, full.storage_offset() + packed.offset)
         return packed
-
-
-class _Recipe:  # a marker: this saved entry is a recipe, not a tensor
-    pass
 
 
 _active: list[_Recipes] = []
@@ -94,7 +142,7 @@ _active: list[_Recipes] = []
 @contextlib.contextmanager
 def lean_saves(enabled: bool = True):
     """Around a block's forward: tensors marked by `recomputed` inside are kept as their recipes."""
-    if not enabled:
+    if not enabled or _compiling():
         yield
         return
     recipes = _Recipes()
@@ -106,9 +154,10 @@ def lean_saves(enabled: bool = True):
         _active.pop()
 
 
-def recomputed(t: torch.Tensor, make) -> torch.Tensor:
-    """Mark `t` (just made by `make()`, a function of tensors that backward keeps anyway) so that a node
-    saving it for backward inside `lean_saves` keeps `make` instead. Without an open context, a no-op."""
-    if _active and torch.is_grad_enabled() and t.is_contiguous():
-        _active[-1].by_storage[t.untyped_storage().data_ptr()] = (weakref.ref(t), make)
+def recomputed(t: torch.Tensor, fn, *args) -> torch.Tensor:
+    """Mark `t`, just made as `fn(*args)` from tensors backward keeps anyway (or from marked tensors),
+    so that a node saving it for backward inside `lean_saves` keeps the recipe instead. `fn` must make
+    it again bit for bit (the same ops in the same order). Without an open context, a no-op."""
+    if _active and torch.is_grad_enabled() and type(t) is torch.Tensor and t.is_contiguous() and not _compiling():
+        _active[-1].by_storage[t.untyped_storage().data_ptr()] = (weakref.ref(t), fn, args)
     return t
