@@ -7,7 +7,10 @@ the q/k RMSNorm scales, and does the rest itself, the way BFL's `flux/model.py` 
 `ldm/flux/layers.py` do it, with one difference: every residual add makes a new tensor. ComfyUI's blocks
 add in place (`img += ...`) after a LayerNorm saved the same tensor for backward, so autograd through a
 LoRA in its double blocks fails there; going through this file it does not, with or without
-checkpointing. LoRA forward hooks on the Linears apply as on any other model.
+checkpointing. LoRA forward hooks on the Linears apply as on any other model. Without checkpointing each
+block runs inside `flux_lean.lean_saves`: the q/k norms keep no float32 copies and the cheap tensors a
+LoRA keeps (GELU outputs, LayerNorm/modulation outputs, concatenations) are kept as recipes, which
+halves what a step holds for backward (engine/models/flux_lean.py; `python -m bench.flux_saved_bytes`).
 
     velocity = flux_forward(root, x, sigma, context, pooled, guidance)   # x: [B, 16, H, W] latents
 

@@ -137,12 +137,23 @@ class _Recipes:
 
 
 _active: list[_Recipes] = []
+_switched_on = [True]  # EngineOptions.lean_flux (bench: the ours-flux-keep-all tool turns it off)
+
+
+@contextlib.contextmanager
+def lean_flux(on: bool):
+    """For the duration of a run: whether `lean_saves` keeps recipes (on) or every tensor (off)."""
+    _switched_on.append(bool(on))
+    try:
+        yield
+    finally:
+        _switched_on.pop()
 
 
 @contextlib.contextmanager
 def lean_saves(enabled: bool = True):
     """Around a block's forward: tensors marked by `recomputed` inside are kept as their recipes."""
-    if not enabled or _compiling():
+    if not enabled or not _switched_on[-1] or _compiling():
         yield
         return
     recipes = _Recipes()

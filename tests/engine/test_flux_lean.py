@@ -8,15 +8,12 @@ engine/models/flux_lean.py cuts the float32 copies of the q/k RMSNorm and keeps 
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import replace
-
 import pytest
 import torch
 
 from bench import flux_saved_bytes as fsb
 from engine.models import flux_forward
-from engine.models.flux_lean import rms_norm
+from engine.models.flux_lean import lean_flux, rms_norm
 
 
 def _bfl_rms(x, scale):  # BFL's flux/modules/layers.py RMSNorm, as flux_forward computed it before
@@ -44,19 +41,12 @@ def test_rms_norm_gives_bfls_values_and_gradients(dtype):
 def _loss_and_grads(checkpoint: bool, lean: bool):
     torch.manual_seed(0)
     transformer, network, _ = fsb.ours(256)
-    args = fsb.inputs(8, 8, 256)
-    original = flux_forward.lean_saves
-    if not lean:  # the plain forward: every tensor kept as it is
-        flux_forward.lean_saves = lambda enabled=True: contextlib.nullcontext()
-    try:
-        with network.applied(), network.cast_weights(torch.bfloat16):
-            x, sigma, context, pooled, guidance = args
-            out = flux_forward.flux_forward(transformer, x.to(torch.bfloat16), sigma, context, pooled, guidance,
-                                            checkpoint=checkpoint)
-            loss = out.float().pow(2).mean()
-            loss.backward()
-    finally:
-        flux_forward.lean_saves = original
+    x, sigma, context, pooled, guidance = fsb.inputs(8, 8, 256)
+    with lean_flux(lean), network.applied(), network.cast_weights(torch.bfloat16):  # off: every tensor kept
+        out = flux_forward.flux_forward(transformer, x.to(torch.bfloat16), sigma, context, pooled, guidance,
+                                        checkpoint=checkpoint)
+        loss = out.float().pow(2).mean()
+        loss.backward()
     return loss.detach(), {k: p.grad.clone() for k, p in network.named_parameters() if p.grad is not None}
 
 
@@ -83,7 +73,10 @@ def test_our_blocks_keep_no_more_per_token_than_diffusers_blocks():
     width = 128
     module, _, run = fsb.ours(width)
     ours, _ = fsb.saved_per_token(module, run, width, sides=(4, 8), text=4)
+    with lean_flux(False):  # what autograd keeps of the same forward without recipes
+        keep_all, _ = fsb.saved_per_token(module, run, width, sides=(4, 8), text=4)
     module, run = fsb.diffusers(width)
     theirs, _ = fsb.saved_per_token(module, run, width, sides=(4, 8), text=4)
     for kind in ("double", "single"):
         assert 0 < ours[kind] <= theirs[kind], (kind, ours, theirs)
+        assert ours[kind] < keep_all[kind], (kind, ours, keep_all)
