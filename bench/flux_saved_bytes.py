@@ -142,7 +142,7 @@ def ours(width: int, targets="kohya"):
     from engine.models.flux_adapter import FluxModel
     from engine.models.flux_model import FluxTransformer
 
-    transformer = _fill(FluxTransformer(flux_dims(width))).to(torch.bfloat16)
+    transformer = _fill(FluxTransformer(flux_dims(width), dtype=torch.bfloat16))
     model = FluxModel(transformer, None, nn.Module(), nn.Module(), None, None, dtype=torch.bfloat16)
     network = build_network(model, TrainConfig(lora_rank=RANK, lora_alpha=RANK, target_modules=targets))
     with torch.no_grad():  # a trained LoRA: up weights not zero

@@ -108,6 +108,11 @@ def _heads(qkv: torch.Tensor, norm, heads: int):
 def _attention(q, k, v, pe) -> torch.Tensor:
     q, k = _apply_rope(q, pe), _apply_rope(k, pe)
     x = F.scaled_dot_product_attention(q, k, v)
+    # a view of x where the kernel wrote [B, L, H, D] (CUDA's), else a copy: remade from x, which attention keeps
+    return recomputed(_merge_heads(x), _merge_heads, x)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
 
