@@ -63,15 +63,21 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.T
 
 class _Recipe:
     """`fn(*args)` remakes a tensor; an arg is a tensor backward keeps anyway, another _Recipe (a marked
-    tensor made from marked tensors: their recipes are kept, not they), or a plain value."""
+    tensor made from marked tensors: their recipes are kept, not they), or a plain value. `autocast`:
+    (device type, dtype) of the autocast the tensor was made under, None for none; backward runs outside
+    it, so the recipe enters it again (a LayerNorm under CUDA autocast computes in float32)."""
 
-    __slots__ = ("fn", "args")
+    __slots__ = ("fn", "args", "autocast")
 
-    def __init__(self, fn, args):
-        self.fn, self.args = fn, args
+    def __init__(self, fn, args, autocast):
+        self.fn, self.args, self.autocast = fn, args, autocast
 
     def make(self) -> torch.Tensor:
-        return self.fn(*(a.make() if isinstance(a, _Recipe) else a for a in self.args))
+        args = [a.make() if isinstance(a, _Recipe) else a for a in self.args]
+        if self.autocast is None:
+            return self.fn(*args)
+        with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
+            return self.fn(*args)
 
     def tensors(self):
         """The tensors this recipe keeps (for counting)."""
@@ -96,7 +102,7 @@ class _Recipes:
     (weak reference to the tensor, fn, args)."""
 
     def __init__(self):
-        self.by_storage: dict[int, tuple[weakref.ref, object, tuple]] = {}
+        self.by_storage: dict[int, tuple[weakref.ref, object, tuple, tuple | None]] = {}
 
     def _marked(self, t):
         if type(t) is not torch.Tensor:  # weights (Parameters), tensor subclasses
@@ -108,15 +114,15 @@ class _Recipes:
         original = entry[0]()  # alive, so its storage is this one (a dead one's address may be reused)
         if original is None or original.untyped_storage().data_ptr() != ptr:
             return None
-        return original, entry[1], entry[2]
+        return original, entry[1:]
 
-    def _recipe(self, fn, args) -> _Recipe:
+    def _recipe(self, fn, args, autocast) -> _Recipe:
         resolved = []
         for a in args:
             marked = self._marked(a) if isinstance(a, torch.Tensor) else None
             # a marked argument is used whole (recomputed() takes only whole, contiguous tensors)
-            resolved.append(self._recipe(marked[1], marked[2]) if marked is not None and marked[0] is a else a)
-        return _Recipe(fn, tuple(resolved))
+            resolved.append(self._recipe(*marked[1]) if marked is not None and marked[0] is a else a)
+        return _Recipe(fn, tuple(resolved), autocast)
 
     def pack(self, t):
         if not self.by_storage:
@@ -124,8 +130,8 @@ class _Recipes:
         marked = self._marked(t)
         if marked is None:
             return t
-        original, fn, args = marked
-        return _Saved(self._recipe(fn, args), tuple(t.shape), t.stride(), t.storage_offset() - original.storage_offset())
+        original, how = marked
+        return _Saved(self._recipe(*how), tuple(t.shape), t.stride(), t.storage_offset() - original.storage_offset())
 
     @staticmethod
     def unpack(packed):
@@ -170,5 +176,16 @@ def recomputed(t: torch.Tensor, fn, *args) -> torch.Tensor:
     so that a node saving it for backward inside `lean_saves` keeps the recipe instead. `fn` must make
     it again bit for bit (the same ops in the same order). Without an open context, a no-op."""
     if _active and torch.is_grad_enabled() and type(t) is torch.Tensor and t.is_contiguous() and not _compiling():
-        _active[-1].by_storage[t.untyped_storage().data_ptr()] = (weakref.ref(t), fn, args)
+        autocast = _autocast_state(t.device.type)
+        if autocast is False:
+            return t
+        _active[-1].by_storage[t.untyped_storage().data_ptr()] = (weakref.ref(t), fn, args, autocast)
     return t
+
+
+def _autocast_state(device: str):
+    """(device, dtype) of the autocast on for `device`, None when off; False where this torch (< 2.4,
+    A1111's) cannot say by device and some autocast is on: then nothing is marked."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+    return False if torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled() else None

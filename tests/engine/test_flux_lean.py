@@ -13,7 +13,7 @@ import torch
 
 from bench import flux_saved_bytes as fsb
 from engine.models import flux_forward
-from engine.models.flux_lean import lean_flux, rms_norm
+from engine.models.flux_lean import lean_flux, lean_saves, recomputed, rms_norm
 
 
 def _bfl_rms(x, scale):  # BFL's flux/modules/layers.py RMSNorm, as flux_forward computed it before
@@ -80,3 +80,26 @@ def test_our_blocks_keep_no_more_per_token_than_diffusers_blocks():
     for kind in ("double", "single"):
         assert 0 < ours[kind] <= theirs[kind], (kind, ours, theirs)
         assert ours[kind] < keep_all[kind], (kind, ours, keep_all)
+
+
+
+def test_recipes_remake_their_tensors_under_the_autocast_they_were_made_in():
+    """Backward runs outside the forward's autocast; a recipe enters it again, or a tensor made in
+    another dtype comes back (fp8_base and `autocast: always` runs train Flux under autocast; on the
+    CPU a Linear is what autocast changes)."""
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(4, 8, generator=g), torch.randn(8, 8, generator=g)
+
+    def make(a):
+        return torch.nn.functional.linear(a, w)
+
+    def grad(lean):
+        s = torch.ones(8, requires_grad=True)
+        with lean_saves(lean), torch.autocast("cpu", dtype=torch.bfloat16):
+            h = recomputed(make(a), make, a)
+            assert h.dtype == torch.bfloat16
+            loss = (h * s).float().pow(2).sum()  # the product keeps h for s's gradient
+        loss.backward()  # outside autocast, as the step runs it
+        return s.grad
+
+    assert torch.equal(grad(True), grad(False))
