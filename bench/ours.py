@@ -15,8 +15,9 @@ compiles the step with torch.compile (`torch_compile: true`; the compile runs in
 "ours-host-geglu" runs each GEGLU's own forward instead of the engine's lean one (engine/models/geglu.py),
 "ours-cast-each" casts each LoRA weight on its own instead of all together (`cast_together` in
 engine/lora/network.py), and "ours-copy-up" adds each Linear LoRA's up projection with the copying
-addmm instead of in place (engine/lora/up_add.py), to measure what each of those buys. Those three
-switch the optimisation off through `EngineOptions` (engine/options.py), passed to `train()`. "ours-loha",
+addmm instead of in place (engine/lora/up_add.py), and "ours-flux-keep-all" lets Flux's blocks keep every
+tensor for backward as autograd would (no recipes, engine/models/flux_lean.py), to measure what each of
+those buys. Those four switch the optimisation off through `EngineOptions` (engine/options.py), passed to `train()`. "ours-loha",
 "ours-lokr" and "ours-dora" train LyCORIS' LoHa, LoKr (factor -1) and DoRA (`network_type`) instead of LoRA.
 
 Steps are timed from the loop's `step` events (each followed by a device sync); the peak memory is
@@ -43,7 +44,7 @@ VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules":
 FP8_STORED = ("ours-fp8", "ours-fp8c-fp8")  # tools whose model keeps its weights in fp8 (fp8_base)
 # tools that turn one engine optimisation off (EngineOptions fields), to measure what it buys
 SWITCHED_OFF = {"ours-host-geglu": {"lean_geglu": False}, "ours-copy-up": {"up_in_place": False},
-                "ours-cast-each": {"cast_together": False}}
+                "ours-cast-each": {"cast_together": False}, "ours-flux-keep-all": {"lean_flux": False}}
 
 
 def engine_options(tool: str):

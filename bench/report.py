@@ -35,6 +35,9 @@ TOOL_NOTES = {  # our variant tools, in the table's column order, and what each 
     "ours-host-geglu": "- ours-host-geglu is our engine with each GEGLU running the model's own forward instead of "
                        "the lean one (engine/models/geglu.py): the difference to ours is what holding only the "
                        "projection buys.",
+    "ours-flux-keep-all": "- ours-flux-keep-all is our engine with Flux's blocks keeping every tensor for backward "
+                          "instead of recipes of the cheap ones (engine/models/flux_lean.py): the difference to ours "
+                          "is the memory the recipes save and the time their recomputation costs.",
     "ours-cast-each": "- ours-cast-each is our engine casting each LoRA weight to bf16 on its own (two kernels per "
                       "weight a step) instead of all together: the difference to ours is what `cast_together` buys.",
     "ours-copy-up": "- ours-copy-up is our engine adding each Linear LoRA's up projection onto the base output with "

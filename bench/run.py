@@ -37,6 +37,7 @@ TOOLS = {  # tool -> module that runs its rows
     "ours-host-geglu": "bench.ours",
     "ours-cast-each": "bench.ours",
     "ours-copy-up": "bench.ours",
+    "ours-flux-keep-all": "bench.ours",
     "ours-loha": "bench.ours",
     "ours-lokr": "bench.ours",
     "ours-dora": "bench.ours",

@@ -18,6 +18,7 @@ class EngineOptions:
     lean_geglu: bool = True  # GEGLUs that hold half for backward (engine/models/geglu.py); False: the host's own
     up_in_place: bool = True  # a lone Linear LoRA adds its up projection into the output (engine/lora/up_add.py)
     cast_together: bool = True  # LoRA weights cast to the compute dtype in a few kernels per step (lora/network.py)
+    lean_flux: bool = True  # Flux blocks keep recipes of cheap tensors for backward (engine/models/flux_lean.py)
     # the CUDA-graph step's body without a graph on any device (FastStep(capture=False)), whatever the
     # config: how the CPU tests check that the graphed step trains exactly like the plain one
     fast_step_without_graph: bool = False

@@ -7,7 +7,10 @@ the q/k RMSNorm scales, and does the rest itself, the way BFL's `flux/model.py` 
 `ldm/flux/layers.py` do it, with one difference: every residual add makes a new tensor. ComfyUI's blocks
 add in place (`img += ...`) after a LayerNorm saved the same tensor for backward, so autograd through a
 LoRA in its double blocks fails there; going through this file it does not, with or without
-checkpointing. LoRA forward hooks on the Linears apply as on any other model.
+checkpointing. LoRA forward hooks on the Linears apply as on any other model. Without checkpointing each
+block runs inside `flux_lean.lean_saves`: the q/k norms keep no float32 copies and the cheap tensors a
+LoRA keeps (GELU outputs, LayerNorm/modulation outputs, concatenations) are kept as recipes, which
+halves what a step holds for backward (engine/models/flux_lean.py; `python -m bench.flux_saved_bytes`).
 
     velocity = flux_forward(root, x, sigma, context, pooled, guidance)   # x: [B, 16, H, W] latents
 
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .flux_lean import lean_saves, recomputed, rms_norm
 from .flux_tiny import HEAD_DIM
 
 AXES_DIM, THETA = (16, 56, 56), 10000  # rotary axes (index, row, column) of Flux.1's 128-wide heads
@@ -80,25 +84,35 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 # --- the pieces of a block ------------------------------------------------------------------------------
 
-def _rms(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    rrms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-    return (x.float() * rrms).to(x.dtype) * scale.to(x.dtype)
-
-
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def _modulated(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(1 + scale) * LayerNorm(x) + shift; a LoRA on the Linear it feeds keeps the recipe, not the tensor."""
+    normed = recomputed(_layer_norm(x), _layer_norm, x)  # kept by the product for scale's gradient
+    return recomputed(_modulate(normed, shift, scale), _modulate, normed, shift, scale)
+
+
+def _modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (1 + scale) * normed + shift
 
 
 def _heads(qkv: torch.Tensor, norm, heads: int):
     """[B, L, 3*H*D] -> q, k, v [B, H, L, D], q and k RMS-normed."""
     b, n, _ = qkv.shape
     q, k, v = qkv.view(b, n, 3, heads, HEAD_DIM).permute(2, 0, 3, 1, 4)
-    return _rms(q, norm.query_norm.scale).to(v.dtype), _rms(k, norm.key_norm.scale).to(v.dtype), v
+    return rms_norm(q, norm.query_norm.scale).to(v.dtype), rms_norm(k, norm.key_norm.scale).to(v.dtype), v
 
 
 def _attention(q, k, v, pe) -> torch.Tensor:
     q, k = _apply_rope(q, pe), _apply_rope(k, pe)
     x = F.scaled_dot_product_attention(q, k, v)
+    # a view of x where the kernel wrote [B, L, H, D] (CUDA's), else a copy: remade from x, which attention keeps
+    return recomputed(_merge_heads(x), _merge_heads, x)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
 
@@ -112,29 +126,54 @@ def _modulation(lin, vec: torch.Tensor, chunks: int):
 def double_block(block, img, txt, vec, pe, heads: int):
     (i_shift1, i_scale1, i_gate1), (i_shift2, i_scale2, i_gate2) = _modulation(block.img_mod.lin, vec, 6)
     (t_shift1, t_scale1, t_gate1), (t_shift2, t_scale2, t_gate2) = _modulation(block.txt_mod.lin, vec, 6)
-    iq, ik, iv = _heads(block.img_attn.qkv((1 + i_scale1) * _layer_norm(img) + i_shift1), block.img_attn.norm, heads)
-    tq, tk, tv = _heads(block.txt_attn.qkv((1 + t_scale1) * _layer_norm(txt) + t_shift1), block.txt_attn.norm, heads)
-    attn = _attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
+    iq, ik, iv = _heads(block.img_attn.qkv(_modulated(img, i_shift1, i_scale1)), block.img_attn.norm, heads)
+    tq, tk, tv = _heads(block.txt_attn.qkv(_modulated(txt, t_shift1, t_scale1)), block.txt_attn.norm, heads)
+    v = recomputed(_cat(tv, iv), _cat, tv, iv)  # tv, iv: views of what the q/k norms keep
+    attn = _attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), v, pe)
     t_len = txt.shape[1]
-    img = img + i_gate1 * block.img_attn.proj(attn[:, t_len:])
-    img = img + i_gate2 * _mlp(block.img_mlp, (1 + i_scale2) * _layer_norm(img) + i_shift2)
-    txt = txt + t_gate1 * block.txt_attn.proj(attn[:, :t_len])
-    txt = txt + t_gate2 * _mlp(block.txt_mlp, (1 + t_scale2) * _layer_norm(txt) + t_shift2)
+    img = _residual(img, i_gate1, block.img_attn.proj(attn[:, t_len:]))
+    img = img + i_gate2 * _mlp(block.img_mlp, _modulated(img, i_shift2, i_scale2))
+    txt = _residual(txt, t_gate1, block.txt_attn.proj(attn[:, :t_len]))
+    txt = txt + t_gate2 * _mlp(block.txt_mlp, _modulated(txt, t_shift2, t_scale2))
     return img, txt
+
+
+def _residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y, kept (by the next LayerNorm) as its recipe: x is the LayerNorm's kept input before,
+    y what the product keeps for the gate's gradient."""
+    return recomputed(_add_gated(x, gate, y), _add_gated, x, gate, y)
+
+
+def _add_gated(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x + gate * y
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cat((a, b), 2)
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 def _mlp(mlp, x):
     # getattr by index name: ComfyUI's mlp is an nn.Sequential, the engine's a plain container
-    return getattr(mlp, "2")(F.gelu(getattr(mlp, "0")(x), approximate="tanh"))
+    hidden = getattr(mlp, "0")(x)
+    return getattr(mlp, "2")(recomputed(_gelu(hidden), _gelu, hidden))
+
+
+def _attn_mlp(attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    return _cat(attn, _gelu(mlp))
 
 
 def single_block(block, x, vec, pe, heads: int):
     ((shift, scale, gate),) = _modulation(block.modulation.lin, vec, 3)
     hidden = x.shape[-1]
-    joint = block.linear1((1 + scale) * _layer_norm(x) + shift)
+    joint = block.linear1(_modulated(x, shift, scale))
     qkv, mlp = joint.split([3 * hidden, joint.shape[-1] - 3 * hidden], dim=-1)
     q, k, v = _heads(qkv, block.norm, heads)
-    out = block.linear2(torch.cat((_attention(q, k, v, pe), F.gelu(mlp, approximate="tanh")), dim=2))
+    attn = _attention(q, k, v, pe)
+    out = block.linear2(recomputed(_cat(attn, _gelu(mlp)), _attn_mlp, attn, mlp))
     return x + gate * out
 
 
@@ -143,7 +182,8 @@ def single_block(block, x, vec, pe, heads: int):
 def _run(fn, checkpoint: bool, *args):
     if checkpoint and torch.is_grad_enabled():
         return _checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+    with lean_saves():  # without checkpointing: keep recipes of the cheap tensors (flux_lean.py)
+        return fn(*args)
 
 
 def flux_forward(root, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,

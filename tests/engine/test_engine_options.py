@@ -74,6 +74,7 @@ def test_bench_tools_select_the_options_they_measure(monkeypatch, tmp_path):
     assert ours.engine_options("ours-host-geglu") == EngineOptions(lean_geglu=False)
     assert ours.engine_options("ours-copy-up") == EngineOptions(up_in_place=False)
     assert ours.engine_options("ours-cast-each") == EngineOptions(cast_together=False)
+    assert ours.engine_options("ours-flux-keep-all") == EngineOptions(lean_flux=False)
     seen = []
 
     def fake_train(cfg, model, *, callbacks=(), options=None, **kw):
