@@ -30,11 +30,13 @@ def test_estimate_matches_the_measured_peaks(key):
 
 
 def test_fp8_base_and_uncached_rows():
-    # fp8_base at batch 1 with checkpointing (config_fields' help: SD1.5 1.30, SDXL 3.93 GiB) and the
-    # uncached rows at batch 4 without checkpointing (5.30, 28.06 GiB)
-    for family, measured in (("sd1", 1.30), ("sdxl", 3.93)):
-        est = estimate(_shape(family, 1, True), weights_of_family(family, precision="bf16", fp8_base=True))
-        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, est.describe())
+    # fp8_base measured by bench/memory_estimate.py on an H100 (2026-12-07, fp8 layers keeping their fp8 weight
+    # for backward): batch 1 with checkpointing SD1.5 1.12, SDXL 3.61 GiB; batch 4 without 3.92, 24.46 GiB. And
+    # the uncached rows at batch 4 without checkpointing (5.30, 28.06 GiB)
+    for family, batch, ckpt, measured in (("sd1", 1, True, 1.12), ("sdxl", 1, True, 3.61),
+                                          ("sd1", 4, False, 3.92), ("sdxl", 4, False, 24.46)):
+        est = estimate(_shape(family, batch, ckpt), weights_of_family(family, precision="bf16", fp8_base=True))
+        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, batch, est.describe())
     for family, measured in (("sd1", 5.30), ("sdxl", 28.06)):
         est = estimate(_shape(family, 4, False, cache_latents=False), weights_of_family(family, precision="bf16"))
         assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, est.describe())
