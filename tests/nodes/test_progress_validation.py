@@ -11,11 +11,10 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from inplace_lora_pack.engine.config import TrainConfig
+from inplace_lora_pack.engine.demo import write_dataset
 from inplace_lora_pack.engine.models import tiny_sd1
 from inplace_lora_pack.engine.train import train
 from inplace_lora_pack.nodes import progress
@@ -40,19 +39,8 @@ def sent(monkeypatch):
     return messages
 
 
-def _dataset(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    y, x = np.mgrid[0:64, 0:64]
-    for i in range(5):
-        arr = np.stack([np.sin(x / (3 + i)) * 127 + 128, np.cos(y / (4 + i)) * 127 + 128,
-                        np.full((64, 64), 50 * i)], -1).astype("uint8")
-        Image.fromarray(arr).save(folder / f"img{i}.png")
-        (folder / f"img{i}.txt").write_text(f"stripes {i}", encoding="utf-8")
-    return folder
-
-
 def _run(tmp_path, node_id, **changes):
-    cfg = TrainConfig(train_data_dir=str(_dataset(tmp_path / "data")), output_dir=str(tmp_path / "out"),
+    cfg = TrainConfig(train_data_dir=str(write_dataset(tmp_path / "data", n=5)), output_dir=str(tmp_path / "out"),
                       output_name="chart", resolution="64", batch_size=2, max_train_steps=4, learning_rate=1e-3,
                       save_every_n_epochs=0, save_precision="fp32", **changes)
     node = progress.NodeProgress(node_id, "chart", run_folder=tmp_path / "out")
