@@ -25,13 +25,7 @@ def main(argv: list[str]) -> None:
     from library import model_util
 
     def load_target_model(self, args, weight_dtype, accelerator):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        path = args.pretrained_model_name_or_path
-        text_encoder = _text_encoder(path)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        text_encoder, vae, unet = demo_parts(args.pretrained_model_name_or_path)
         self.vae_scale_factor = vae.config.scaling_factor
         return model_util.get_model_version_str_for_sd1_sd2(args.v2, args.v_parameterization), text_encoder, vae, unet
 
@@ -43,6 +37,14 @@ def main(argv: list[str]) -> None:
     train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
     train_network.NetworkTrainer().train(args)
+
+
+def demo_parts(path: str):
+    """The demo pipeline folder's text encoder, VAE and UNet, as kohya's train_network gets them."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    return _text_encoder(path), vae, UNet2DConditionModel.from_pretrained(path, subfolder="unet")
 
 
 def _text_encoder(path: str):
