@@ -91,7 +91,6 @@ class LossChart {
       val.forEach(([s, v], i) => (i ? ctx.lineTo(X(s), Y(v, lo, hi)) : ctx.moveTo(X(s), Y(v, lo, hi))));
       ctx.stroke();
       for (const [s, v] of val) { ctx.beginPath(); ctx.arc(X(s), Y(v, lo, hi), 3, 0, 2 * Math.PI); ctx.fill(); }
-      ctx.fillText(`val ${fmt(val[val.length - 1][1])}`, w - R - 70, T + 10);
     }
     const lrMax = Math.max(...lr) || 1;
     line(lr, 0, lrMax * 1.05, "#f0a030", 1);
@@ -101,7 +100,12 @@ class LossChart {
     ctx.fillStyle = "#f0a030";
     ctx.fillText(`lr ${fmt(lrMax)}`, w - R + 2, T + 8);
     ctx.fillStyle = "#aaa";
-    ctx.fillText(`step ${steps[steps.length - 1]}  loss ${fmt(loss[loss.length - 1])}  avg ${fmt(ema(loss).pop())}`, L + 4, h - 3);
+    const summary = `step ${steps[steps.length - 1]}  loss ${fmt(loss[loss.length - 1])}  avg ${fmt(ema(loss).pop())}`;
+    ctx.fillText(summary, L + 4, h - 3);
+    if (val.length) { // the last validation loss, in its series' colour, after the summary
+      ctx.fillStyle = VALIDATION_COLOR;
+      ctx.fillText(`val ${fmt(val[val.length - 1][1])}`, L + 12 + ctx.measureText(summary).width, h - 3);
+    }
   }
 }
 
