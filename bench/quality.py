@@ -12,6 +12,8 @@ train_network.py with network_module lycoris.kohya) for LoHa, LoKr and DoRA.
     python -m bench.quality --precision bf16 ...             # on a GPU: the fast step against the peers
     KOHYA_DIR=/path/to/sd-scripts [KOHYA_PYTHON=...] [LYCORIS_DIR=/path/to/LyCORIS] python -m bench.quality \\
         --types lora,loha,lokr,dora
+    # KOHYA_EXTRA_PATH: more folders on kohya's PYTHONPATH (stand-ins for packages its venv lacks);
+    # --tools kohya,lycoris --types lora, then loha, ...: one type per call, each row on its own
 
 The pass marks (bench/README.md has the last table): our validation loss at most 2% above the best
 other tool's, and the concept reached in as many steps or fewer. tests/engine/test_quality.py runs

@@ -108,6 +108,7 @@ class TrainJob:
         self.status = "starting"
         self.step = self.total = 0
         self.losses: list[tuple[int, float]] = []
+        self.validation: list[tuple[int, float]] = []  # (step, validation loss): the chart's second series
         self.messages: list[str] = []
         self.preview_images: list[tuple[object, str]] = []  # (PIL image, caption), newest last
         self.lora_file: Path | None = None
@@ -149,6 +150,9 @@ class TrainJob:
             state.job_no = event.step
             loss = f", loss {event.loss:.4f}" if event.loss is not None else ""
             state.textinfo = f"LoRA Trainer: step {event.step}/{event.total_steps}{loss}"
+        elif event.kind == "validation":
+            with self._lock:
+                self.validation = list(event.losses)
         elif event.kind == "preview":
             with self._lock:
                 self.preview_images += [(im, f"step {event.step}: {p}") for im, p in zip(event.images, event.prompts)]
@@ -292,11 +296,12 @@ class TrainJob:
     # --- reporting --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         with self._lock:
-            losses, messages = list(self.losses), list(self.messages)
+            losses, messages, validation = list(self.losses), list(self.messages), list(self.validation)
             captions = [c for _, c in self.preview_images]
         return {"id": self.id, "status": self.status, "running": self.running, "step": self.step,
                 "total_steps": self.total, "loss": losses[-1][1] if losses else None,
-                "losses": [[s, v] for s, v in losses], "messages": messages, "error": self.error,
+                "losses": [[s, v] for s, v in losses], "validation": [[s, v] for s, v in validation],
+                "messages": messages, "error": self.error,
                 "lora_name": self.lora_file.stem if self.lora_file else self.plan.name,
                 "lora_file": str(self.lora_file) if self.lora_file else None,
                 "card_preview": str(self.card_preview) if self.card_preview else None,

@@ -144,7 +144,7 @@ def outputs(manager=MANAGER):
     status = manager.status()
     job = manager.job
     gallery = [] if job is None else [(im, cap) for im, cap in list(job.preview_images)]
-    return format_status(status), render_loss_plot(status.get("losses") or []), gallery
+    return format_status(status), render_loss_plot(status.get("losses") or [], status.get("validation")), gallery
 
 
 def on_train(folder: str, trigger: str, preset: str, *rest, manager=MANAGER, poll: float = POLL_SECONDS,

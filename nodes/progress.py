@@ -2,12 +2,13 @@
 
 Every step: ComfyUI's progress bar (whose hook also raises when Cancel was pressed), an interrupt
 check of our own (the hook is absent outside the server), and an `inplace_lora.progress` message with
-the loss and learning rate for the chart in web/. Previews are saved in ComfyUI's temp folder and
+the loss and learning rate for the chart in web/; each validation adds the run's (step, validation loss)
+pairs, which the chart draws as a second series. Previews are saved in ComfyUI's temp folder and
 shown by the same chart widget (not as the progress bar's preview, which would draw a second,
 upscaled copy over the node and vanish on reload). The run's history is also kept here, per node, so a
 reloaded page can redraw the chart (GET /inplace_lora/history), and in the run folder
 (`loss_history.json`, written with every checkpoint and when the run ends), so a resumed run's chart
-starts with the steps before the checkpoint, also after ComfyUI was restarted.
+starts with the steps (and validation points) before the checkpoint, also after ComfyUI was restarted.
 """
 
 from __future__ import annotations
@@ -75,11 +76,12 @@ class NodeProgress:
         self.total = 0
         self.points: list[list[float]] = []  # [step, loss, lr]
         self.lrs: dict[int, float] = {}
+        self.earlier_validation: list[list[float]] = []  # a resumed run's validation points before its checkpoint
         self.last_preview = None
         self.messages: list[str] = []
         self.started = time.monotonic()
         self.run = {"node": self.node, "name": name, "prompt_id": _prompt_id(), "status": "starting",
-                    "total": 0, "step": 0, "points": self.points, "preview": None, "message": "",
+                    "total": 0, "step": 0, "points": self.points, "validation": [], "preview": None, "message": "",
                     "started": time.time()}
         with _lock:
             HISTORY[self.node] = self.run
@@ -116,26 +118,34 @@ class NodeProgress:
             return
         try:
             with _lock:
-                points = list(self.points)
-            (self.run_folder / HISTORY_FILE).write_text(json.dumps(points), encoding="utf-8")
+                saved = {"points": list(self.points), "validation": list(self.run["validation"])}
+            (self.run_folder / HISTORY_FILE).write_text(json.dumps(saved), encoding="utf-8")
         except OSError as exc:  # the chart is a nicety; never fail a run for it
             logger.debug("could not write the loss history: %s", exc)
 
-    def _earlier_points(self, step: int) -> list[list[float]]:
-        """The points of the run this one resumes, up to its checkpoint's step."""
+    def _earlier_points(self, step: int) -> tuple[list[list[float]], list[list[float]]]:
+        """The loss points and validation points of the run this one resumes, up to its checkpoint's step
+        (a file written before validation points were kept holds the loss points alone, as a list)."""
         try:
             saved = json.loads((self.run_folder / HISTORY_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError, TypeError):
-            return []
-        return [p for p in saved if isinstance(p, list) and len(p) == 3 and p[0] <= step]
+            return [], []
+        saved = saved if isinstance(saved, dict) else {"points": saved}
+
+        def upto(points, size):
+            return [p for p in points or [] if isinstance(p, list) and len(p) == size and p[0] <= step]
+
+        return upto(saved.get("points"), 3), upto(saved.get("validation"), 2)
 
     def _on_start(self, event: TrainEvent) -> None:
         import comfy.utils
 
-        earlier = self._earlier_points(event.step) if event.step and self.run_folder is not None else []
+        resumed = event.step and self.run_folder is not None
+        earlier, self.earlier_validation = self._earlier_points(event.step) if resumed else ([], [])
         with _lock:
             self.points[:0] = earlier
             self.run["resumed_at"] = event.step or None
+            self.run["validation"] = list(self.earlier_validation)
         self.total = event.total_steps
         self.first_step, self.t_first = event.step, time.monotonic()
         self.bar = comfy.utils.ProgressBar(event.total_steps, node_id=self.node)
@@ -168,6 +178,13 @@ class NodeProgress:
         if self.bar is not None:
             self.bar.update_absolute(event.step, event.total_steps)
         _send({**self._public(), "points": new, "lr": event.lr, "loss": event.loss})
+
+    def _on_validation(self, event: TrainEvent) -> None:
+        """The chart's second series: every validation point so far (the engine's list counts from the
+        start of this process' run; a resumed run's earlier points come first)."""
+        with _lock:
+            self.run["validation"] = self.earlier_validation + [[s, v] for s, v in event.losses]
+        _send({**self._public(), "points": []})
 
     def _on_preview(self, event: TrainEvent) -> None:
         if not event.images:

@@ -2,13 +2,16 @@
 // "LoRA Trainer" node. Fed by the server's "inplace_lora.progress" messages; after a page reload the
 // chart is rebuilt from GET /inplace_lora/history, which keeps every trainer node's last run. A resumed
 // run's first message carries the steps before its checkpoint (a dashed line marks where it resumed).
+// With a validation set, every message carries the validation losses so far ([[step, loss]]), drawn as
+// green points joined by a line on the training loss' scale.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_CLASS = "InplaceLoRA_Trainer";
 const EVENT = "inplace_lora.progress";
 const HISTORY = "/inplace_lora/history";
-const runs = new Map(); // node id -> {points: [[step, loss, lr]], status, step, total, preview, message}
+const runs = new Map(); // node id -> {points: [[step, loss, lr]], validation: [[step, loss]], status, step, ...}
+const VALIDATION_COLOR = "#3cc864";
 const charts = new Set(); // one LossChart per trainer node on the canvas (ids can change on load)
 
 function ema(values, beta = 0.9) {
@@ -66,7 +69,8 @@ class LossChart {
     }
     if (!pts.length) return;
     const steps = pts.map((p) => p[0]), loss = pts.map((p) => p[1]), lr = pts.map((p) => p[2] || 0);
-    let lo = Math.min(...loss), hi = Math.max(...loss);
+    const val = (run.validation || []).filter((p) => Number.isFinite(p[1]));
+    let lo = Math.min(...loss, ...val.map((p) => p[1])), hi = Math.max(...loss, ...val.map((p) => p[1]));
     if (hi - lo < 1e-12) { lo -= 0.5; hi += 0.5; }
     const s0 = steps[0], s1 = Math.max(steps[steps.length - 1], s0 + 1);
     const X = (s) => L + ((w - L - R) * (s - s0)) / (s1 - s0);
@@ -82,6 +86,12 @@ class LossChart {
     }
     line(loss, lo, hi, "#5b7fbf", 1);
     line(ema(loss), lo, hi, "#9fc3ff", 2);
+    if (val.length) {
+      ctx.strokeStyle = ctx.fillStyle = VALIDATION_COLOR; ctx.lineWidth = 2; ctx.beginPath();
+      val.forEach(([s, v], i) => (i ? ctx.lineTo(X(s), Y(v, lo, hi)) : ctx.moveTo(X(s), Y(v, lo, hi))));
+      ctx.stroke();
+      for (const [s, v] of val) { ctx.beginPath(); ctx.arc(X(s), Y(v, lo, hi), 3, 0, 2 * Math.PI); ctx.fill(); }
+    }
     const lrMax = Math.max(...lr) || 1;
     line(lr, 0, lrMax * 1.05, "#f0a030", 1);
     ctx.fillStyle = "#9fc3ff";
@@ -90,7 +100,12 @@ class LossChart {
     ctx.fillStyle = "#f0a030";
     ctx.fillText(`lr ${fmt(lrMax)}`, w - R + 2, T + 8);
     ctx.fillStyle = "#aaa";
-    ctx.fillText(`step ${steps[steps.length - 1]}  loss ${fmt(loss[loss.length - 1])}  avg ${fmt(ema(loss).pop())}`, L + 4, h - 3);
+    const summary = `step ${steps[steps.length - 1]}  loss ${fmt(loss[loss.length - 1])}  avg ${fmt(ema(loss).pop())}`;
+    ctx.fillText(summary, L + 4, h - 3);
+    if (val.length) { // the last validation loss, in its series' colour, after the summary
+      ctx.fillStyle = VALIDATION_COLOR;
+      ctx.fillText(`val ${fmt(val[val.length - 1][1])}`, L + 12 + ctx.measureText(summary).width, h - 3);
+    }
   }
 }
 
