@@ -22,37 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import conftest  # noqa: E402  (the checkpoint's cached name)
+from host_diff import changes as diff, summary  # noqa: E402
 from comfy_workflows import STYLE, cpu_sized, fingerprint_graph, load_api, make_images, one, txt2img, ui_text  # noqa: E402
-
-
-def diff(before, after):
-    """[(part, "tensor"|"module", name, field, old, new)] over the detailed tables, plus hash-level changes."""
-    out = []
-    for part in ("unet", "clip", "vae"):
-        for level, key in (("tensor", "tensors"), ("module", "modules")):
-            b, a = before["table"][part][key], after["table"][part][key]
-            for name in sorted(set(b) | set(a)):
-                if name not in b or name not in a:
-                    out.append((part, level, name, "present", name in b, name in a))
-                    continue
-                out.extend((part, level, name, f, b[name][f], a[name][f]) for f in b[name] if b[name][f] != a[name][f])
-        if before["ids"][part] != after["ids"][part]:
-            out.append((part, "object", "", "id", "before", "another: ComfyUI reloaded it"))
-        for field in ("values", "hooks", "forwards", "tensors", "dtypes"):
-            if before[part][field] != after[part][field]:
-                out.append((part, "hash", "", field, before[part][field], after[part][field]))
-    return out
-
-
-def summary(changes):
-    """Group the changes by (part, level, field, old -> new): count and a few names."""
-    groups = {}
-    for part, level, name, field, old, new in changes:
-        label = f"{part} {level} values changed" if field == "values" and level == "tensor" else \
-            f"{part} {level} {field}: {old} -> {new}"
-        g = groups.setdefault(label, [])
-        g.append(name)
-    return {k: {"count": len(v), "first": v[:3], "last": v[-2:]} for k, v in groups.items()}
 
 
 def census(fp):
