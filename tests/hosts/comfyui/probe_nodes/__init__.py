@@ -7,10 +7,11 @@ Linked into custom_nodes/ by the test harness only; it is not part of the node p
 """
 import collections
 import hashlib
-import json
 import os
 
 import torch
+
+from .text_node import TextProbe
 
 
 def fingerprint(root):
@@ -56,24 +57,11 @@ def flag_table(root):
     return {"tensors": tensors, "modules": modules}
 
 
-class HostFingerprint:
-    CATEGORY = "testing"
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-
+class HostFingerprint(TextProbe):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",)},
                 "optional": {"after": ("*",), "detail": ("BOOLEAN", {"default": False})}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, input_types=None):
-        return True
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
 
     def run(self, model, clip, vae, after=None, detail=False):
         import comfy.model_management
@@ -85,8 +73,7 @@ class HostFingerprint:
             roots = {"unet": model.model.diffusion_model, "clip": clip.cond_stage_model, "vae": vae.first_stage_model}
             out["table"] = {part: flag_table(root) for part, root in roots.items()}
             out["ids"] = {part: id(root) for part, root in roots.items()}  # the same objects, not a reload
-        text = json.dumps(out, sort_keys=True)
-        return {"ui": {"text": [text]}, "result": (text,)}
+        return self.shown(out)
 
 
 NODE_CLASS_MAPPINGS = {"InplaceLoRATest_HostFingerprint": HostFingerprint}

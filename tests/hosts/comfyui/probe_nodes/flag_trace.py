@@ -11,6 +11,8 @@ import traceback
 
 import torch
 
+from .text_node import TextProbe
+
 LOG = collections.OrderedDict()  # (what, site) -> {"count", "keys" (first few), "change"}
 
 
@@ -67,26 +69,10 @@ def take():
     return out
 
 
-class FlagTrace:
-    CATEGORY = "testing"
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-
+class FlagTrace(TextProbe):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {}, "optional": {"after": ("*",)}}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, input_types=None):
-        return True
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
-
     def run(self, after=None):
-        import json
-
-        text = json.dumps(take())
-        return {"ui": {"text": [text]}, "result": (text,)}
+        return self.shown(take())
