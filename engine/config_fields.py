@@ -212,7 +212,7 @@ class TrainConfig:
                                       "slower, far less memory. Turn on for SDXL on cards under 16 GB.")
     fp8_base: bool = _f(False, "Store the frozen UNet's Linear and Conv2d weights in float8 (e4m3fn): on an "
                         "H100 at batch 1 with gradient_checkpointing, SD1.5 1.12 instead of 1.93 GiB, SDXL "
-                        "3.61 instead of 6.05 GiB, Flux.1-dev 14.3 instead of 25.4 GiB; about 10% slower. "
+                        "3.61 instead of 6.05 GiB, Flux.1-dev 14.3 instead of 25.4 GiB (10% slower there). "
                         "Each layer casts its weight to bf16/fp16 as it runs and backward keeps only the "
                         "fp8 weight, so it saves the weight bytes with checkpointing off too; LoRA and "
                         "optimizer stay float32 "

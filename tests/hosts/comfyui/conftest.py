@@ -95,7 +95,11 @@ def _test_server(comfy_python, base):
     server_mod = _load_server_module()
     server_mod.make_base_dir(base)
     os.symlink(PROBE_PACK, os.path.join(base, "custom_nodes", "inplace_lora_test_probe"), target_is_directory=True)
-    return server_mod.ComfyServer(comfy_python, base)
+    # --cache-classic: a loaded checkpoint stays the same object while each prompt holds its loader, so
+    # the fingerprints before and after a run see the model the run used. 0.3.75 and 0.8.0 cache so by
+    # default; 0.33.0 defaults to a RAM-pressure cache that may drop it between prompts (a fresh load
+    # then, which host_diff.changes reports as another object id).
+    return server_mod.ComfyServer(comfy_python, base, extra_args=["--cache-classic"])
 
 
 @pytest.fixture(scope="session")

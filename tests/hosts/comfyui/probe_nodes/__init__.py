@@ -7,9 +7,11 @@ Linked into custom_nodes/ by the test harness only; it is not part of the node p
 """
 import collections
 import hashlib
-import json
+import os
 
 import torch
+
+from .text_node import TextProbe
 
 
 def fingerprint(root):
@@ -33,36 +35,54 @@ def fingerprint(root):
             "tensors": tensors, "dtypes": dict(dtypes)}
 
 
-class HostFingerprint:
-    CATEGORY = "testing"
-    FUNCTION = "run"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
+def flag_table(root):
+    """What `fingerprint` hashes, per name, so a test can say which flag of which tensor changed:
+    {"tensor name": {"requires_grad", "inference", "dtype", "device"}} and {"module name": training},
+    plus each tensor's value digest and ComfyUI's own per-module switches (comfy_cast_weights, weight/bias functions), which the
+    hashes leave out, for tracing a host's behaviour."""
+    tensors, modules = {}, {}
+    for name, mod in root.named_modules():
+        modules[name] = {"training": mod.training, "comfy_cast_weights": getattr(mod, "comfy_cast_weights", None),
+                         "weight_function": len(getattr(mod, "weight_function", ()) or ()),
+                         "bias_function": len(getattr(mod, "bias_function", ()) or ())}
+        for kind, table in (("p", mod._parameters), ("b", mod._buffers)):
+            for key, t in table.items():
+                if t is not None:
+                    data = t.detach().to("cpu").contiguous().reshape(-1)
+                    sha = hashlib.sha1(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+                    tensors[f"{name}.{key}"] = {"kind": kind, "requires_grad": t.requires_grad,
+                                                "inference": t.is_inference(), "dtype": str(t.dtype),
+                                                "device": str(t.device), "class": type(t).__name__,
+                                                "values": sha.hexdigest()[:16]}
+    return {"tensors": tensors, "modules": modules}
 
+
+class HostFingerprint(TextProbe):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",)},
-                "optional": {"after": ("*",)}}
+                "optional": {"after": ("*",), "detail": ("BOOLEAN", {"default": False})}}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, input_types=None):
-        return True
-
-    @classmethod
-    def IS_CHANGED(cls, **kwargs):
-        return float("nan")
-
-    def run(self, model, clip, vae, after=None):
+    def run(self, model, clip, vae, after=None, detail=False):
         import comfy.model_management
 
         comfy.model_management.unload_all_models()
         out = {"unet": fingerprint(model.model.diffusion_model), "clip": fingerprint(clip.cond_stage_model),
                "vae": fingerprint(vae.first_stage_model), "model_patches": len(model.patches)}
-        text = json.dumps(out, sort_keys=True)
-        return {"ui": {"text": [text]}, "result": (text,)}
+        if detail:
+            roots = {"unet": model.model.diffusion_model, "clip": clip.cond_stage_model, "vae": vae.first_stage_model}
+            out["table"] = {part: flag_table(root) for part, root in roots.items()}
+            out["ids"] = {part: id(root) for part, root in roots.items()}  # the same objects, not a reload
+        return self.shown(out)
 
 
 from .flux_clip import TinyFluxCLIPLoader  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {"InplaceLoRATest_HostFingerprint": HostFingerprint,
                        "InplaceLoRATest_TinyFluxCLIPLoader": TinyFluxCLIPLoader}
+
+if os.environ.get("INPLACE_LORA_TRACE_FLAGS") == "1":
+    from . import flag_trace
+
+    flag_trace.install()
+    NODE_CLASS_MAPPINGS["InplaceLoRATest_FlagTrace"] = flag_trace.FlagTrace
