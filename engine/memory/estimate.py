@@ -28,7 +28,7 @@ GiB = 1 << 30
 OPTIMIZER_STATE = {"AdamW": 8, "AdamW8bit": 2, "Lion": 4, "Adafactor": 4, "Prodigy": 16}  # bytes per parameter
 WORKSPACE = 64 << 20  # cuBLAS workspace, the step's noise/timesteps/loss, the CUDA graph's pool overhead
 FP8_CAST = 32 << 20  # fp8_base: the largest layer's weight cast to bf16 (SD/SDXL's GEGLU projection 1280x10240:
-# 25 MiB; Flux's linear1 would be 126 MiB, and Flux has no estimate yet). H100, 2026-12-07: the four fp8 rows of
+# 25 MiB; Flux's linear1 is 126 MiB, inside its rows' margin). H100, 2026-12-07: the four SD fp8 rows of
 # bench/memory_estimate.py within +3% to +8% with this value, +4.5% to +11.6% with 128 MiB
 VAE_ENCODE = 2100  # bytes per image pixel while the VAE encodes without grad: 2.06 KB measured (H200, batch 4,
 # SD1.5 at 512 and SDXL at 1024 with checkpointing on, where the encoding is the larger transient), rounded up

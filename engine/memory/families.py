@@ -39,6 +39,14 @@ MEMORY: dict[str, FamilyMemory] = {
     "sdxl": FamilyMemory(activations=365_000, checkpointed=40_000, denoiser_params=2_567_463_684,
                          text_encoder_params=(123_060_480, 694_659_840), vae_params=83_653_863,
                          lora_width=2_659_840, text_lora_width=903_168, text_activations=160 << 20),
+    # Flux.1-dev at 1024 px (H100, 2026-12-07, bench.run flux1 rows, the lean forward, rank 16 on kohya's
+    # default 304 layers, cached latents and text): batch 1 peaks 44.50 GiB without checkpointing and
+    # 25.36 with it (fp8_base 33.11 and 14.28); the checkpointed slope is the H200 run's batch 1 -> 4 (2.46
+    # GiB an image). Without checkpointing only batch 1 was measured after the lean forward: its
+    # activations are taken as the per-image slope (bench/flux_saved_bytes.py counts them linear in tokens)
+    "flux1": FamilyMemory(activations=1_380_000, checkpointed=161_000, denoiser_params=11_901_408_320,
+                          text_encoder_params=(123_060_480, 4_762_310_656), vae_params=83_819_683,
+                          lora_width=4_786_176, text_lora_width=165_888, text_activations=30 << 20),
 }
 
 
