@@ -18,6 +18,9 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The Flux server module takes about 16 minutes on 2 CPU cores: it is collected only when asked for
+# (COMFYUI_SLOW_TESTS=1, tests/hosts/README.md), so a default run neither runs it nor counts it as skipped.
+collect_ignore = [] if os.environ.get("COMFYUI_SLOW_TESTS") else ["test_flux_server.py"]
 CHECKPOINT_SEED = 0
 CHECKPOINT_NAME = f"sd15_random_seed{CHECKPOINT_SEED}_v1.safetensors"  # bump v1 when make_checkpoint changes
 SKIP_REASON = ("COMFYUI_PYTHON is not set: the real-ComfyUI host tests did NOT run. "

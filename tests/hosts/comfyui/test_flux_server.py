@@ -29,9 +29,6 @@ from flux_workflows import FLUX, flux_base_graph, flux_cpu_sized, flux_fingerpri
 from test_training_flow import run, succeeded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SLOW = "COMFYUI_SLOW_TESTS"
-pytestmark = pytest.mark.skipif(not os.environ.get(SLOW), reason=(
-    f"{SLOW} is not set: the Flux server tests (~16 min on 2 CPU cores) did NOT run; set {SLOW}=1 to run them"))
 DTYPES = ("default", "fp8_e4m3fn")
 
 
