@@ -38,11 +38,13 @@ def main(argv=None) -> int:
     uncached = "--uncached" in argv
     limit = float(argv[argv.index("--limit-gib") + 1]) if "--limit-gib" in argv else None
     batch = int(argv[0]) if argv and argv[0].isdigit() else 64
-    if limit is not None:  # a smaller card: allocations past the limit raise a real out-of-memory error
-        torch.cuda.set_per_process_memory_fraction(limit * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     root = Path(tempfile.mkdtemp(prefix="bench_oom_"))
     model = engine_model("sdxl")
     reset_memory()
+    if limit is not None:  # a smaller card: allocations past the limit raise a real out-of-memory error. Set
+        # after the model is built (building it under a 9 GiB cap ran out of memory before training, H100)
+        log(f"loaded: {torch.cuda.memory_allocated() / 2**30:.2f} GiB; holding the process to {limit} GiB")
+        torch.cuda.set_per_process_memory_fraction(limit * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     t0 = time.monotonic()
 
     def on_event(event):
