@@ -83,6 +83,8 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
         "ss_cache_latents": cfg.cache_latents != "off",
         "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset or None,
+        "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,  # input perturbation: both objectives apply it
+        "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength or None,
         "ss_optimizer": f"{cfg.optimizer}({_optimizer_args(cfg)})",
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_prior_loss_weight": cfg.prior_loss_weight,
@@ -136,13 +138,11 @@ def build_metadata(cfg: TrainConfig, info: ModelInfo, *, data_summary: dict, ste
 
 
 def ddpm_metadata(cfg: TrainConfig) -> dict[str, Any]:
-    """The options the DDPM objective reads (engine/objectives/ddpm.py, noise.py); a flow model's file
-    claims only input perturbation, the one of them kohya's Flux training (and flow.py) applies."""
+    """The options only the DDPM objective reads (engine/objectives/ddpm.py, noise.py): a flow model's
+    file does not claim them."""
     return {"ss_min_snr_gamma": cfg.min_snr_gamma or None,
             "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
-            "ss_multires_noise_discount": cfg.multires_noise_discount if cfg.multires_noise_iterations else None,
-            "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,
-            "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength or None}
+            "ss_multires_noise_discount": cfg.multires_noise_discount if cfg.multires_noise_iterations else None}
 
 
 def flow_metadata(cfg: TrainConfig, info: ModelInfo) -> dict[str, Any]:
@@ -155,8 +155,7 @@ def flow_metadata(cfg: TrainConfig, info: ModelInfo) -> dict[str, Any]:
             "ss_logit_mean": cfg.logit_mean, "ss_logit_std": cfg.logit_std, "ss_mode_scale": cfg.mode_scale,
             "ss_guidance_scale": cfg.guidance_scale if info.variant != "schnell" else None,
             "ss_model_prediction_type": "raw", "ss_apply_t5_attn_mask": False,
-            "ss_model_type": info.variant or None, "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,
-            "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength or None}
+            "ss_model_type": info.variant or None}
 
 
 def _session_int(session_id: str | None) -> str:
