@@ -14,6 +14,7 @@ the parts it lacks. Everything loads into the same FluxModel; nothing is downloa
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,7 @@ WHAT = {"ae": "autoencoder", "clip_l": "CLIP-L text encoder", "t5xxl": "T5-XXL t
 AIO_PREFIXES = {"ae": ("vae.", "first_stage_model."), "clip_l": ("text_encoders.clip_l.transformer.",),
                 "t5xxl": ("text_encoders.t5xxl.transformer.",)}
 DIFFUSERS_DIRS = {"ae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
+FILE_LOADERS = {"ae": fl.load_vae, "clip_l": fl.load_clip_l, "t5xxl": fl.load_t5}  # a part's own file
 
 
 def is_flux_folder(path: Path) -> bool:
@@ -67,8 +69,7 @@ def part_loaders(cfg, path: Path) -> dict[str, Callable[[], torch.nn.Module]]:
         if given is not None:
             if not given.is_file():
                 raise ModelError(f"{key} points to '{given}', which is not a file.")
-            loaders[key] = {"ae": lambda p=given: fl.load_vae(p), "clip_l": lambda p=given: fl.load_clip_l(p),
-                            "t5xxl": lambda p=given: fl.load_t5(p)}[key]
+            loaders[key] = functools.partial(FILE_LOADERS[key], given)
         elif key in inside:
             loaders[key] = inside[key]
         else:
