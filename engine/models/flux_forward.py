@@ -173,7 +173,7 @@ def single_block(block, x, vec, pe, heads: int):
     qkv, mlp = joint.split([3 * hidden, joint.shape[-1] - 3 * hidden], dim=-1)
     q, k, v = _heads(qkv, block.norm, heads)
     attn = _attention(q, k, v, pe)
-    out = block.linear2(recomputed(_cat(attn, _gelu(mlp)), _attn_mlp, attn, mlp))
+    out = block.linear2(recomputed(_attn_mlp(attn, mlp), _attn_mlp, attn, mlp))
     return x + gate * out
 
 
