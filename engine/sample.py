@@ -76,10 +76,9 @@ def render_previews(model, prompts: list[SamplePrompt], cfg: TrainConfig, defaul
                     trigger_word: str = "") -> list:
     """One image per prompt with the LoRA hooks as attached; [] when the host cannot sample."""
     images = []
+    flow = model.info.spec.objective == "flow"  # a flow model (Flux.1) is told its guidance value; CFG is --l or 1
     for i, p in enumerate(prompts):
         text = p.prompt.replace("[trigger]", trigger_word) if trigger_word else p.prompt
-        # a flow model (Flux.1) is told its guidance value; its CFG is the prompt's --l or 1
-        flow = model.info.spec.objective == "flow"
         extra = {"guidance": p.guidance if p.guidance is not None else cfg.sample_guidance} if flow else {}
         scale = p.cfg if p.cfg is not None else (1.0 if flow else cfg.sample_cfg)
         with torch.no_grad():
