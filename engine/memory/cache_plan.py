@@ -82,9 +82,9 @@ def apply(trainer) -> str:
         parking.follow(model, trainer.data, cfg.train_text_encoder)
     what = [name for name, on in (("latents", choice.latents), ("text conditioning", choice.text)) if on]
     encoders = [name for name, on in (("the VAE", choice.latents), ("the text encoders", choice.text)) if on]
-    text = (f"{' and '.join(what)} cached in CPU memory, {' and '.join(encoders)} no longer run in the step"
-            + (" (moved to the CPU)" if trainer.device.type == "cuda" else ""))
     cuda = trainer.device.type == "cuda"
+    text = (f"{' and '.join(what)} cached in CPU memory, {' and '.join(encoders)} no longer run in the step"
+            + (" (moved to the CPU)" if cuda else ""))
     changed = []
     if choice.latents and cuda and trainer.data.step_encode_precision != "no":
         changed.append(f"latents from the VAE at its own precision, not under "
