@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from ..family_checks import PATCH_PX
 from ..model import preserve_module_state
 from ..objectives.flow_sampler import euler_flow, flux_schedule
 from .flux_forward import flux_forward
 from .flux_tiny import FLUX_SCALE, FLUX_SHIFT
-
-PATCH_PX = 16  # 8x VAE and 2x2 patches
 
 
 @torch.no_grad()
@@ -41,7 +40,7 @@ def sample_flux(model, prompts: list[str], *, seed: int, steps: int, cfg: float,
 def _velocity(model, cond, guidance: float):
     from .fp8 import holds_fp8
 
-    fp8 = holds_fp8(model.transformer)  # fp8_base weights run only under autocast
+    fp8 = holds_fp8(model.transformer)  # fp8_base: previews sample under autocast (the training step does not)
 
     def velocity(x, sigma):
         g = torch.full_like(sigma, float(guidance)) if model.guidance_embed else None
