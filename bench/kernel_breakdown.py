@@ -1,6 +1,6 @@
 """Where the GPU time of our training step goes: kernel time over the timed steps, by kind.
 
-    python -m bench.kernel_breakdown [sd15|sdxl] [batch] [on|off] [key=value ...]
+    python -m bench.kernel_breakdown [sd15|sdxl|flux1] [batch] [on|off] [key=value ...]
 
 Runs the engine as `bench.ours` does (extra config keys after the row, e.g. `cuda_graph=false`, or
 `fp8_compute=true` for the fp8 layers; `fp8_base=true` is done here as bench.ours' ours-fp8 does it),
@@ -46,11 +46,18 @@ def main(argv=None) -> int:
 
     model_name, batch, gc, extra = row_args(sys.argv[1:] if argv is None else argv, batch=8, gc=False)
     warmup, steps = 5, 10
-    model = engine_model(model_name)
+    if model_name == "flux1":  # Flux.1-dev's layout with random weights, as bench.ours builds it
+        from .workload_flux import engine_model as flux_model
+
+        model = flux_model()
+        denoiser = model.transformer
+    else:
+        model = engine_model(model_name)
+        denoiser = model.unet
     if extra.pop("fp8_base", False):  # the config key is for a base_model the engine loads; this one is built here
         from engine.models.fp8 import store_in_fp8
 
-        store_in_fp8(model.unet)
+        store_in_fp8(denoiser)
     cfg = Config("ours", model_name, batch, gc, steps=steps, warmup=warmup)
     reset_memory()
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
