@@ -141,7 +141,9 @@ def import_kohya() -> None:
     """kohya's source tree on sys.path, with the one shim transformers 5 needs."""
     import transformers
 
-    if not hasattr(transformers, "CLIPFeatureExtractor"):  # renamed in transformers 5; kohya still imports it
+    try:  # renamed in transformers 5; kohya still imports it. Some 5.x releases raise ImportError here,
+        transformers.CLIPFeatureExtractor  # not AttributeError, so hasattr() would propagate it
+    except (AttributeError, ImportError):
         transformers.CLIPFeatureExtractor = transformers.CLIPImageProcessor
     if str(kohya_dir()) not in sys.path:
         sys.path.insert(0, str(kohya_dir()))
