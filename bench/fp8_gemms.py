@@ -1,6 +1,6 @@
 """One frozen Linear's forward + input gradient in bf16 and through fp8_compute, at SDXL batch 8 shapes.
 
-    python -m bench.fp8_gemms [--out results.json]
+    python -m bench.fp8_gemms [--model flux1] [--out results.json]
 
 For each of SDXL's big Linear shapes at 1024 px, batch 8, it times (CUDA events, mean of 50 calls
 after warm-up) the bf16 pair a frozen layer runs (F.linear forward, dy @ W backward) against
@@ -28,6 +28,11 @@ LAYERS = [("attn q/k/v/out 1280", B * 1024, 1280, 1280), ("ff.net.0.proj 1280", 
           ("ff.net.2 1280", B * 1024, 5120, 1280), ("attn2 k/v (text) 1280", B * 77, 2048, 1280),
           ("attn q/k/v/out 640", B * 4096, 640, 640), ("ff.net.0.proj 640", B * 4096, 640, 5120),
           ("ff.net.2 640", B * 4096, 2560, 640), ("proj_in/out 1280", B * 1024, 1280, 1280)]
+# Flux.1 at 1024 px, batch 1: double blocks run image (4096) and text (512) tokens through their own
+# layers, single blocks all 4608 together
+FLUX_LAYERS = [("img_attn.qkv", 4096, 3072, 9216), ("img_attn.proj", 4096, 3072, 3072),
+               ("img_mlp.0", 4096, 3072, 12288), ("img_mlp.2", 4096, 12288, 3072),
+               ("txt_mlp.0", 512, 3072, 12288), ("linear1", 4608, 3072, 21504), ("linear2", 4608, 15360, 3072)]
 
 
 def measure(m: int, k: int, n: int) -> dict:
@@ -89,11 +94,12 @@ def measure(m: int, k: int, n: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="also write the numbers as JSON here")
+    ap.add_argument("--model", choices=("sdxl", "flux1"), default="sdxl", help="whose layer shapes (flux1: batch 1)")
     args = ap.parse_args(argv)
     print(torch.cuda.get_device_name(), torch.__version__)
     results = {}
     total_bf16 = total_fp8 = 0.0
-    for name, m, k, n in LAYERS:
+    for name, m, k, n in (FLUX_LAYERS if args.model == "flux1" else LAYERS):
         r = measure(m, k, n)
         results[name] = dict(M=m, K=k, N=n, **r)
         tflop = 2 * 2 * m * k * n / 1e12  # forward and input gradient
