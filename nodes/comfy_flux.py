@@ -120,11 +120,13 @@ class ComfyFluxModel(ComfyModel):
     def encode_text(self, captions: list[str]) -> Conditioning:
         """T5 hidden states of exactly `t5_tokens` tokens for every caption (one shape to batch and cache):
         ComfyUI's T5 tokenizer pads to its `t5xxl_min_length` option (256 by default) and never cuts, so
-        the tokenizer is asked for the length and a longer caption is cut to it here."""
+        the tokenizer is asked for the length and a longer caption is cut to it before encoding, keeping
+        its end token, as kohya's tokenizer truncates (`_cut_t5`)."""
         contexts, pooled = [], []
         n = self.t5_tokens
         for caption in captions:
             tokens = self.clip.tokenize(escape_caption(caption), tokenizer_options={"t5xxl_min_length": n})
+            tokens = _cut_t5(tokens, n)
             out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
             cond = out["cond"][:, :n]
             if cond.shape[1] < n:  # a custom tokenizer without padding: pad as T5 would
@@ -198,3 +200,14 @@ class ComfyFluxModel(ComfyModel):
         if self.guidance_embed:
             cond[0][1]["guidance"] = float(guidance)
         return cond
+
+
+def _cut_t5(tokens: dict, n: int) -> dict:
+    """A caption longer than `n` T5 tokens keeps its first n-1 tokens and its end token (the last token
+    of ComfyUI's unpadded list), as a tokenizer with `max_length=n, truncation=True` gives it: cut after
+    encoding, the context would end mid-caption with no end token, unlike what T5 was trained on and what
+    the command line (which truncates at the tokenizer) trains with."""
+    t5 = tokens.get("t5xxl") if isinstance(tokens, dict) else None
+    if not isinstance(t5, list):
+        return tokens
+    return {**tokens, "t5xxl": [b[: n - 1] + b[-1:] if len(b) > n else b for b in t5]}

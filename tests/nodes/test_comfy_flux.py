@@ -61,17 +61,22 @@ class _RecordingFluxClip:
     """A ComfyUI Flux CLIP as the adapter calls it: the T5 tokenizer pads to `t5xxl_min_length` (ComfyUI's
     option, 256 by default) and never cuts; the cond has one row per T5 token."""
 
+    END, PAD = 1, 0  # T5's end and padding token ids
+
     def __init__(self, caption_tokens: int = 4):
         self.cond_stage_model = SimpleNamespace(t5xxl=object(), clip_l=SimpleNamespace(transformer=nn.Linear(2, 2)))
-        self.caption_tokens, self.options = caption_tokens, []
+        self.caption_tokens, self.options, self.encoded = caption_tokens, [], []
 
     def tokenize(self, text, tokenizer_options=None):
+        """ComfyUI's list of (token, weight, word id): the caption's words, the end token, then padding."""
         min_length = (tokenizer_options or {}).get("t5xxl_min_length", 256)
         self.options.append(tokenizer_options)
-        return {"t5xxl": max(min_length, self.caption_tokens)}
+        words = [(100 + i, 1.0, i + 1) for i in range(self.caption_tokens - 1)] + [(self.END, 1.0, 0)]
+        return {"t5xxl": [words + [(self.PAD, 1.0, 0)] * max(0, min_length - len(words))]}
 
     def encode_from_tokens(self, tokens, return_pooled=True, return_dict=True):
-        return {"cond": torch.randn(1, tokens["t5xxl"], 8), "pooled_output": torch.randn(1, 6)}
+        self.encoded.append([t[0] for t in tokens["t5xxl"][0]])
+        return {"cond": torch.randn(1, len(tokens["t5xxl"][0]), 8), "pooled_output": torch.randn(1, 6)}
 
 
 def _trainable_patcher(guidance_embed=True):
@@ -92,6 +97,20 @@ def test_comfyui_t5_context_has_t5xxl_max_token_length_tokens(setting, caption_t
         cond = model.encode_text(["a photo", "stripes"])
     assert cond["context"].shape == (2, expected, 8)
     assert clip.options[-1] == {"t5xxl_min_length": expected}  # padded by ComfyUI's tokenizer, not by zeros
+
+
+def test_comfyui_long_caption_is_cut_before_encoding_and_keeps_its_end_token():
+    """kohya (and our command line) truncate at the tokenizer: the model sees the caption's first tokens
+    and then T5's end token, not a context cut off mid-caption."""
+    from inplace_lora_pack.engine.config import TrainConfig
+
+    clip = _RecordingFluxClip(caption_tokens=300)
+    model = ComfyFluxModel(_trainable_patcher(), clip, object())
+    model.set_text_options(TrainConfig(t5xxl_max_token_length=64))
+    with torch.enable_grad():
+        model.encode_text(["a very long caption"])
+    ids = clip.encoded[-1]
+    assert len(ids) == 64 and ids[-1] == clip.END and ids[:63] == list(range(100, 163))
 
 
 def test_comfyui_schnell_defaults_to_256_t5_tokens():
