@@ -23,6 +23,7 @@ from ..engine.hostkit.borrowing import borrowed_weights, clip_backprop_guard, un
 from ..engine.hostkit.clip_holders import text_encoder_layers, text_encoders
 from ..engine.hostkit.ldm_names import layout_from_unet_config, unet_layers
 from ..engine.model import Conditioning, ModelInfo, TrainableModel
+from ..engine.models.fp8_host import host_fp8_casts
 from ..engine.models.module_state import checkpointed_forwards, recompute_units
 from ..engine.objectives import DDPMObjective
 
@@ -197,6 +198,7 @@ class ComfyModel(TrainableModel):
         swap = [unet] + (self.text_models() if train_text_encoder else [])
         with contextlib.ExitStack() as stack:
             stack.enter_context(borrowed_weights(self.trainable_roots(), swap))
+            stack.enter_context(host_fp8_casts(unet))  # fp8 Linears: no bf16 copy kept for backward
             if gradient_checkpointing:
                 stack.enter_context(self.checkpointing(train_text_encoder))
             if train_text_encoder:

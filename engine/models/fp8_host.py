@@ -1,6 +1,6 @@
 """A host's fp8 Linear layers keep their fp8 weight for backward, not the compute-dtype copy.
 
-ComfyUI's casting Linears (comfy.ops manual_cast, what a Flux loaded with weight_dtype fp8_e4m3fn runs)
+ComfyUI's casting Linears (comfy.ops manual_cast, what a UNet or Flux loaded with weight_dtype fp8_e4m3fn runs)
 cast the stored fp8 weight to the input's dtype on every call and hand the copy to F.linear, so
 autograd keeps one bf16 copy per layer until backward: without checkpointing, the whole model again
 in bf16 (engine/models/fp8.py says the same of autocast). For the duration of a run each such layer
