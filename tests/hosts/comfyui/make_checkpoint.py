@@ -98,7 +98,13 @@ def build_state_dict(seed, family="sd15"):
     vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
     init_weights(vae, gen)
 
-    sd = base.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    import inspect
+
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        # ComfyUI 0.2x+: the caller hands the UNet's state dict in first (0.3.75 read its own)
+        sd = base.state_dict_for_saving(base.diffusion_model.state_dict(), clip.state_dict(), vae.state_dict())
+    else:
+        sd = base.state_dict_for_saving(clip.state_dict(), vae.state_dict())
     out = {}
     for k, v in sd.items():
         if not torch.is_tensor(v):
