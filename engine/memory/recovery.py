@@ -13,8 +13,9 @@ holds to the end of the run; checkpoints keep the changes (`state`), and a run r
 them again before its first step (`resume`), so it does not run out of memory again where the
 interrupted run did, and trains as that run would have. The CUDA-graph step is
 rebuilt after checkpointing or caching is turned on and dropped when the batch is split (its graph
-replays whole batches). When no plan is left the error says so, with the memory estimate's advice; the run's usual
-error path keeps a checkpoint at the last finished step.
+replays whole batches). When no plan is left (or caching itself runs out of memory one image at a time)
+the error says so, with the memory estimate's advice; the run's usual error path keeps a checkpoint at
+the last finished step.
 
 `EngineOptions.inject_oom_at` raises an out-of-memory error inside chosen steps (the CPU tests'
 way to this path); `EngineOptions.recovery_plan_at` applies changes before chosen steps as if an OOM
