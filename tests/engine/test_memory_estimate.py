@@ -185,3 +185,31 @@ def test_a_loaded_models_fp8_copy_is_its_linear_weights_not_in_fp8():
     with torch.no_grad():  # a layer stored in fp8 (fp8_base, ComfyUI's fp8 weights) is used as it is
         linears[0].weight.data = linears[0].weight.data.to(torch.float8_e4m3fn)
     assert weights_of_model(model, on_device_only=False).fp8_copy == sum(m.weight.numel() for m in linears[1:])
+
+
+def test_the_start_message_counts_fp8_computes_copy_as_loaded_already(tmp_path, monkeypatch):
+    """fp8_compute makes its copy before the start message: free memory is already less by it, so the
+    estimate's copy is part of what is loaded, not counted against free memory a second time."""
+    import engine.memory.run as memory_run
+    import engine.models.fp8_compute as fc
+    from engine.models import tiny_sd1
+    from engine.train import train
+    from tests.engine.train_fixtures import pattern_dataset, quick_config
+
+    monkeypatch.setattr(fc, "ALLOW_CPU", True)
+    monkeypatch.setattr(memory_run, "free_memory", lambda device: 1 * GiB)
+    seen = []
+    original = memory_run.advise
+
+    def spy(shape, weights, free, *, already=0, **kw):
+        seen.append((shape, weights, already))
+        return original(shape, weights, free, already=already, **kw)
+
+    monkeypatch.setattr(memory_run, "advise", spy)
+    model = tiny_sd1(seed=3)
+    cfg = quick_config(pattern_dataset(tmp_path / "data"), tmp_path / "out", max_train_steps=1, fp8_compute=True,
+                       mixed_precision="bf16")
+    train(cfg, model)
+    shape, weights, already = seen[0]
+    assert shape.fp8_compute and weights.fp8_copy > 0
+    assert already == weights.denoiser + weights.fp8_copy  # latents and text cached: the encoders parked
