@@ -106,8 +106,12 @@ def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None,
                      mixed_precision="bf16", gradient_checkpointing=cfg.gradient_checkpointing,
                      cache_latents="memory" if cfg.cached else "off", save_every_n_epochs=0, seed=SEED,
                      device=device(), **(extra or {}))
-    train(tc, model, callbacks=[FunctionCallback(on_event)], options=options or engine_options(cfg.tool))
-    notes = [m for m in infos if "CUDA-graphed" in m]
+    try:
+        train(tc, model, callbacks=[FunctionCallback(on_event)], options=options or engine_options(cfg.tool))
+    except BaseException as exc:
+        exc.bench_notes = recovery_notes(infos)  # run_rows puts them on the row that reports the error
+        raise
+    notes = [m for m in infos if "CUDA-graphed" in m] + recovery_notes(infos)
     row = finish_row(cfg, clock.step_times(cfg.warmup), cfg.batch, notes=notes)
     if training_peak and row.peak_gib is not None:
         # the training peak (first step to last, as the peers are measured); the run's end, which puts
@@ -115,6 +119,13 @@ def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None,
         row.notes.append(f"whole run including the end (encoders back on the GPU): {row.peak_gib:.2f} GiB")
         row.peak_gib = training_peak[0] / 2**30
     return row
+
+
+def recovery_notes(infos: list[str]) -> list[str]:
+    """The engine's out-of-memory info events (engine/memory/recovery.py: checkpointing turned on, the
+    micro-batch split, caching on the CPU; a preview skipped): a row that went through them did not train
+    as configured, and its peak includes the attempt that ran out of memory."""
+    return [m for m in infos if "out of memory" in m or "out-of-memory" in m]
 
 
 def run_rows(configs, build_model, run_row, prefix: str) -> None:
@@ -133,6 +144,7 @@ def run_rows(configs, build_model, run_row, prefix: str) -> None:
         except Exception as exc:  # noqa: BLE001 - a failed row is a result too
             log(f"{cfg}: {type(exc).__name__}: {exc}")
             row = error_row(cfg, exc.__cause__ if isinstance(exc.__cause__, torch.OutOfMemoryError) else exc)
+            row.notes += getattr(exc, "bench_notes", [])
         emit(row)
 
 

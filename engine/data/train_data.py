@@ -224,8 +224,9 @@ class TrainData:
         """Encode what can be cached, batching encoder calls; disk entries already present are reused."""
         self.run_cache_jobs(model, self.cache_jobs(), progress=progress)
 
-    def cache_jobs(self) -> list[tuple[str, list]]:
-        """The encoder calls caching needs: ("latents", record ids of one bucket) and ("text", captions)."""
+    def cache_jobs(self, chunk: int | None = None) -> list[tuple[str, list]]:
+        """The encoder calls caching needs: ("latents", record ids of one bucket) and ("text", captions);
+        `chunk`: at most that many per call (the out-of-memory recovery's micro-batch)."""
         jobs: list[tuple[str, list]] = []
         if self.latent_cache_mode:
             store = self._open_store()
@@ -233,12 +234,13 @@ class TrainData:
             by_bucket: dict[tuple[int, int], list[int]] = {}
             for i in todo:
                 by_bucket.setdefault(self.placements[i].bucket, []).append(i)
-            size = self.cfg.vae_batch_size
+            size = min(self.cfg.vae_batch_size, chunk or self.cfg.vae_batch_size)
             for ids in by_bucket.values():
                 jobs += [("latents", ids[k:k + size]) for k in range(0, len(ids), size)]
         if self.text_cache_enabled:
             captions = [c for c in self.cached_captions() if c not in self._text]
-            jobs += [("text", captions[k:k + 16]) for k in range(0, len(captions), 16)]
+            size = min(16, chunk or 16)
+            jobs += [("text", captions[k:k + size]) for k in range(0, len(captions), size)]
         return jobs
 
     @torch.no_grad()
@@ -271,13 +273,12 @@ class TrainData:
     def _encode_into_cache(self, model: TrainableModel, ids: list[int]) -> None:
         crops = [self.placements[i].centre_crop() for i in ids]
         pixels = torch.stack([self._pixels(i, c) for i, c in zip(ids, crops)])
-        flip = self.cfg.flip_aug
-        if flip:
-            pixels = torch.cat([pixels, torch.flip(pixels, dims=[3])])
-        latents = self._encode(model, pixels, ids + ids if flip else ids)
+        # the flipped images in a VAE call of their own: `len(ids)` images per call (vae_batch_size)
+        latents = self._encode(model, pixels, ids)
+        flipped = self._encode(model, torch.flip(pixels, dims=[3]), ids) if self.cfg.flip_aug else None
         store = self._open_store()
         for k, i in enumerate(ids):
-            entry = CachedLatent(latents[k], latents[k + len(ids)] if flip else None)
+            entry = CachedLatent(latents[k], flipped[k] if flipped is not None else None)
             store.put(self._latent_key(i), entry, source=self.records[i].path.name)
 
     # --- batches ------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ GEGLU, SDPA attention, LoRA added in place); fp32 doubles them. They are the slo
 peaks in bench/RESULTS.md (H100, rank 16, `ours` rows at batch 1/4/8, each line straight within 1%):
 SD1.5 at 512 gained 0.803 GiB per image without checkpointing and 0.166 GiB with it, SDXL at 1024
 5.569 and 0.610 GiB. bench/memory_estimate.py measures them again against the estimate.
+`linear_params` counts the full-size denoiser's Linear weights (built on the meta device: SD1.5's 184
+layers, SD2's 216, SDXL's 743, Flux.1-dev's 314), for fp8_compute's fp8 copy.
 """
 
 from __future__ import annotations
@@ -26,19 +28,21 @@ class FamilyMemory:
     text_lora_width: int  # the same over the text encoders' adapted layers
     text_activations: int  # bytes a trained text encoder keeps for backward per caption window (2-byte)
     latent_factor: int = 8  # image pixels per latent pixel, each side
+    linear_params: int = 0  # weights of the denoiser's Linear layers fp8_compute takes (both sizes multiples of 16)
 
 
 MEMORY: dict[str, FamilyMemory] = {
     # SD2 shares SD1's UNet shapes (linear projections, 64-wide heads): SD1's activations, unmeasured
     "sd1": FamilyMemory(activations=210_500, checkpointed=43_450, denoiser_params=859_520_964,
                         text_encoder_params=(123_060_480,), vae_params=83_653_863, lora_width=423_936,
-                        text_lora_width=165_888, text_activations=30 << 20),
+                        text_lora_width=165_888, text_activations=30 << 20, linear_params=270_049_280),
     "sd2": FamilyMemory(activations=210_500, checkpointed=43_450, denoiser_params=865_910_724,
                         text_encoder_params=(340_387_840,), vae_params=83_653_863, lora_width=432_128,
-                        text_lora_width=423_936, text_activations=72 << 20),
+                        text_lora_width=423_936, text_activations=72 << 20, linear_params=301_219_840),
     "sdxl": FamilyMemory(activations=365_000, checkpointed=40_000, denoiser_params=2_567_463_684,
                          text_encoder_params=(123_060_480, 694_659_840), vae_params=83_653_863,
-                         lora_width=2_659_840, text_lora_width=903_168, text_activations=160 << 20),
+                         lora_width=2_659_840, text_lora_width=903_168, text_activations=160 << 20,
+                         linear_params=2_232_647_680),
     # Flux.1-dev at 1024 px (H100, 2026-12-07, bench.run flux1 rows, the lean forward, rank 16 on kohya's
     # default 304 layers, cached latents and text): batch 1 peaks 44.50 GiB without checkpointing and
     # 25.36 with it (fp8_base 33.11 and 14.28); the checkpointed slope is the H200 run's batch 1 -> 4 (2.46
@@ -46,7 +50,8 @@ MEMORY: dict[str, FamilyMemory] = {
     # activations are taken as the per-image slope (bench/flux_saved_bytes.py counts them linear in tokens)
     "flux1": FamilyMemory(activations=1_380_000, checkpointed=161_000, denoiser_params=11_901_408_320,
                           text_encoder_params=(123_060_480, 4_762_310_656), vae_params=83_819_683,
-                          lora_width=4_786_176, text_lora_width=165_888, text_activations=30 << 20),
+                          lora_width=4_786_176, text_lora_width=165_888, text_activations=30 << 20,
+                          linear_params=11_898_322_944),
 }
 
 

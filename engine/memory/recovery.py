@@ -13,8 +13,9 @@ holds to the end of the run; checkpoints keep the changes (`state`), and a run r
 them again before its first step (`resume`), so it does not run out of memory again where the
 interrupted run did, and trains as that run would have. The CUDA-graph step is
 rebuilt after checkpointing or caching is turned on and dropped when the batch is split (its graph
-replays whole batches). When no plan is left the error says so, with the memory estimate's advice; the run's usual
-error path keeps a checkpoint at the last finished step.
+replays whole batches). When no plan is left (or caching itself runs out of memory one image at a time)
+the error says so, with the memory estimate's advice; the run's usual error path keeps a checkpoint at
+the last finished step.
 
 `EngineOptions.inject_oom_at` raises an out-of-memory error inside chosen steps (the CPU tests'
 way to this path); `EngineOptions.recovery_plan_at` applies changes before chosen steps as if an OOM
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 
@@ -34,6 +34,7 @@ import torch
 from ..errors import UserError
 from . import cache_plan
 from .cache_plan import CACHE
+from .release import release
 
 logger = logging.getLogger(__name__)
 CHECKPOINTING, SPLIT = "gradient_checkpointing", "half_micro_batch"
@@ -75,27 +76,33 @@ class OutOfMemoryRecovery:
         step = t.position.step + 1
         # the traceback's frames hold the failed forward's activations (and its autograd graph) alive
         exc.__traceback__ = None
-        gc.collect()
         t.optimizer.zero_grad(set_to_none=True)
         if t.fast is not None:  # a graph that failed mid-capture or mid-replay is not replayed again
             t.fast.close()
             t.fast = None
-        if t.device.type == "cuda":
-            torch.cuda.empty_cache()
-        change = self._next()
-        if change is None:
-            advice = getattr(t, "memory_advice", None)
-            tried = ", ".join(c["change"] for c in self.changes) or "nothing"
-            uncached = cache_plan.choose(t).not_cached
-            raise UserError(f"out of memory on {t.device} at step {step}, with every recovery plan tried "
-                            f"({tried}). " + (f"Not cached: {'; '.join(uncached)}. " if uncached else "")
-                            + (f"Memory: {advice.text}. " if advice is not None else "")
-                            + "Lower the resolution or use a GPU with more free memory; the run can resume "
-                            "from its last checkpoint.") from exc
-        self._apply(change, step, f"out of memory at step {step}")
-        micro, rng = self._restart
-        t.generator.set_state(rng)
-        return micro
+        release(t.device)
+        change, failed = self._next(), None
+        if change is not None:
+            try:
+                self._apply(change, step, f"out of memory at step {step}")
+            except torch.cuda.OutOfMemoryError as again:  # caching encodes on the device: it can run out too
+                if change != CACHE:
+                    raise
+                again.__traceback__ = None
+                release(t.device)
+                failed = f"{change}, which itself ran out of memory"  # what it tried is in the log
+            else:
+                micro, rng = self._restart
+                t.generator.set_state(rng)
+                return micro
+        advice = getattr(t, "memory_advice", None)
+        tried = ", ".join([c["change"] for c in self.changes] + ([failed] if failed else [])) or "nothing"
+        uncached = cache_plan.choose(t).not_cached if failed is None else []
+        raise UserError(f"out of memory on {t.device} at step {step}, with every recovery plan tried "
+                        f"({tried}). " + (f"Not cached: {'; '.join(uncached)}. " if uncached else "")
+                        + (f"Memory: {advice.text}. " if advice is not None else "")
+                        + "Lower the resolution or use a GPU with more free memory; the run can resume "
+                        "from its last checkpoint.") from exc
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -148,7 +155,7 @@ class OutOfMemoryRecovery:
             what = (f"micro-batch halved: each batch of {t.cfg.batch_size} is trained as {self.split} parts of "
                     f"{size} with their gradients summed (the same images per update)")
         elif change == CACHE:
-            what = cache_plan.apply(t)
+            what = cache_plan.apply(t, chunk=max(1, t.cfg.batch_size // self.split))
             if self.split == 1 and t.fast is None:
                 t._setup_fast_step()  # the graphed step takes batches whose text is cached
         else:

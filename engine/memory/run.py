@@ -27,7 +27,8 @@ def shape_of(cfg, data, family: str, precision: str, *, train_text_encoder: bool
                     cache_latents=bool(getattr(data, "latent_cache_mode", None)),
                     cache_text=bool(getattr(data, "text_cache_enabled", False)),
                     train_text_encoder=cfg.train_text_encoder if train_text_encoder is None else train_text_encoder,
-                    optimizer=cfg.optimizer, token_windows=max(1, cfg.max_token_length // 75))
+                    optimizer=cfg.optimizer, token_windows=max(1, cfg.max_token_length // 75),
+                    fp8_compute=cfg.fp8_compute)
 
 
 def advice_before_loading(cfg, data) -> Advice | None:
@@ -55,7 +56,8 @@ def advice_before_loading(cfg, data) -> Advice | None:
 
 def advice_at_start(trainer) -> Advice | None:
     """For the trainer's start message: the loaded model as it is on the device now (encoders parked,
-    fp8 storage, the host's dtypes); what of it is loaded already does not count against free memory."""
+    fp8 storage, the host's dtypes, fp8_compute's copy); what of it is loaded already does not count
+    against free memory."""
     model = trainer.model
     train_te = bool(trainer.network.text_encoder_parameters()) and not trainer.frozen_te
     shape = shape_of(trainer.cfg, trainer.data, model.info.family, trainer.precision, train_text_encoder=train_te)
@@ -64,7 +66,7 @@ def advice_at_start(trainer) -> Advice | None:
         return None
     weights = weights_of_model(model, trainer.network)
     est_weights = weights.denoiser + (weights.text_encoders if shape.text_on_device else 0) + (
-        0 if shape.cache_latents else weights.vae)
+        0 if shape.cache_latents else weights.vae) + (weights.fp8_copy if shape.fp8_compute else 0)  # made already
     return advise(shape, weights, free, already=est_weights, device_name=str(model.device))
 
 

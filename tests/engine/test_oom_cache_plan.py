@@ -99,3 +99,84 @@ def test_parking_takes_the_encoders_caching_turned_on_made_idle():
     assert parking.modules == [model.vae, *model.text_encoders] and parking.parked
     parking.follow(model, data, train_text_encoder=False)  # nothing new: nothing twice
     assert len(parking.modules) == 1 + len(model.text_encoders)
+
+
+def _cache_plan_encodes(monkeypatch, model, fail_above: int | None = None) -> list[int]:
+    """The batch sizes of the VAE calls the cache plan makes on `model`; with `fail_above`, a call of
+    more images raises an out-of-memory error (what the SDXL VAE's attention did at 4 images, 1024 px)."""
+    import engine.memory.cache_plan as cache_plan
+
+    sizes, inside = [], []
+    apply, encode = cache_plan.apply, model.encode_images
+
+    def spied_apply(*args, **kwargs):
+        inside.append(True)
+        try:
+            return apply(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    def spied_encode(pixels):
+        if inside:
+            sizes.append(pixels.shape[0])
+            if fail_above is not None and pixels.shape[0] > fail_above:
+                raise torch.cuda.OutOfMemoryError(f"injected: {pixels.shape[0]} images in one VAE call")
+        return encode(pixels)
+
+    monkeypatch.setattr(cache_plan, "apply", spied_apply)
+    monkeypatch.setattr(model, "encode_images", spied_encode)
+    return sizes
+
+
+@pytest.mark.parametrize("options, chunk", [
+    # batch 4 out of memory four times: checkpointing, 2 parts of 2, 4 parts of 1, then caching
+    (EngineOptions(inject_oom_at=(2, 2, 2, 2)), 1),
+    (EngineOptions(recovery_plan_at=((2, "half_micro_batch"), (2, "cache_on_cpu"))), 2),
+])
+def test_the_cache_plan_encodes_no_more_images_per_call_than_the_micro_batch(data, tmp_path, monkeypatch,
+                                                                             options, chunk):
+    model = tiny_sd1(seed=3)
+    sizes = _cache_plan_encodes(monkeypatch, model)
+    result, infos = _run(data, tmp_path, options, model=model, batch_size=4, flip_aug=True)  # vae_batch_size 4
+    assert result.steps == 5
+    assert sizes and max(sizes) == chunk and sum(sizes) == 2 * 4  # 4 images and their flips
+    detail = json.loads(result.metadata["inplace_lora_recovery"])[-1]["detail"]
+    per_call = f"encoded at most {chunk} image{'s' if chunk > 1 else ''} per VAE call"
+    assert per_call in detail and any(per_call in m for m in infos)
+
+
+def test_an_encode_out_of_memory_at_several_images_is_encoded_again_one_at_a_time(data, tmp_path, monkeypatch):
+    """The injected recovery never reaches caching above a micro-batch of 1; a run resumed or planned at
+    batch 4 does (chunks of 4): the VAE runs out of memory there, and each image goes alone."""
+    plan = EngineOptions(recovery_plan_at=((2, "cache_on_cpu"),))
+    model = tiny_sd1(seed=3)
+    sizes = _cache_plan_encodes(monkeypatch, model, fail_above=1)
+    recovered, _ = _run(data, tmp_path / "a", plan, model=model, batch_size=4)
+    assert recovered.steps == 5 and sizes == [4, 1, 1, 1, 1]
+    detail = json.loads(recovered.metadata["inplace_lora_recovery"])[-1]["detail"]
+    assert "encoded at most 4 images per VAE call (out of memory at 4 per call: 1 call encoded again one at " \
+           "a time)" in detail
+    planned, _ = _run(data, tmp_path / "b", plan, batch_size=4)  # the same plan, no out-of-memory error
+    for key in planned.tensors:  # the same latents, up to the order of float sums in batched encoding
+        torch.testing.assert_close(recovered.tensors[key], planned.tensors[key], rtol=1e-4, atol=1e-6)
+
+
+def test_a_cache_plan_out_of_memory_even_at_one_image_ends_with_the_clear_message(data, tmp_path, monkeypatch):
+    from engine.events import FunctionCallback
+    from engine.train import train
+    from tests.engine.train_fixtures import quick_config
+
+    model = tiny_sd1(seed=3)
+    before = model_fingerprint(model)
+    sizes = _cache_plan_encodes(monkeypatch, model, fail_above=0)
+    events = []
+    cfg = quick_config(data, tmp_path, max_train_steps=5, **UNCACHED)
+    with pytest.raises(UserError, match=r"out of memory on cpu at step 3, with every recovery plan tried "
+                                        r"\(gradient_checkpointing, cache_on_cpu, which itself ran out of memory\)\. "
+                                        r"Lower the resolution.*resume from its last checkpoint"):
+        train(cfg, model, callbacks=[FunctionCallback(on_event=events.append)],
+              options=EngineOptions(inject_oom_at=(3, 3)))
+    assert sizes == [1]  # one image, one call: nothing smaller to try
+    assert model_fingerprint(model) == before
+    error = [e for e in events if e.kind == "error"][-1]
+    assert error.path and error.path.endswith("step-00000002")  # the last finished step is kept

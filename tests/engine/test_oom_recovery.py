@@ -136,3 +136,18 @@ def test_no_plan_left_gives_the_memory_estimates_advice(data, tmp_path, monkeypa
     assert "; memory: needs about" in next(e.message for e in events if e.kind == "start")
     error = [e for e in events if e.kind == "error"][-1]
     assert error.path and error.path.endswith("step-00000001")
+
+
+def test_a_bench_row_that_went_through_recovery_says_so_in_its_notes(data, tmp_path, monkeypatch):
+    """bench/ours.py: a row whose run turned checkpointing on after an out-of-memory error is not a
+    row without checkpointing; its notes (shown by bench/report.py) carry the recovery's events."""
+    from bench import ours
+    from bench.common import Config
+
+    monkeypatch.setattr(ours, "image_folder", lambda root, model: data)
+    cfg = Config(tool="ours", model="sd15", batch=2, gradient_checkpointing=False, cached=True, steps=1, warmup=1)
+    row = ours.run_config(tiny_sd1(seed=3), cfg, tmp_path, options=EngineOptions(inject_oom_at=(2,)))
+    assert row.steps_timed == 1 and row.error is None
+    assert row.notes == ["out of memory at step 2: gradient checkpointing turned on; training step 2 again"]
+    plain = ours.run_config(tiny_sd1(seed=3), cfg, tmp_path / "plain")
+    assert plain.notes == []
