@@ -224,7 +224,8 @@ class TrainConfig:
                            "attention stay bf16. Needs a GPU with fp8 tensor cores (compute capability 8.9+: RTX 40xx, "
                            "L40S, H100) and mixed_precision bf16. Uses the weights' own fp8 storage where they have "
                            "one (fp8_base, ComfyUI's fp8_e4m3fn); otherwise holds an fp8 copy for the run (1 byte "
-                           "per weight: SD1.5 0.25 GiB, SDXL 2.1 GiB). Not yet measured on a GPU (issue 23).")
+                           "per weight: SD1.5 0.25 GiB, SDXL 2.1 GiB, Flux 11 GiB). On an H100 it did not speed up SDXL or "
+                           "Flux (bench/README.md: quantising and transposing take back what the fp8 GEMMs save).")
     cuda_graph: bool = _f(True, "Replay each training step as one CUDA graph (CUDA, bf16/fp32, AdamW, no "
                           "gradient accumulation; otherwise the plain step runs). Removes the per-step "
                           "Python and launch overhead: 2-8x faster on an H100 (bench/RESULTS.md), for "

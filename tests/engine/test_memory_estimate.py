@@ -26,7 +26,7 @@ def test_estimate_matches_the_measured_peaks(key):
     family, batch, ckpt = key
     est = estimate(_shape(family, batch, ckpt), weights_of_family(family, precision="bf16"))
     measured = MEASURED[key] * GiB
-    assert -0.05 <= est.total / measured - 1 <= 0.10, (key, est.describe(), MEASURED[key])
+    assert -0.05 <= est.total / measured - 1 <= 0.10, (key, est.breakdown(), MEASURED[key])
 
 
 def test_fp8_base_and_uncached_rows():
@@ -36,10 +36,10 @@ def test_fp8_base_and_uncached_rows():
     for family, batch, ckpt, measured in (("sd1", 1, True, 1.12), ("sdxl", 1, True, 3.61),
                                           ("sd1", 4, False, 3.92), ("sdxl", 4, False, 24.46)):
         est = estimate(_shape(family, batch, ckpt), weights_of_family(family, precision="bf16", fp8_base=True))
-        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, batch, est.describe())
+        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, batch, est.breakdown())
     for family, measured in (("sd1", 5.30), ("sdxl", 28.06)):
         est = estimate(_shape(family, 4, False, cache_latents=False), weights_of_family(family, precision="bf16"))
-        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, est.describe())
+        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, est.breakdown())
 
 
 def test_uncached_rows_with_checkpointing_count_the_vae_encoding():
@@ -48,7 +48,7 @@ def test_uncached_rows_with_checkpointing_count_the_vae_encoding():
     # estimated 3.08 and 9.79, 25-29% under)
     for family, measured in (("sd1", 4.10), ("sdxl", 13.84)):
         est = estimate(_shape(family, 4, True, cache_latents=False), weights_of_family(family, precision="bf16"))
-        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, est.describe())
+        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (family, est.breakdown())
         assert "vae_encode" in est.parts
 
 
@@ -154,7 +154,7 @@ def test_flux_rows_measured_on_an_h100():
         shape = RunShape(family="flux1", batch_size=batch, latent_pixels=128 * 128, precision="bf16",
                          gradient_checkpointing=ckpt)
         est = estimate(shape, weights_of_family("flux1", precision="bf16", fp8_base=fp8))
-        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (fp8, ckpt, batch, est.describe())
+        assert -0.05 <= est.total / (measured * GiB) - 1 <= 0.10, (fp8, ckpt, batch, est.breakdown())
 
 
 def test_fp8_compute_counts_its_fp8_copy_of_the_linear_weights():
