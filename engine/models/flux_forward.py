@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .flux_lean import lean_saves, recomputed, rms_norm
+from .flux_offload import offloaded_checkpoint, offloading
 from .flux_tiny import HEAD_DIM
 
 AXES_DIM, THETA = (16, 56, 56), 10000  # rotary axes (index, row, column) of Flux.1's 128-wide heads
@@ -179,8 +180,11 @@ def single_block(block, x, vec, pe, heads: int):
 
 # --- the whole model ----------------------------------------------------------------------------------
 
-def _run(fn, checkpoint: bool, *args):
+def _run(fn, checkpoint: bool, *args, offload: int = 0):
+    """`offload`: how many leading args (the token tensors) cpu_offload_checkpointing keeps in host memory."""
     if checkpoint and torch.is_grad_enabled():
+        if offloading():
+            return offloaded_checkpoint(fn, offload, *args)
         return _checkpoint(fn, *args, use_reentrant=False)
     with lean_saves():  # without checkpointing: keep recipes of the cheap tensors (flux_lean.py)
         return fn(*args)
@@ -206,10 +210,11 @@ def flux_forward(root, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tens
     pe = rope(ids)
     heads = img.shape[-1] // HEAD_DIM
     for block in root.double_blocks:
-        img, txt = _run(lambda i, t, v, p, blk=block: double_block(blk, i, t, v, p, heads), checkpoint, img, txt, vec, pe)
+        img, txt = _run(lambda i, t, v, p, blk=block: double_block(blk, i, t, v, p, heads), checkpoint, img, txt, vec, pe,
+                        offload=2)
     seq = torch.cat((txt, img), dim=1)
     for block in root.single_blocks:
-        seq = _run(lambda s, v, p, blk=block: single_block(blk, s, v, p, heads), checkpoint, seq, vec, pe)
+        seq = _run(lambda s, v, p, blk=block: single_block(blk, s, v, p, heads), checkpoint, seq, vec, pe, offload=1)
     img = seq[:, txt.shape[1]:]
     shift, scale = getattr(root.final_layer.adaLN_modulation, "1")(F.silu(vec)).chunk(2, dim=1)
     out = root.final_layer.linear((1 + scale[:, None]) * _layer_norm(img) + shift[:, None])

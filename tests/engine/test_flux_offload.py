@@ -1,0 +1,74 @@
+"""cpu_offload_checkpointing: checkpointed Flux blocks keep their inputs in host memory, the gradients unchanged."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+
+from bench import flux_saved_bytes as fsb
+from engine.models import flux_forward
+from engine.models.flux_offload import offload_checkpointing, offloaded_checkpoint
+
+
+def _loss_and_grads(offload: bool):
+    torch.manual_seed(0)
+    transformer, network, _ = fsb.ours(256)
+    x, sigma, context, pooled, guidance = fsb.inputs(8, 8, 256)
+    with offload_checkpointing(offload), network.applied(), network.cast_weights(torch.bfloat16):
+        out = flux_forward.flux_forward(transformer, x.to(torch.bfloat16), sigma, context, pooled, guidance,
+                                        checkpoint=True)
+        loss = out.float().pow(2).mean()
+        loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in network.named_parameters() if p.grad is not None}
+
+
+def test_offloaded_checkpointing_gives_bit_identical_loss_and_lora_gradients():
+    plain_loss, plain = _loss_and_grads(offload=False)
+    loss, grads = _loss_and_grads(offload=True)
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain.keys() and len(grads) > 0
+    for key in grads:
+        assert torch.equal(grads[key], plain[key]), key
+    assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+def _chain(offload: bool):
+    """Three checkpointed 'blocks'; returns (loss, weak reference to the second block's input, inputs the
+    recomputations saw, the weight)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 8, requires_grad=True)
+    seen = []
+
+    def block(h, scale):
+        seen.append((h.detach().clone(), h.requires_grad))  # not h: that would keep it alive
+        return torch.tanh(h @ w) * scale
+
+    h = torch.randn(4, 8) @ w  # requires grad, as a block output does
+    scale = torch.tensor(1.5)
+    ref = None
+    for i in range(3):
+        if i == 1:
+            ref = weakref.ref(h)
+        if offload:
+            h = offloaded_checkpoint(block, 1, h, scale)
+        else:
+            h = torch.utils.checkpoint.checkpoint(block, h, scale, use_reentrant=False)
+    return h.sum(), ref, seen, w
+
+
+def test_block_inputs_leave_the_device_after_the_forward_and_come_back_for_backward():
+    for offload in (False, True):
+        loss, ref, seen, w = _chain(offload)
+        gc.collect()
+        assert (ref() is None) == offload  # plain checkpointing keeps each block's input until backward
+        forward_inputs = list(seen)
+        loss.backward()
+        assert len(seen) == 6  # each block ran again in backward
+        for (again, needs_grad), (first, _) in zip(reversed(seen[3:]), forward_inputs):
+            assert torch.equal(again, first) and needs_grad  # the forward's values, requiring grad as they did
+        grad = w.grad.clone()
+        if not offload:
+            plain_grad = grad
+    assert torch.equal(grad, plain_grad)
