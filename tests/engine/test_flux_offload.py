@@ -8,8 +8,13 @@ import weakref
 import torch
 
 from bench import flux_saved_bytes as fsb
+from engine.config import TrainConfig, load_config
+from engine.fast_step import unsupported_reason
 from engine.models import flux_forward
 from engine.models.flux_offload import offload_checkpointing, offloaded_checkpoint
+from engine.train import train
+
+from test_flux_cli import _config, data, flux_files  # noqa: F401  (fixtures)
 
 
 def _loss_and_grads(offload: bool):
@@ -72,3 +77,30 @@ def test_block_inputs_leave_the_device_after_the_forward_and_come_back_for_backw
         if not offload:
             plain_grad = grad
     assert torch.equal(grad, plain_grad)
+
+
+def test_a_flux_run_with_cpu_offload_checkpointing_trains_exactly_as_without(flux_files, data, tmp_path, monkeypatch):
+    calls = []
+    real = flux_forward.offloaded_checkpoint
+    monkeypatch.setattr(flux_forward, "offloaded_checkpoint", lambda *a: calls.append(1) or real(*a))
+    plain = train(_config(flux_files, data, tmp_path / "plain"))
+    assert not calls
+    offloaded = train(_config(flux_files, data, tmp_path / "offloaded", cpu_offload_checkpointing=True))
+    assert calls  # every checkpointed block went through it
+    assert offloaded.losses == plain.losses
+    assert offloaded.tensors.keys() == plain.tensors.keys()
+    assert all(torch.equal(offloaded.tensors[k], plain.tensors[k]) for k in plain.tensors)
+
+
+def test_the_cuda_graph_step_leaves_offloading_to_the_plain_step():
+    fused = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    cfg = TrainConfig(gradient_checkpointing=True, cpu_offload_checkpointing=True)
+    assert "cpu_offload_checkpointing" in unsupported_reason(cfg, torch.device("cuda"), "bf16", fused, False)
+    assert unsupported_reason(cfg.replace(cpu_offload_checkpointing=False), torch.device("cuda"), "bf16", fused,
+                              False) is None
+
+
+def test_kohyas_key_turns_it_on(tmp_path):
+    path = tmp_path / "kohya.toml"
+    path.write_text("gradient_checkpointing = true\ncpu_offload_checkpointing = true\n", encoding="utf-8")
+    assert load_config(path).cpu_offload_checkpointing
