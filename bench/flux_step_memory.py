@@ -1,6 +1,6 @@
 """When a Flux.1 training step with gradient checkpointing peaks in memory, and what is live then.
 
-    python -m bench.flux_step_memory [--fp8] [--double 19 --single 38] [--side 128 --text 512] [--offload]
+    python -m bench.flux_step_memory [--fp8] [--offload] [--batch 1] [--double 19 --single 38] [--side 128 --text 512]
 
 A CPU tool (no GPU, no timing): it builds our Flux.1 (engine/models/flux_model.py) at full width on
 PyTorch's `meta` device (shapes and dtypes, no data: the full 19 double + 38 single blocks cost
@@ -73,6 +73,7 @@ class LiveBytes(TorchDispatchMode):
         self.peak_where = ""
         self.grads = lambda: set()  # storages of the LoRA gradients, asked at a new peak
         self.resident: set[int] = set()  # storages there before (weights, states): their views are not new
+        self.paused = 0  # >0: host copies (cpu_offload_checkpointing), not device memory
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -84,7 +85,7 @@ class LiveBytes(TorchDispatchMode):
     def _track(self, t: torch.Tensor, func) -> None:
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.live or key in self.resident or not storage.nbytes():
+        if self.paused or key in self.live or key in self.resident or not storage.nbytes():
             return
         phase = "backward" if self.phase == "step" and torch._C._current_autograd_node() is not None else self.phase
         self.live[key] = Made(storage.nbytes(), phase, self.block, _origin(), str(func.overloadpacket.__name__),
@@ -152,7 +153,7 @@ def build(double: int, single: int, fp8: bool, rank: int):
     return transformer, network, params, optimizer
 
 
-def one_step(transformer, network, optimizer, side: int, text: int, tracker: LiveBytes | None):
+def one_step(transformer, network, optimizer, side: int, text: int, tracker: LiveBytes | None, batch: int = 1):
     from engine.models import flux_forward as ff
     from engine.models import fp8
 
@@ -173,11 +174,11 @@ def one_step(transformer, network, optimizer, side: int, text: int, tracker: Liv
         return inner
 
     dev, dims = "meta", transformer.dims
-    x = torch.empty(1, 16, side, side, device=dev)
+    x = torch.empty(batch, 16, side, side, device=dev)
     target = torch.empty_like(x)
-    sigma, guidance = torch.empty(1, device=dev), torch.ones(1, device=dev)
-    context = torch.empty(1, text, dims.context_in, device=dev, dtype=torch.bfloat16)
-    pooled = torch.empty(1, dims.vec_in, device=dev, dtype=torch.bfloat16)
+    sigma, guidance = torch.empty(batch, device=dev), torch.ones(batch, device=dev)
+    context = torch.empty(batch, text, dims.context_in, device=dev, dtype=torch.bfloat16)
+    pooled = torch.empty(batch, dims.vec_in, device=dev, dtype=torch.bfloat16)
     saved = ff.double_block, ff.single_block, F.scaled_dot_product_attention, fp8.output_dtype
     ff.double_block, ff.single_block = labelled(saved[0], "double"), labelled(saved[1], "single")
     F.scaled_dot_product_attention = _flash
@@ -203,10 +204,37 @@ def _bytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in {t.untyped_storage()._cdata: t for t in tensors}.values())
 
 
-def measure(double=19, single=38, fp8=False, side=128, text=512, rank=16):
+@contextlib.contextmanager
+def _host_copies(tracker: LiveBytes | None):
+    """cpu_offload_checkpointing on the meta device: the block inputs' host copies are not counted, their
+    return to the device is (a new tensor, as the host-to-device copy makes)."""
+    from engine.models import flux_offload
+
+    init, restore = flux_offload._Held.__init__, flux_offload._Held.restore
+
+    def held(self, t):
+        if tracker is not None:
+            tracker.paused += 1
+        try:
+            init(self, t)
+        finally:
+            if tracker is not None:
+                tracker.paused -= 1
+
+    flux_offload._Held.__init__ = held
+    flux_offload._Held.restore = lambda self: self.host.clone().requires_grad_(self.requires_grad)
+    try:
+        with flux_offload.offload_checkpointing(True):
+            yield
+    finally:
+        flux_offload._Held.__init__, flux_offload._Held.restore = init, restore
+
+
+def measure(double=19, single=38, fp8=False, side=128, text=512, rank=16, batch=1, offload=False):
     """(resident before the step: {part: bytes}, the tracker after the second step)."""
     transformer, network, params, optimizer = build(double, single, fp8, rank)
-    one_step(transformer, network, optimizer, side, text, None)  # the optimizer's states exist from here
+    with _host_copies(None) if offload else contextlib.nullcontext():
+        one_step(transformer, network, optimizer, side, text, None, batch)  # the optimizer's states exist from here
     weights = list(transformer.parameters()) + list(transformer.buffers())
     resident = {"frozen weights": _bytes(weights), "LoRA weights (fp32)": _bytes(params),
                 "optimizer states": _bytes([t for s in optimizer.state.values() for t in s.values()
@@ -216,15 +244,15 @@ def measure(double=19, single=38, fp8=False, side=128, text=512, rank=16):
     tracker.resident |= {t.untyped_storage()._cdata for s in optimizer.state.values() for t in s.values()
                          if isinstance(t, torch.Tensor)}
     tracker.grads = lambda: {p.grad.untyped_storage()._cdata for p in params if p.grad is not None}
-    with tracker:
-        one_step(transformer, network, optimizer, side, text, tracker)
+    with tracker, _host_copies(tracker) if offload else contextlib.nullcontext():
+        one_step(transformer, network, optimizer, side, text, tracker, batch)
     return resident, tracker
 
 
 def _part(m: Made) -> str:
     if m.phase == "LoRA grad":
         return "LoRA grads (fp32, accumulated)"
-    if "fp8.py" in m.origin:
+    if "fp8.py" in m.origin and m.op == "_to_copy":
         return "fp8 -> bf16 weight casts"
     if m.phase == "cast":
         return "LoRA weights cast to bf16 for the step"
@@ -260,11 +288,14 @@ def main(argv=None):
     p.add_argument("--side", type=int, default=128, help="latent side (1024 px: 128 -> 4096 image tokens)")
     p.add_argument("--text", type=int, default=512, help="T5 tokens")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--fp8", action="store_true", help="fp8_base: Linear weights stored in float8")
+    p.add_argument("--offload", action="store_true", help="cpu_offload_checkpointing")
     args = p.parse_args(argv)
-    print(f"== ours{'-fp8' if args.fp8 else ''}: {args.double} double + {args.single} single blocks, "
+    print(f"== ours{'-fp8' if args.fp8 else ''}{' +cpu_offload_checkpointing' if args.offload else ''}: "
+          f"{args.double} double + {args.single} single blocks, batch {args.batch} x "
           f"{(args.side // 2) ** 2}+{args.text} tokens, rank {args.rank}, checkpointing on")
-    report(*measure(args.double, args.single, args.fp8, args.side, args.text, args.rank))
+    report(*measure(args.double, args.single, args.fp8, args.side, args.text, args.rank, args.batch, args.offload))
 
 
 if __name__ == "__main__":
