@@ -5,16 +5,18 @@
 A CPU tool (no GPU, no timing): it builds our Flux.1 (engine/models/flux_model.py) at full width on
 PyTorch's `meta` device (shapes and dtypes, no data: the full 19 double + 38 single blocks cost
 nothing), attaches the rank-16 network kohya's default preset makes (every Linear of both block kinds,
-float32 master weights), and runs two real training steps as the engine runs them: the LoRA weights
-cast once to bf16 (`cast_weights`), `flux_forward(..., checkpoint=True)`, the loss, backward, AdamW.
+float32 master weights), and runs two real training steps as the engine runs them with checkpointing:
+each LoRA weight cast to bf16 as its layer runs, `flux_forward(..., checkpoint=True)`, the loss,
+backward, AdamW.
 A `TorchDispatchMode` sees every tensor the second step makes and a weak reference to its storage
 says when it dies, so the tool knows the live bytes after every op, the op at the peak, and what is
 live then, split into: frozen weights, LoRA weights and optimizer states (there before the step), the
-per-step bf16 LoRA casts, the LoRA gradients, the checkpointed block inputs (forward outputs still
+LoRA gradients, the checkpointed block inputs (forward outputs still
 alive), what the block being recomputed keeps, the backward's gradients, fp8->bf16 weight casts and the
 optimizer's temporaries, with the biggest tensors named by the line that made them.
 
-Attention runs as CUDA's flash kernel does it (output in [B, L, H, D] memory, a float32 logsumexp kept,
+Gradients of one tensor are summed in place where the autograd engine would (a dispatch mode makes
+it copy). Attention runs as CUDA's flash kernel does it (output in [B, L, H, D] memory, a float32 logsumexp kept,
 a float32 dq accumulator in backward), not as the meta device's math fallback. Not modelled: the CUDA
 caching allocator's rounding and fragmentation, cuBLAS workspaces, the CUDA context (none of them in
 torch.cuda.max_memory_allocated except the rounding), so the GPU peak is this plus a few hundred MiB.
@@ -53,7 +55,7 @@ def _origin() -> str:
 @dataclass
 class Made:
     nbytes: int
-    phase: str  # forward / recompute / backward / optimizer / cast
+    phase: str  # inputs / forward / recompute / backward / optimizer
     block: str
     origin: str
     op: str
@@ -68,7 +70,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live: dict[int, Made] = {}
         self.now = self.peak = 0
-        self.phase, self.block = "cast", "-"
+        self.phase, self.block = "inputs", "-"
         self.at_peak: list[Made] = []
         self.peak_where = ""
         self.grads = lambda: set()  # storages of the LoRA gradients, asked at a new peak
@@ -76,6 +78,8 @@ class LiveBytes(TorchDispatchMode):
         self.paused = 0  # >0: host copies (cpu_offload_checkpointing), not device memory
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.add.Tensor and not kwargs and _engine_accumulates(*args):
+            return args[0].add_(args[1])
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -102,6 +106,19 @@ class LiveBytes(TorchDispatchMode):
         made = self.live.pop(key, None)
         if made is not None:
             self.now -= made.nbytes
+
+
+def _engine_accumulates(a, b) -> bool:
+    """True for the autograd engine summing two gradients of one tensor into a buffer it alone holds:
+    without a dispatch mode it adds in place (`add_`); under any mode torch takes the out-of-place
+    path, so the tool does the in-place add itself, as a run without the mode would."""
+    if torch._C._current_autograd_node() is None or not isinstance(b, torch.Tensor) or not isinstance(a, torch.Tensor):
+        return False
+    if a.shape != b.shape or a.dtype != b.dtype or a._is_view() or not a.is_contiguous():
+        return False
+    if sys._getframe(2).f_code.co_filename.endswith(".py") and "/torch/" not in sys._getframe(2).f_code.co_filename:
+        return False  # a Python backward's own sum (a custom Function), not the engine's
+    return torch._C._storage_Use_Count(a.untyped_storage()._cdata) <= 2  # its tensor and this query
 
 
 class FlashAttention(torch.autograd.Function):
@@ -184,7 +201,8 @@ def one_step(transformer, network, optimizer, side: int, text: int, tracker: Liv
     F.scaled_dot_product_attention = _flash
     fp8.output_dtype = lambda x: x.dtype  # no autocast (the meta device has none; the step runs without)
     try:
-        with network.applied(), network.cast_weights(torch.bfloat16):
+        # with checkpointing the engine casts each LoRA weight as its layer runs (train.py: step_cast_dtype)
+        with network.applied(), network.cast_weights(None):
             if tracker is not None:
                 tracker.phase = "step"
             velocity = ff.flux_forward(transformer, x.to(torch.bfloat16), sigma, context, pooled, guidance,
@@ -254,8 +272,8 @@ def _part(m: Made) -> str:
         return "LoRA grads (fp32, accumulated)"
     if "fp8.py" in m.origin and m.op == "_to_copy":
         return "fp8 -> bf16 weight casts"
-    if m.phase == "cast":
-        return "LoRA weights cast to bf16 for the step"
+    if m.phase == "inputs":
+        return "the step's inputs (latents, text, draws)"
     if m.phase == "forward":
         return "checkpointed block inputs (forward outputs)" if m.block in ("double", "single") else "forward, outside blocks"
     if m.phase == "recompute":
@@ -273,7 +291,7 @@ def report(resident: dict, tracker: LiveBytes, top: int = 12) -> float:
         print(f"    {n / GIB:7.3f} GiB  {name}")
     biggest = collections.Counter()
     for m in tracker.at_peak:
-        if m.phase not in ("forward", "cast", "LoRA grad"):
+        if m.phase not in ("forward", "inputs", "LoRA grad"):
             biggest[(_part(m), m.origin, m.op, m.shape, m.dtype)] += m.nbytes
     print("  biggest tensors live at the peak (outside the checkpointed inputs):")
     for (part, origin, op, shape, dtype), n in biggest.most_common(top):
