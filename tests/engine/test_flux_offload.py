@@ -140,3 +140,17 @@ def test_flattened_linear_calls_change_no_loss_and_no_lora_gradient(monkeypatch)
     loss_3d, grads_3d = _loss_and_grads(offload=False)
     assert torch.equal(loss, loss_3d) and grads.keys() == grads_3d.keys()
     assert all(torch.equal(grads[k], grads_3d[k]) for k in grads)
+
+
+def test_the_single_blocks_concatenation_changes_no_gradient_and_frees_its_gradient_early(monkeypatch):
+    loss, grads = _loss_and_grads(offload=False)
+    monkeypatch.setattr(flux_forward, "_attn_mlp", lambda attn, mlp: flux_forward._cat(attn, flux_forward._gelu(mlp)))
+    loss_cat, grads_cat = _loss_and_grads(offload=False)
+    assert torch.equal(loss, loss_cat) and all(torch.equal(grads[k], grads_cat[k]) for k in grads)
+    # attention's part of the gradient is its own tensor, not a view keeping the 5-width one alive
+    a, b = torch.randn(1, 4, 2, requires_grad=True), torch.randn(1, 4, 8, requires_grad=True)
+    seen = {}
+    a.register_hook(lambda g: seen.update(a=g._base is None))
+    b.register_hook(lambda g: seen.update(b=g._base is None))
+    flux_forward._CatCopyingBack.apply(a, b).backward(torch.randn(1, 4, 10))
+    assert seen == {"a": True, "b": False}
