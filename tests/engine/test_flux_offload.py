@@ -154,3 +154,20 @@ def test_the_single_blocks_concatenation_changes_no_gradient_and_frees_its_gradi
     b.register_hook(lambda g: seen.update(b=g._base is None))
     flux_forward._CatCopyingBack.apply(a, b).backward(torch.randn(1, 4, 10))
     assert seen == {"a": True, "b": False}
+
+
+def test_the_rms_norm_backward_in_place_gives_the_same_bits():
+    from engine.models.flux_lean import rms_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 40, 128, dtype=torch.bfloat16, requires_grad=True)
+    scale = torch.rand(128, dtype=torch.bfloat16) + 0.5
+    grad = torch.randn(2, 3, 40, 128, dtype=torch.bfloat16)
+    rms_norm(x, scale).backward(grad)
+    # the out-of-place formula it replaced
+    xf = x.detach().float()
+    rrms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    normed = xf * rrms
+    g = (grad * scale).float()
+    expected = (rrms * (g - normed * (g * normed).mean(-1, keepdim=True))).to(torch.bfloat16)
+    assert torch.equal(x.grad, expected)
