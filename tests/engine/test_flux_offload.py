@@ -16,18 +16,13 @@ from engine.models.flux_offload import offload_checkpointing, offloaded_checkpoi
 from engine.train import train
 
 from test_flux_cli import _config, data, flux_files  # noqa: F401  (fixtures)
+from test_flux_lean import _loss_and_grads as lean_loss_and_grads
 
 
 def _loss_and_grads(offload: bool):
-    torch.manual_seed(0)
-    transformer, network, _ = fsb.ours(256)
-    x, sigma, context, pooled, guidance = fsb.inputs(8, 8, 256)
-    with offload_checkpointing(offload), network.applied(), network.cast_weights(torch.bfloat16):
-        out = flux_forward.flux_forward(transformer, x.to(torch.bfloat16), sigma, context, pooled, guidance,
-                                        checkpoint=True)
-        loss = out.float().pow(2).mean()
-        loss.backward()
-    return loss.detach(), {k: p.grad.clone() for k, p in network.named_parameters() if p.grad is not None}
+    """Loss and LoRA gradients of a checkpointed step of a one-double, one-single-block Flux."""
+    with offload_checkpointing(offload):
+        return lean_loss_and_grads(checkpoint=True, lean=True)
 
 
 def test_offloaded_checkpointing_gives_bit_identical_loss_and_lora_gradients():
