@@ -275,7 +275,9 @@ def _part(m: Made) -> str:
     if m.phase == "inputs":
         return "the step's inputs (latents, text, draws)"
     if m.phase == "forward":
-        return "checkpointed block inputs (forward outputs)" if m.block in ("double", "single") else "forward, outside blocks"
+        return "checkpointed block inputs (forward outputs)"
+    if m.phase == "step":  # made outside the blocks: the first blocks' inputs, the final layer's
+        return "forward outside the blocks"
     if m.phase == "recompute":
         return f"recomputed {m.block} block: kept for its backward"
     return m.phase if m.phase != "backward" else "backward gradients / temporaries"
