@@ -40,8 +40,10 @@ VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules":
             "ours-fp8c-fp8": {"fp8_compute": True}, "ours-fp8c-compile": {"fp8_compute": True, "torch_compile": True},
             # the LyCORIS variants (engine/lora/variants/) on the same layers, rank and alpha
             "ours-loha": {"network_type": "loha"}, "ours-lokr": {"network_type": "lokr"},
-            "ours-dora": {"network_type": "dora"}}
-FP8_STORED = ("ours-fp8", "ours-fp8c-fp8")  # tools whose model keeps its weights in fp8 (fp8_base)
+            "ours-dora": {"network_type": "dora"},
+            # kohya's cpu_offload_checkpointing (Flux.1; rows with checkpointing on)
+            "ours-offload": {"cpu_offload_checkpointing": True}, "ours-fp8-offload": {"cpu_offload_checkpointing": True}}
+FP8_STORED = ("ours-fp8", "ours-fp8c-fp8", "ours-fp8-offload")  # tools whose model keeps its weights in fp8 (fp8_base)
 # tools that turn one engine optimisation off (EngineOptions fields), to measure what it buys
 SWITCHED_OFF = {"ours-host-geglu": {"lean_geglu": False}, "ours-copy-up": {"up_in_place": False},
                 "ours-cast-each": {"cast_together": False}, "ours-flux-keep-all": {"lean_flux": False}}

@@ -52,6 +52,7 @@ TOOLS = {  # tool -> module that runs its rows
 }
 # Flux.1 rows (model flux1) run in the Flux peers and in bench.ours (the engine's FluxModel, workload_flux.py)
 FLUX_TOOLS = {"ours": "bench.ours", "ours-fp8": "bench.ours", "ours-eager": "bench.ours",
+              "ours-offload": "bench.ours", "ours-fp8-offload": "bench.ours",
               "ours-fp8c": "bench.ours", "ours-fp8c-fp8": "bench.ours",
               "ours-comfyui": "bench.ours_comfy", "kohya": "bench.peer_kohya_flux", "kohya-fp8": "bench.peer_kohya_flux",
               "diffusers-peft": "bench.peer_diffusers_flux", "diffusers-peft-bf16": "bench.peer_diffusers_flux",

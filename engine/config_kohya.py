@@ -37,7 +37,7 @@ IGNORED: dict[str, str] = {
     "lowram": _MEMORY, "highvram": _MEMORY, "full_fp16": "LoRA weights and optimizer states stay float32 (small)",
     "full_bf16": "LoRA weights and optimizer states stay float32 (small)",
     "fp16_master_weights_and_gradients": "LoRA weights and optimizer states stay float32 (small)",
-    "fused_backward_pass": _MEMORY, "cpu_offload_checkpointing": _MEMORY, "mem_eff_attn": "PyTorch SDPA is used",
+    "fused_backward_pass": _MEMORY, "mem_eff_attn": "PyTorch SDPA is used",
     "sdpa": "PyTorch SDPA is the default attention", "max_data_loader_n_workers": "images load in a background thread",
     "persistent_data_loader_workers": "images load in a background thread",
     "disable_mmap_load_safetensors": _MEMORY,

@@ -48,6 +48,8 @@ def unsupported_reason(cfg, device: torch.device, precision: str, optimizer, tra
         return f"CUDA graphs need a CUDA device, not {device.type}"
     if precision == "fp16":
         return "fp16 needs the grad scaler, which decides on the host (use bf16)"
+    if getattr(cfg, "cpu_offload_checkpointing", False) and cfg.gradient_checkpointing:
+        return "cpu_offload_checkpointing copies block inputs to host memory"
     if cfg.gradient_accumulation_steps != 1:
         return "gradient accumulation is on"
     if not isinstance(optimizer, torch.optim.AdamW) or not optimizer.defaults.get("fused"):

@@ -37,6 +37,7 @@ from .model import TrainableModel
 from .nan_guard import NanGuard
 from .models.fp8_compute import fp8_compute
 from .models.flux_lean import lean_flux
+from .models.flux_offload import offload_checkpointing
 from .models.geglu import lean_geglu
 from .optim import build_optimizer, build_scheduler, param_groups
 from .options import EngineOptions
@@ -147,7 +148,7 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
         root = model.trainable_roots()[0]
         lean = self.options.lean_geglu and model.info.spec.lean_geglu and not cfg.torch_compile
         with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder), lean_geglu(root if lean else None), \
-                lean_flux(self.options.lean_flux), \
+                lean_flux(self.options.lean_flux), offload_checkpointing(cfg.cpu_offload_checkpointing), \
                 fp8_compute(root, cfg.fp8_compute, self.device, self.precision, self._say):
             with torch.random.fork_rng(devices=[]):  # the host's own random state is left alone
                 torch.manual_seed(cfg.seed)  # the LoRA's initial weights: the same for a seed, on every process

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .flux_lean import lean_saves, recomputed, rms_norm
+from .flux_offload import offloaded_checkpoint, offloading
 from .flux_tiny import HEAD_DIM
 
 AXES_DIM, THETA = (16, 56, 56), 10000  # rotary axes (index, row, column) of Flux.1's 128-wide heads
@@ -117,6 +118,16 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` on x flattened to 2-D. The frozen layer and its LoRA's down projection then take their
+    input gradients at one tensor, and autograd sums the second into the first in place; given a 3-D x,
+    each flattens its own view of it and the two gradients arrive as views, which autograd sums into a
+    new tensor: one more activation-sized buffer at a checkpointed step's peak (a 1024 px single block's
+    linear2: 135 MiB; `python -m bench.flux_step_memory`). The same GEMMs, so the same values."""
+    out = layer(x.reshape(-1, x.shape[-1]))
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def _modulation(lin, vec: torch.Tensor, chunks: int):
     """(shift, scale, gate) triples from the block's modulation Linear, each [B, 1, D]."""
     out = lin(F.silu(vec))[:, None, :].chunk(chunks, dim=-1)
@@ -126,14 +137,14 @@ def _modulation(lin, vec: torch.Tensor, chunks: int):
 def double_block(block, img, txt, vec, pe, heads: int):
     (i_shift1, i_scale1, i_gate1), (i_shift2, i_scale2, i_gate2) = _modulation(block.img_mod.lin, vec, 6)
     (t_shift1, t_scale1, t_gate1), (t_shift2, t_scale2, t_gate2) = _modulation(block.txt_mod.lin, vec, 6)
-    iq, ik, iv = _heads(block.img_attn.qkv(_modulated(img, i_shift1, i_scale1)), block.img_attn.norm, heads)
-    tq, tk, tv = _heads(block.txt_attn.qkv(_modulated(txt, t_shift1, t_scale1)), block.txt_attn.norm, heads)
+    iq, ik, iv = _heads(_linear(block.img_attn.qkv, _modulated(img, i_shift1, i_scale1)), block.img_attn.norm, heads)
+    tq, tk, tv = _heads(_linear(block.txt_attn.qkv, _modulated(txt, t_shift1, t_scale1)), block.txt_attn.norm, heads)
     v = recomputed(_cat(tv, iv), _cat, tv, iv)  # tv, iv: views of what the q/k norms keep
     attn = _attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), v, pe)
     t_len = txt.shape[1]
-    img = _residual(img, i_gate1, block.img_attn.proj(attn[:, t_len:]))
+    img = _residual(img, i_gate1, _linear(block.img_attn.proj, attn[:, t_len:]))
     img = img + i_gate2 * _mlp(block.img_mlp, _modulated(img, i_shift2, i_scale2))
-    txt = _residual(txt, t_gate1, block.txt_attn.proj(attn[:, :t_len]))
+    txt = _residual(txt, t_gate1, _linear(block.txt_attn.proj, attn[:, :t_len]))
     txt = txt + t_gate2 * _mlp(block.txt_mlp, _modulated(txt, t_shift2, t_scale2))
     return img, txt
 
@@ -158,29 +169,48 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 
 def _mlp(mlp, x):
     # getattr by index name: ComfyUI's mlp is an nn.Sequential, the engine's a plain container
-    hidden = getattr(mlp, "0")(x)
-    return getattr(mlp, "2")(recomputed(_gelu(hidden), _gelu, hidden))
+    hidden = _linear(getattr(mlp, "0"), x)
+    return _linear(getattr(mlp, "2"), recomputed(_gelu(hidden), _gelu, hidden))
 
 
 def _attn_mlp(attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
-    return _cat(attn, _gelu(mlp))
+    return _CatCopyingBack.apply(attn, _gelu(mlp))
+
+
+class _CatCopyingBack(torch.autograd.Function):
+    """`torch.cat((a, b), -1)` whose backward hands `a` a copy of its part of the gradient, not a view.
+    In a single block `b` (the GELU output, 4 widths) is consumed first in backward and `a` (attention,
+    1 width) only after it; with views, a's part kept the whole 5-width gradient (135 MiB at 1024 px)
+    alive through the attention backward, the step's peak. One 1-width copy (~20 us on an H100) frees it."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.split = a.shape[-1]
+        return torch.cat((a, b), -1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[..., :ctx.split].contiguous(), grad[..., ctx.split:]
 
 
 def single_block(block, x, vec, pe, heads: int):
     ((shift, scale, gate),) = _modulation(block.modulation.lin, vec, 3)
     hidden = x.shape[-1]
-    joint = block.linear1(_modulated(x, shift, scale))
+    joint = _linear(block.linear1, _modulated(x, shift, scale))
     qkv, mlp = joint.split([3 * hidden, joint.shape[-1] - 3 * hidden], dim=-1)
     q, k, v = _heads(qkv, block.norm, heads)
     attn = _attention(q, k, v, pe)
-    out = block.linear2(recomputed(_attn_mlp(attn, mlp), _attn_mlp, attn, mlp))
+    out = _linear(block.linear2, recomputed(_attn_mlp(attn, mlp), _attn_mlp, attn, mlp))
     return x + gate * out
 
 
 # --- the whole model ----------------------------------------------------------------------------------
 
-def _run(fn, checkpoint: bool, *args):
+def _run(fn, checkpoint: bool, *args, offload: int = 0):
+    """`offload`: how many leading args (the token tensors) cpu_offload_checkpointing keeps in host memory."""
     if checkpoint and torch.is_grad_enabled():
+        if offloading():
+            return offloaded_checkpoint(fn, offload, *args)
         return _checkpoint(fn, *args, use_reentrant=False)
     with lean_saves():  # without checkpointing: keep recipes of the cheap tensors (flux_lean.py)
         return fn(*args)
@@ -206,10 +236,11 @@ def flux_forward(root, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tens
     pe = rope(ids)
     heads = img.shape[-1] // HEAD_DIM
     for block in root.double_blocks:
-        img, txt = _run(lambda i, t, v, p, blk=block: double_block(blk, i, t, v, p, heads), checkpoint, img, txt, vec, pe)
+        img, txt = _run(lambda i, t, v, p, blk=block: double_block(blk, i, t, v, p, heads), checkpoint, img, txt, vec, pe,
+                        offload=2)
     seq = torch.cat((txt, img), dim=1)
     for block in root.single_blocks:
-        seq = _run(lambda s, v, p, blk=block: single_block(blk, s, v, p, heads), checkpoint, seq, vec, pe)
+        seq = _run(lambda s, v, p, blk=block: single_block(blk, s, v, p, heads), checkpoint, seq, vec, pe, offload=1)
     img = seq[:, txt.shape[1]:]
     shift, scale = getattr(root.final_layer.adaLN_modulation, "1")(F.silu(vec)).chunk(2, dim=1)
     out = root.final_layer.linear((1 + scale[:, None]) * _layer_norm(img) + shift[:, None])

@@ -84,7 +84,9 @@ class CastConv2d(torch.autograd.Function):
 def cast_linear(x: torch.Tensor, weight, bias, scale=None) -> torch.Tensor:
     """A frozen Linear's output for `x`, its weight cast to the compute dtype for the product only."""
     dtype = output_dtype(x)
-    flat = (x if x.dtype == dtype else x.to(dtype)).reshape(-1, x.shape[-1])
+    flat = x if x.dtype == dtype else x.to(dtype)
+    if flat.dim() != 2:  # a 2-D x is used as it is: no view whose gradient autograd could not sum in place
+        flat = flat.reshape(-1, x.shape[-1])
     out = CastLinear.apply(flat, weight, bias, scale)
     # the Function's output is a plain 2-D tensor: LoRA's in-place add writes into it through the
     # view (engine/lora/up_add.py); a view made inside the Function would cut the gradient there
