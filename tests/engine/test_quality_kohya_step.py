@@ -16,10 +16,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench.quality_runs import Recipe, kohya_args, kohya_env, ours_config
+from bench.quality_runs import Recipe, kohya_args, kohya_env, lycoris_available, ours_config
 from engine.demo import write_dataset
 from engine.step import TrainingStep
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = Recipe(steps=4, every=100, batch=2, images=4, seed=3)
 
 
-def _record_our_run(root: Path, monkeypatch) -> tuple[dict, Path]:
+def _record_our_run(root: Path, monkeypatch, network_type: str) -> tuple[dict, Path]:
     from engine.models.demo_model import demo_model
     from engine.train import train
 
@@ -44,17 +45,22 @@ def _record_our_run(root: Path, monkeypatch) -> tuple[dict, Path]:
         return plain_loss(self, tensors)
 
     monkeypatch.setattr(TrainingStep, "loss", loss)
-    result = train(ours_config(root, RECIPE, "lora", root / "ours"), demo_model())
+    result = train(ours_config(root, RECIPE, network_type, root / "ours"), demo_model())
     return recorded, result.lora_path
 
 
-def test_kohya_replaying_our_draws_ends_at_our_weights(tmp_path, monkeypatch):
+# LoHa, LoKr and DoRA: LyCORIS' own modules through kohya (LYCORIS_DIR, or LyCORIS installed for KOHYA_PYTHON)
+TYPES = ["lora"] + (["loha", "lokr", "dora"] if lycoris_available() is None else [])
+
+
+@pytest.mark.parametrize("network_type", TYPES)
+def test_kohya_replaying_our_draws_ends_at_our_weights(tmp_path, monkeypatch, network_type):
     write_dataset(tmp_path / "train", n=RECIPE.images, seed=0)
-    recorded, ours_file = _record_our_run(tmp_path, monkeypatch)
+    recorded, ours_file = _record_our_run(tmp_path, monkeypatch, network_type)
     assert len(recorded["steps"]) == RECIPE.steps
     torch.save(recorded, tmp_path / "recorded.pt")
 
-    args = kohya_args(tmp_path, RECIPE, "lora", tmp_path / "kohya")
+    args = kohya_args(tmp_path, RECIPE, network_type, tmp_path / "kohya")
     out = subprocess.run([os.environ["KOHYA_PYTHON"], str(ROOT / "bench" / "quality_kohya_step.py"),
                           str(tmp_path / "recorded.pt"), str(tmp_path / "kohya.safetensors"), *args],
                          env=kohya_env(), cwd=os.environ["KOHYA_DIR"], capture_output=True, text=True, timeout=600)
