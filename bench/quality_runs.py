@@ -12,7 +12,9 @@ plain MSE (no min-SNR), float32. Each run writes its LoRA every `every` steps.
   text encoder run every step, `noise_scheduler.get_velocity` as the target, `F.mse_loss`), written
   here for the demo model; LoRA only (the examples have no LoHa/LoKr/DoRA).
 - kohya / lycoris: kohya sd-scripts' train_network.py (networks.lora; lycoris.kohya for LoHa, LoKr
-  and DoRA) in its own process, bench/quality_kohya.py.
+  and DoRA) in its own process, bench/quality_kohya.py. Given the same initial weights, batches and
+  draws, kohya's step and ours end at the same weights (tests/engine/test_quality_kohya_step.py, through
+  bench/quality_kohya_step.py); the runs still differ in their random draws, which each tool makes its own way.
 """
 
 from __future__ import annotations
