@@ -12,7 +12,9 @@ plain MSE (no min-SNR), float32. Each run writes its LoRA every `every` steps.
   text encoder run every step, `noise_scheduler.get_velocity` as the target, `F.mse_loss`), written
   here for the demo model; LoRA only (the examples have no LoHa/LoKr/DoRA).
 - kohya / lycoris: kohya sd-scripts' train_network.py (networks.lora; lycoris.kohya for LoHa, LoKr
-  and DoRA) in its own process, bench/quality_kohya.py.
+  and DoRA) in its own process, bench/quality_kohya.py. Given the same initial weights, batches and
+  draws, kohya's step and ours end at the same weights (tests/engine/test_quality_kohya_step.py, through
+  bench/quality_kohya_step.py); the runs still differ in their random draws, which each tool makes its own way.
 """
 
 from __future__ import annotations
@@ -43,19 +45,25 @@ class Recipe:
     precision: str = "no"  # or bf16 (on a GPU: ours' CUDA-graphed step, kohya's and the loop's autocast)
 
 
-def ours(root: Path, recipe: Recipe, network_type: str, out: Path) -> dict[int, Path]:
+def ours_config(root: Path, recipe: Recipe, network_type: str, out: Path):
+    """The TrainConfig `ours` trains with: the recipe, with kohya's settings wherever ours' defaults differ
+    (constant schedule without warm-up, no min-SNR, alpha as given, UNet only; README's Defaults)."""
     from engine.config import TrainConfig
+
+    return TrainConfig(train_data_dir=str(root / "train"), output_dir=str(out), output_name="ours", resolution="64",
+                       enable_bucket=False, batch_size=recipe.batch, max_train_steps=recipe.steps,
+                       learning_rate=recipe.lr, lr_scheduler="constant", warmup_steps=0, min_snr_gamma=0,
+                       lora_rank=recipe.rank, lora_alpha=recipe.alpha, network_type=network_type,
+                       target_modules="kohya", train_text_encoder=False, seed=recipe.seed, save_steps=recipe.every,
+                       save_every_n_epochs=0, save_last_n_checkpoints=1, save_precision="fp32", optimizer="AdamW",
+                       weight_decay=0.01, max_grad_norm=1.0, mixed_precision=recipe.precision)
+
+
+def ours(root: Path, recipe: Recipe, network_type: str, out: Path) -> dict[int, Path]:
     from engine.models.demo_model import demo_model
     from engine.train import train
 
-    cfg = TrainConfig(train_data_dir=str(root / "train"), output_dir=str(out), output_name="ours", resolution="64",
-                      enable_bucket=False, batch_size=recipe.batch, max_train_steps=recipe.steps,
-                      learning_rate=recipe.lr, lr_scheduler="constant", warmup_steps=0, min_snr_gamma=0,
-                      lora_rank=recipe.rank, lora_alpha=recipe.alpha, network_type=network_type,
-                      target_modules="kohya", train_text_encoder=False, seed=recipe.seed, save_steps=recipe.every,
-                      save_every_n_epochs=0, save_last_n_checkpoints=1, save_precision="fp32", optimizer="AdamW",
-                      weight_decay=0.01, max_grad_norm=1.0, mixed_precision=recipe.precision)
-    result = train(cfg, demo_model(device=_device()))
+    result = train(ours_config(root, recipe, network_type, out), demo_model(device=_device()))
     files = {s: out / "ours" / f"ours-step{s:08d}.safetensors" for s in range(recipe.every, recipe.steps, recipe.every)}
     files[recipe.steps] = result.lora_path
     return files
@@ -155,8 +163,8 @@ def lycoris_available() -> str | None:
     return None if found else "LyCORIS is neither installed for KOHYA_PYTHON nor in LYCORIS_DIR"
 
 
-def kohya(root: Path, recipe: Recipe, network_type: str, out: Path) -> dict[int, Path]:
-    """kohya's train_network.py on the demo model (a diffusers folder made once in `root`)."""
+def kohya_args(root: Path, recipe: Recipe, network_type: str, out: Path) -> list[str]:
+    """train_network.py's command line for the recipe (the demo pipeline folder made once in `root`)."""
     pipe = _pipeline_folder(root)
     data = root / "kohya_data"
     if not data.exists():
@@ -174,16 +182,25 @@ def kohya(root: Path, recipe: Recipe, network_type: str, out: Path) -> dict[int,
             "--max_data_loader_n_workers", "0", "--v_parameterization", "--zero_terminal_snr",
             "--save_model_as", "safetensors", "--max_grad_norm", "1.0"]
     if network_type == "lora":
-        args += ["--network_module", "networks.lora"]
-    else:
-        args += ["--network_module", "lycoris.kohya", "--network_args", *LYCORIS_ARGS[network_type],
-                 f"preset={preset}"]
+        return args + ["--network_module", "networks.lora"]
+    return args + ["--network_module", "lycoris.kohya", "--network_args", *LYCORIS_ARGS[network_type],
+                   f"preset={preset}"]
+
+
+def kohya_env() -> dict[str, str]:
+    """kohya's environment: KOHYA_DIR, LYCORIS_DIR and KOHYA_EXTRA_PATH on its PYTHONPATH."""
     env = dict(os.environ)
     paths = [os.environ["KOHYA_DIR"], os.environ.get("LYCORIS_DIR", ""), os.environ.get("KOHYA_EXTRA_PATH", ""),
              env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return env
+
+
+def kohya(root: Path, recipe: Recipe, network_type: str, out: Path) -> dict[int, Path]:
+    """kohya's train_network.py on the demo model (a diffusers folder made once in `root`)."""
+    args = kohya_args(root, recipe, network_type, out)
     python = os.environ.get("KOHYA_PYTHON", sys.executable)
-    run = subprocess.run([python, str(Path(__file__).with_name("quality_kohya.py")), *args], env=env,
+    run = subprocess.run([python, str(Path(__file__).with_name("quality_kohya.py")), *args], env=kohya_env(),
                          capture_output=True, text=True, cwd=os.environ["KOHYA_DIR"])
     (out / "kohya.log").parent.mkdir(parents=True, exist_ok=True)
     (out / "kohya.log").write_text(run.stdout + run.stderr, encoding="utf-8")

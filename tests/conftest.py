@@ -8,6 +8,8 @@ if str(ROOT) not in sys.path:
 
 import os  # noqa: E402
 
-# tests/engine/test_quality_kohya_load.py runs in a kohya sd-scripts environment (KOHYA_PYTHON, bench/README.md);
-# without one it is not collected rather than reported as skipped in every run
+# tests/engine/test_quality_kohya_*.py run in a kohya sd-scripts environment (KOHYA_PYTHON, KOHYA_DIR,
+# bench/README.md); without one they are not collected rather than reported as skipped in every run
 collect_ignore = [] if os.environ.get("KOHYA_PYTHON") else ["engine/test_quality_kohya_load.py"]
+if not (os.environ.get("KOHYA_PYTHON") and os.environ.get("KOHYA_DIR")):
+    collect_ignore.append("engine/test_quality_kohya_step.py")
