@@ -75,6 +75,7 @@ class FamilySpec:
     timestep_sampling: str = "uniform"  # flow families: how sigma is drawn when the config says auto
     lean_geglu: bool = False  # its denoiser has GEGLU feed-forwards the lean version can run
     vae_fp32: bool = False  # its VAE overflows in fp16 (NaN latents): encode and decode in fp32
+    offload_checkpointing: bool = False  # its forward honours cpu_offload_checkpointing (models/flux_offload.py)
 
     def native_resolution(self, prediction_type: str = "epsilon") -> int:
         if prediction_type == "v_prediction" and self.v_resolution:

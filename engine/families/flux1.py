@@ -95,4 +95,5 @@ SPEC = FamilySpec(
     conditioning=("context", "pooled"),
     context_dim=4096,
     objective="flow", timestep_sampling="flux_shift",  # Flux's own resolution-dependent shift
+    offload_checkpointing=True,  # flux_forward.py keeps checkpointed blocks' inputs in host memory when asked
 )

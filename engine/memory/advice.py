@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .estimate import Estimate, RunShape, Weights, estimate, gib
+from .families import family_memory
 
 MARGIN = 0.95  # keep 5% of the free memory for fragmentation and the allocator's rounding
 
@@ -41,6 +42,9 @@ def alternatives(shape: RunShape, *, can_cache: bool = True) -> list[tuple[str, 
     out: list[tuple[str, RunShape]] = []
     if not shape.gradient_checkpointing:
         out.append(("turn on gradient checkpointing", shape.but(gradient_checkpointing=True)))
+    fam = family_memory(shape.family)
+    if shape.gradient_checkpointing and not shape.cpu_offload_checkpointing and fam is not None and fam.offloaded:
+        out.append(("turn on cpu_offload_checkpointing", shape.but(cpu_offload_checkpointing=True)))
     batch, accum = shape.batch_size, 2
     while batch > 1:
         batch = max(1, batch // 2)

@@ -53,6 +53,7 @@ class RunShape:
     optimizer: str = "AdamW"
     token_windows: int = 1
     fp8_compute: bool = False  # the frozen Linear layers multiply in fp8 (an fp8 copy of their weights)
+    cpu_offload_checkpointing: bool = False  # checkpointed blocks' inputs in CPU memory (families that can)
 
     def but(self, **changes) -> "RunShape":
         return dataclasses.replace(self, **changes)
@@ -118,6 +119,8 @@ def estimate(shape: RunShape, weights: Weights) -> Estimate | None:
 
 def _activations(fam: FamilyMemory, shape: RunShape) -> int:
     per_pixel = fam.checkpointed if shape.gradient_checkpointing else fam.activations
+    if shape.gradient_checkpointing and shape.cpu_offload_checkpointing:
+        per_pixel -= fam.offloaded
     return shape.batch_size * shape.latent_pixels * per_pixel
 
 

@@ -3,6 +3,10 @@ plan that fits, instead of ending the run.
 
 The plans, in order (each one cheaper in speed than the next):
   1. gradient checkpointing on (about 35% slower, a fraction of the activations);
+  1b. kohya's `cpu_offload_checkpointing`, for a family whose forward honours it (`FamilySpec.
+     offload_checkpointing`: Flux.1) with checkpointing on: each checkpointed block's inputs wait in
+     CPU memory (engine/models/flux_offload.py; the same numbers, the batch kept, only copies and the
+     CUDA graph given up);
   2. the micro-batch halved, its two halves' gradients summed (the same images per update, in the same
      order, with the same noise: the run's numbers keep their meaning), again down to single images;
   3. caching on the CPU (engine/memory/cache_plan.py): latents and text conditioning that the step
@@ -13,7 +17,7 @@ holds to the end of the run; checkpoints keep the changes (`state`), and a run r
 them again before its first step (`resume`), so it does not run out of memory again where the
 interrupted run did, and trains as that run would have. The CUDA-graph step is
 rebuilt after checkpointing or caching is turned on and dropped when the batch is split (its graph
-replays whole batches). When no plan is left (or caching itself runs out of memory one image at a time)
+replays whole batches) or block inputs go to CPU memory (a graph cannot copy to the host). When no plan is left (or caching itself runs out of memory one image at a time)
 the error says so, with the memory estimate's advice; the run's usual error path keeps a checkpoint at
 the last finished step.
 
@@ -32,12 +36,13 @@ import logging
 import torch
 
 from ..errors import UserError
+from ..models.flux_offload import offload_checkpointing, offloading
 from . import cache_plan
 from .cache_plan import CACHE
 from .release import release
 
 logger = logging.getLogger(__name__)
-CHECKPOINTING, SPLIT = "gradient_checkpointing", "half_micro_batch"
+CHECKPOINTING, SPLIT, OFFLOAD = "gradient_checkpointing", "half_micro_batch", "cpu_offload_checkpointing"
 
 
 class OutOfMemoryRecovery:
@@ -122,6 +127,8 @@ class OutOfMemoryRecovery:
             return not self.checkpointing and t.model.checkpointing(t.cfg.train_text_encoder) is not None
         if change == CACHE:
             return cache_plan.choose(t).any
+        if change == OFFLOAD:
+            return self._can_offload()
         return change == SPLIT
 
     # --- the plans -----------------------------------------------------------------------------------
@@ -129,6 +136,8 @@ class OutOfMemoryRecovery:
         t = self.trainer
         if not self.checkpointing and t.model.checkpointing(t.cfg.train_text_encoder) is not None:
             return CHECKPOINTING
+        if self._can_offload():
+            return OFFLOAD
         if t.cfg.batch_size // self.split > 1:
             return SPLIT
         if cache_plan.choose(t).any:
@@ -145,7 +154,15 @@ class OutOfMemoryRecovery:
             if t.fast is not None:
                 t.fast.close()
                 t.fast = None
-            t._setup_fast_step()  # captured again, now with checkpointing
+            self._graph_again()  # captured again, now with checkpointing
+        elif change == OFFLOAD:
+            self._stack.enter_context(offload_checkpointing(True))  # the forward reads it at each call
+            if t.fast is not None:
+                t.fast.close()
+                t.fast = None
+            graphed = t.cfg.cuda_graph and t.device.type == "cuda"
+            what = ("checkpointed block inputs kept in CPU memory" +
+                    ("; steps run without the CUDA graph" if graphed else ""))
         elif change == SPLIT:
             self.split *= 2
             if t.fast is not None:
@@ -157,7 +174,7 @@ class OutOfMemoryRecovery:
         elif change == CACHE:
             what = cache_plan.apply(t, chunk=max(1, t.cfg.batch_size // self.split))
             if self.split == 1 and t.fast is None:
-                t._setup_fast_step()  # the graphed step takes batches whose text is cached
+                self._graph_again()  # the graphed step takes batches whose text is cached
         else:
             raise ValueError(change)
         if record:
@@ -167,6 +184,21 @@ class OutOfMemoryRecovery:
                    f"{why}: {what}")
         logger.info(message)
         t.events.emit("info", message=message)
+
+    def _can_offload(self) -> bool:
+        """cpu_offload_checkpointing can act: the model's forward honours it, checkpointing is on and the
+        option is not on already."""
+        t = self.trainer
+        return self.checkpointing and t.model.info.spec.offload_checkpointing and not offloading()
+
+    def _graph_again(self) -> None:
+        """The CUDA-graph step set up again after a change, unless checkpointed blocks copy their inputs
+        to host memory (a graph cannot; the plain step runs them)."""
+        t = self.trainer
+        if self.checkpointing and t.model.info.spec.offload_checkpointing and offloading():
+            t.fast = None
+            return
+        t._setup_fast_step()
 
     # --- the step with the batch split ----------------------------------------------------------------
     def forward_backward(self, batch, accum: int, scaler=None) -> torch.Tensor:

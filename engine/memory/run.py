@@ -28,7 +28,7 @@ def shape_of(cfg, data, family: str, precision: str, *, train_text_encoder: bool
                     cache_text=bool(getattr(data, "text_cache_enabled", False)),
                     train_text_encoder=cfg.train_text_encoder if train_text_encoder is None else train_text_encoder,
                     optimizer=cfg.optimizer, token_windows=max(1, cfg.max_token_length // 75),
-                    fp8_compute=cfg.fp8_compute)
+                    fp8_compute=cfg.fp8_compute, cpu_offload_checkpointing=cfg.cpu_offload_checkpointing)
 
 
 def advice_before_loading(cfg, data) -> Advice | None:

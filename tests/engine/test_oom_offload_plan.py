@@ -1,0 +1,115 @@
+"""The out-of-memory recovery's cpu_offload_checkpointing plan (engine/memory/recovery.py): a Flux run with
+checkpointing on that runs out of memory keeps its batch and moves the checkpointed blocks' inputs to
+CPU memory; it is recorded, kept by checkpoints and named by the memory advice. An SD model, whose
+forward does not offload, goes to the halved batch as before."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine import fast_step
+from engine.errors import UserError
+from engine.events import FunctionCallback
+from engine.memory.advice import advise
+from engine.memory.estimate import RunShape, estimate, weights_of_family
+from engine.models import flux_forward, tiny_sd1
+from engine.options import EngineOptions
+from engine.train import train
+from tests.engine.train_fixtures import pattern_dataset, quick_config
+
+from test_flux_cli import _config, data, flux_files  # noqa: F401  (fixtures)
+
+OFFLOADED = "checkpointed block inputs kept in CPU memory"
+
+
+def _traced(monkeypatch):
+    """A list that gets "offload" for each block that keeps its inputs in host memory, "fast" for each
+    call of the CUDA-graph step's class, and ("step", n) / ("info", text) for the run's events."""
+    trace = []
+    real = flux_forward.offloaded_checkpoint
+    monkeypatch.setattr(flux_forward, "offloaded_checkpoint", lambda *a: trace.append("offload") or real(*a))
+    real_fast = fast_step.FastStep.step
+    monkeypatch.setattr(fast_step.FastStep, "step", lambda self, batch: trace.append("fast") or real_fast(self, batch))
+
+    def on_event(e):
+        if e.kind in ("step", "info"):
+            trace.append((e.kind, e.step if e.kind == "step" else e.message))
+    return trace, FunctionCallback(on_event=on_event)
+
+
+def _changes(result):
+    return [(c["step"], c["change"]) for c in json.loads(result.metadata["inplace_lora_recovery"])]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_flux_run_keeps_its_batch_and_offloads_the_block_inputs(flux_files, data, tmp_path, monkeypatch):
+    trace, callback = _traced(monkeypatch)
+    options = EngineOptions(inject_oom_at=(2,), fast_step_without_graph=True)  # a fast step to drop
+    recovered = train(_config(flux_files, data, tmp_path / "a"), callbacks=[callback], options=options)
+    assert recovered.steps == 3
+    assert _changes(recovered) == [(2, "cpu_offload_checkpointing")]  # not the halved batch
+    infos = [t[1] for t in trace if isinstance(t, tuple) and t[0] == "info"]
+    assert f"out of memory at step 2: {OFFLOADED}; training step 2 again" in infos
+    assert not any("micro-batch halved" in m for m in infos)
+    change = trace.index(("info", f"out of memory at step 2: {OFFLOADED}; training step 2 again"))
+    assert trace.index(("step", 1)) < change
+    assert "offload" not in trace[:change] and "fast" in trace[:change]  # the graphed step ran step 1
+    after = trace[change:]
+    assert "fast" not in after  # dropped: steps 2 and 3 ran on the plain step, offloading
+    assert after.index(("step", 2)) > after.index("offload") and "offload" in after[after.index(("step", 2)):]
+    # the LoRA of a run that turned it on before step 2 (same seed)
+    planned = train(_config(flux_files, data, tmp_path / "b"), options=EngineOptions(
+        recovery_plan_at=((2, "cpu_offload_checkpointing"),), fast_step_without_graph=True))
+    assert _same(recovered.tensors, planned.tensors) and recovered.losses == planned.losses
+
+
+def test_a_resumed_flux_run_offloads_again_and_equals_the_uninterrupted_run(flux_files, data, tmp_path, monkeypatch):
+    straight = train(_config(flux_files, data, tmp_path / "a", save_steps=2),
+                     options=EngineOptions(inject_oom_at=(2,)))
+    assert _changes(straight) == [(2, "cpu_offload_checkpointing")]
+    name = "step-00000002"
+    shutil.copytree(tmp_path / "a" / "flux" / "checkpoints" / name, tmp_path / "b" / "flux" / "checkpoints" / name)
+    trace, callback = _traced(monkeypatch)
+    resumed = train(_config(flux_files, data, tmp_path / "b", save_steps=2, resume_from_checkpoint="latest"),
+                    callbacks=[callback])
+    said = ("info", f"resumed with the out-of-memory recovery of step 2: {OFFLOADED}")
+    assert said in trace and trace.index(said) < trace.index("offload") < trace.index(("step", 3))
+    assert resumed.steps == 3 and _same(straight.tensors, resumed.tensors)
+    assert _changes(resumed) == _changes(straight)
+
+
+def test_the_last_error_names_the_plan_among_those_tried(flux_files, data, tmp_path):
+    cfg = _config(flux_files, data, tmp_path, batch_size=1)
+    with pytest.raises(UserError, match=r"at step 2, with every recovery plan tried \(cpu_offload_checkpointing"):
+        train(cfg, options=EngineOptions(inject_oom_at=(2,) * 4))
+
+
+def test_an_sd_model_never_offloads_and_goes_to_the_halved_batch(tmp_path, monkeypatch):
+    data = pattern_dataset(tmp_path / "data")
+    trace, callback = _traced(monkeypatch)
+    result = train(quick_config(data, tmp_path / "out", max_train_steps=3, gradient_checkpointing=True),
+                   tiny_sd1(seed=3), callbacks=[callback], options=EngineOptions(inject_oom_at=(2,)))
+    assert _changes(result) == [(2, "half_micro_batch")]
+    assert "offload" not in trace
+
+
+def test_the_memory_advice_names_it_for_flux_with_checkpointing_on():
+    weights = weights_of_family("flux1", precision="bf16", fp8_base=True)
+    shape = RunShape(family="flux1", batch_size=4, latent_pixels=128 * 128, precision="bf16",
+                     gradient_checkpointing=True)
+    offloaded = estimate(shape.but(cpu_offload_checkpointing=True), weights).total
+    full = estimate(shape, weights).total
+    assert 5.0 < (full - offloaded) / 2**30 < 5.8  # bench/flux_step_memory.py predicts 5.3 GiB at batch 4
+    advice = advise(shape, weights, free=int((offloaded + full) / 2 / 0.95))
+    assert not advice.fits and advice.text.split(": ", 1)[1].startswith("turn on cpu_offload_checkpointing (about")
+    sd = RunShape(family="sdxl", batch_size=4, latent_pixels=128 * 128, precision="bf16", gradient_checkpointing=True)
+    sd_weights = weights_of_family("sdxl", precision="bf16")
+    tight = advise(sd, sd_weights, free=int(estimate(sd, sd_weights).total * 0.9))
+    assert "cpu_offload_checkpointing" not in tight.text
