@@ -3,23 +3,23 @@ plan that fits, instead of ending the run.
 
 The plans, in order (each one cheaper in speed than the next):
   1. gradient checkpointing on (about 35% slower, a fraction of the activations);
-  1b. kohya's `cpu_offload_checkpointing`, for a family whose forward honours it (`FamilySpec.
+  2. kohya's `cpu_offload_checkpointing`, for a family whose forward honours it (`FamilySpec.
      offload_checkpointing`: Flux.1) with checkpointing on: each checkpointed block's inputs wait in
      CPU memory (engine/models/flux_offload.py; the same numbers, the batch kept, only copies and the
      CUDA graph given up);
-  2. the micro-batch halved, its two halves' gradients summed (the same images per update, in the same
+  3. the micro-batch halved, its two halves' gradients summed (the same images per update, in the same
      order, with the same noise: the run's numbers keep their meaning), again down to single images;
-  3. caching on the CPU (engine/memory/cache_plan.py): latents and text conditioning that the step
+  4. caching on the CPU (engine/memory/cache_plan.py): latents and text conditioning that the step
      encodes are cached once and the encoders parked off the device (offered where something can be
      cached; what cannot, and why, is said with the change).
 Each change is announced as an info event, kept in the LoRA's metadata (`inplace_lora_recovery`) and
 holds to the end of the run; checkpoints keep the changes (`state`), and a run resumed from one makes
 them again before its first step (`resume`), so it does not run out of memory again where the
-interrupted run did, and trains as that run would have. The CUDA-graph step is
-rebuilt after checkpointing or caching is turned on and dropped when the batch is split (its graph
-replays whole batches) or block inputs go to CPU memory (a graph cannot copy to the host). When no plan is left (or caching itself runs out of memory one image at a time)
-the error says so, with the memory estimate's advice; the run's usual error path keeps a checkpoint at
-the last finished step.
+interrupted run did, and trains as that run would have. The CUDA-graph step is rebuilt after
+checkpointing or caching is turned on and dropped when the batch is split (its graph replays whole
+batches) or block inputs go to CPU memory (a graph cannot copy to the host). When no plan is left (or
+caching itself runs out of memory one image at a time) the error says so, with the memory estimate's
+advice; the run's usual error path keeps a checkpoint at the last finished step.
 
 `EngineOptions.inject_oom_at` raises an out-of-memory error inside chosen steps (the CPU tests'
 way to this path); `EngineOptions.recovery_plan_at` applies changes before chosen steps as if an OOM
@@ -36,6 +36,7 @@ import logging
 import torch
 
 from ..errors import UserError
+from ..fast_step import unsupported_reason
 from ..models.flux_offload import offload_checkpointing, offloading
 from . import cache_plan
 from .cache_plan import CACHE
@@ -157,10 +158,10 @@ class OutOfMemoryRecovery:
             self._graph_again()  # captured again, now with checkpointing
         elif change == OFFLOAD:
             self._stack.enter_context(offload_checkpointing(True))  # the forward reads it at each call
+            graphed = self._graph_possible()  # what the change costs besides copies
             if t.fast is not None:
                 t.fast.close()
                 t.fast = None
-            graphed = t.cfg.cuda_graph and t.device.type == "cuda"
             what = ("checkpointed block inputs kept in CPU memory" +
                     ("; steps run without the CUDA graph" if graphed else ""))
         elif change == SPLIT:
@@ -190,6 +191,12 @@ class OutOfMemoryRecovery:
         option is not on already."""
         t = self.trainer
         return self.checkpointing and t.model.info.spec.offload_checkpointing and not offloading()
+
+    def _graph_possible(self) -> bool:
+        """Whether the run's step would be CUDA-graphed but for the offload (recover() has dropped it)."""
+        t = self.trainer
+        return not t.dist.enabled and unsupported_reason(
+            t.cfg, t.device, t.precision, t.optimizer, cache_plan.train_text_encoder(t)) is None
 
     def _graph_again(self) -> None:
         """The CUDA-graph step set up again after a change, unless checkpointed blocks copy their inputs

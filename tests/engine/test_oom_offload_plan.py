@@ -113,3 +113,36 @@ def test_the_memory_advice_names_it_for_flux_with_checkpointing_on():
     sd_weights = weights_of_family("sdxl", precision="bf16")
     tight = advise(sd, sd_weights, free=int(estimate(sd, sd_weights).total * 0.9))
     assert "cpu_offload_checkpointing" not in tight.text
+
+
+def _cuda_trainer(said, **cfg):
+    """What the plan reads of a trainer on a CUDA device whose step the graph could run."""
+    from types import SimpleNamespace
+
+    from engine.config import TrainConfig
+    from engine.families import FAMILIES
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    return SimpleNamespace(
+        options=EngineOptions(), cfg=TrainConfig(gradient_checkpointing=True, **cfg), device=torch.device("cuda"),
+        precision="bf16", optimizer=optimizer, dist=SimpleNamespace(enabled=False), frozen_te=False, fast=None,
+        data=None,
+        network=SimpleNamespace(text_encoder_parameters=lambda: []),
+        model=SimpleNamespace(info=SimpleNamespace(spec=FAMILIES["flux1"])),
+        events=SimpleNamespace(emit=lambda kind, **k: said.append(k["message"])))
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_the_log_line_says_the_steps_lose_their_cuda_graph_where_they_had_one(graph):
+    from engine.memory.recovery import OFFLOAD, OutOfMemoryRecovery
+    from engine.models.flux_offload import offloading
+
+    said = []
+    recovery = OutOfMemoryRecovery(_cuda_trainer(said, cuda_graph=graph))
+    assert recovery._next() == OFFLOAD
+    recovery._apply(OFFLOAD, 2, "out of memory at step 2")
+    assert offloading() and recovery._next() != OFFLOAD
+    recovery.close()
+    assert not offloading()  # off again when the run ends
+    expected = OFFLOADED + ("; steps run without the CUDA graph" if graph else "")
+    assert said == [f"out of memory at step 2: {expected}; training step 2 again"]
