@@ -83,9 +83,7 @@ class OutOfMemoryRecovery:
         # the traceback's frames hold the failed forward's activations (and its autograd graph) alive
         exc.__traceback__ = None
         t.optimizer.zero_grad(set_to_none=True)
-        if t.fast is not None:  # a graph that failed mid-capture or mid-replay is not replayed again
-            t.fast.close()
-            t.fast = None
+        self._drop_graph()  # a graph that failed mid-capture or mid-replay is not replayed again
         release(t.device)
         change, failed = self._next(), None
         if change is not None:
@@ -152,23 +150,17 @@ class OutOfMemoryRecovery:
             self.checkpointing = True
             t.step.cast_dtype = None  # each layer casts its LoRA as it runs, as with checkpointing from the start
             what = "gradient checkpointing turned on"
-            if t.fast is not None:
-                t.fast.close()
-                t.fast = None
+            self._drop_graph()
             self._graph_again()  # captured again, now with checkpointing
         elif change == OFFLOAD:
             self._stack.enter_context(offload_checkpointing(True))  # the forward reads it at each call
             graphed = self._graph_possible()  # what the change costs besides copies
-            if t.fast is not None:
-                t.fast.close()
-                t.fast = None
+            self._drop_graph()
             what = ("checkpointed block inputs kept in CPU memory" +
                     ("; steps run without the CUDA graph" if graphed else ""))
         elif change == SPLIT:
             self.split *= 2
-            if t.fast is not None:
-                t.fast.close()
-                t.fast = None
+            self._drop_graph()
             size = max(1, t.cfg.batch_size // self.split)
             what = (f"micro-batch halved: each batch of {t.cfg.batch_size} is trained as {self.split} parts of "
                     f"{size} with their gradients summed (the same images per update)")
@@ -197,6 +189,14 @@ class OutOfMemoryRecovery:
         t = self.trainer
         return not t.dist.enabled and unsupported_reason(
             t.cfg, t.device, t.precision, t.optimizer, cache_plan.train_text_encoder(t)) is None
+
+    def _drop_graph(self) -> None:
+        """The CUDA-graph step closed and forgotten: a graph that failed mid-capture or mid-replay, or one
+        captured for a step the change alters, is not replayed again."""
+        t = self.trainer
+        if t.fast is not None:
+            t.fast.close()
+            t.fast = None
 
     def _graph_again(self) -> None:
         """The CUDA-graph step set up again after a change, unless checkpointed blocks copy their inputs
