@@ -38,45 +38,55 @@ DEVICES = EngineOptions.compile_devices
 def loss_for_run(loss: Callable[..., torch.Tensor], device: torch.device, say: Callable[[str], None], *,
                  backend: str | None = None, devices: tuple[str, ...] | None = None) -> Callable[..., torch.Tensor]:
     """The loss a `torch_compile: true` run trains with: compiled on CUDA, the plain one elsewhere."""
-    if device.type not in (devices or DEVICES):
-        say(f"torch_compile: runs on CUDA only (on {device.type}, torch's inductor can return wrong "
-            f"gradients for SD UNets); training without it")
+    if not compiles_on(device, say, devices):
         return loss
     return CompiledLoss(loss, lambda why: say(f"torch_compile: could not compile the step ({why}); "
                                               f"training without it"), backend=backend)
 
 
+def compiles_on(device: torch.device, say: Callable[[str], None], devices: tuple[str, ...] | None = None) -> bool:
+    """Whether `torch_compile: true` compiles on `device`; where it does not, says so."""
+    if device.type in (devices or DEVICES):
+        return True
+    say(f"torch_compile: runs on CUDA only (on {device.type}, torch's inductor can return wrong "
+        f"gradients); training without it")
+    return False
+
+
 class CompiledLoss:
-    """Call the compiled loss; on a compile failure, say why once and call the plain loss from then on."""
+    """Call the compiled function (a loss, a layer, a block); on a compile failure, say why once and call
+    the plain one from then on. `graphs_per_shape`: how many graphs one input shape may need (a block
+    called with and without inputs that need gradients compiles twice)."""
 
     def __init__(self, loss: Callable[..., torch.Tensor], on_fallback: Callable[[str], None] | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, graphs_per_shape: int = 1):
         self.plain = loss
         self.compiled = torch.compile(loss, dynamic=False, backend=backend or BACKEND)
         self.on_fallback = on_fallback
+        self.graphs_per_shape = graphs_per_shape
         self.failed: str | None = None
 
     def __call__(self, *args) -> torch.Tensor:
         if self.failed is None:
             try:
-                with _compile_settings():
+                with _compile_settings(MAX_GRAPHS * self.graphs_per_shape):
                     return self.compiled(*args)
             except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or code generation, not the run
                 self.failed = _reason(exc)
-                logger.warning("torch.compile could not compile the training step (%s); training without it",
-                               self.failed)
+                logger.warning("torch.compile could not compile %s (%s); training without it",
+                               getattr(self.plain, "__name__", "the training step"), self.failed)
                 if self.on_fallback is not None:
                     self.on_fallback(self.failed)
         return self.plain(*args)
 
 
-def _compile_settings():
-    """Set only around our call, so the host's settings stay: one compiled graph per bucket shape, as many
-    as the CUDA graphs (torch's default stops at 8 and runs later shapes uncompiled); and the backward
+def _compile_settings(graphs: int = MAX_GRAPHS):
+    """Set only around our call, so the host's settings stay: `graphs` compiled graphs (one per bucket
+    shape, as many as the CUDA graphs: torch's default stops at 8 and runs later shapes uncompiled); and the backward
     compiled with the forward (torch defers it to the first backward, where a failure would end the
     run instead of falling back here)."""
     stack = contextlib.ExitStack()
-    stack.enter_context(torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS))
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=graphs))
     functorch_config = torch._functorch.config
     if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
         stack.enter_context(functorch_config.patch(force_non_lazy_backward_lowering=True))

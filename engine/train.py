@@ -36,6 +36,7 @@ from .lora.variants import check_file_type
 from .model import TrainableModel
 from .nan_guard import NanGuard
 from .models.fp8_compute import fp8_compute
+from .models.flux_compile import compiled_blocks
 from .models.flux_lean import lean_flux
 from .models.flux_offload import offload_checkpointing
 from .models.geglu import lean_geglu
@@ -147,9 +148,13 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
         # a compiled step fuses GEGLU itself (and decides what to keep): the lean one is for eager steps
         root = model.trainable_roots()[0]
         lean = self.options.lean_geglu and model.info.spec.lean_geglu and not cfg.torch_compile
+        # a family whose forward compiles block by block (Flux.1) compiles that instead of the whole loss
+        blocks = cfg.torch_compile and model.info.spec.compile_blocks
         with model.session(cfg.gradient_checkpointing, cfg.train_text_encoder), lean_geglu(root if lean else None), \
                 lean_flux(self.options.lean_flux), offload_checkpointing(cfg.cpu_offload_checkpointing), \
-                fp8_compute(root, cfg.fp8_compute, self.device, self.precision, self._say):
+                fp8_compute(root, cfg.fp8_compute, self.device, self.precision, self._say), \
+                compiled_blocks(blocks, self.device, self._say, backend=self.options.compile_backend,
+                                devices=self.options.compile_devices):
             with torch.random.fork_rng(devices=[]):  # the host's own random state is left alone
                 torch.manual_seed(cfg.seed)  # the LoRA's initial weights: the same for a seed, on every process
                 network = self._init_network()
@@ -237,7 +242,7 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
         self.step = TrainingStep(model=self.model, network=network, objective=objective, generator=self.generator,
                                  precision=self.precision, use_autocast=self.use_autocast,
                                  cast_dtype=self.step_cast_dtype)
-        if cfg.torch_compile:
+        if cfg.torch_compile and not self.model.info.spec.compile_blocks:
             self.step.compile(self.options.compile_backend, self.options.compile_devices,
                               lambda text: self.events.emit("info", message=text))
 

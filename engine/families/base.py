@@ -76,6 +76,8 @@ class FamilySpec:
     lean_geglu: bool = False  # its denoiser has GEGLU feed-forwards the lean version can run
     vae_fp32: bool = False  # its VAE overflows in fp16 (NaN latents): encode and decode in fp32
     offload_checkpointing: bool = False  # its forward honours cpu_offload_checkpointing (models/flux_offload.py)
+    # torch_compile compiles its forward's blocks, not the whole loss (models/flux_compile.py)
+    compile_blocks: bool = False
 
     def native_resolution(self, prediction_type: str = "epsilon") -> int:
         if prediction_type == "v_prediction" and self.v_resolution:

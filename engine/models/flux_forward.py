@@ -11,6 +11,7 @@ checkpointing. LoRA forward hooks on the Linears apply as on any other model. Wi
 block runs inside `flux_lean.lean_saves`: the q/k norms keep no float32 copies and the cheap tensors a
 LoRA keeps (GELU outputs, LayerNorm/modulation outputs, concatenations) are kept as recipes, which
 halves what a step holds for backward (engine/models/flux_lean.py; `python -m bench.flux_saved_bytes`).
+Under `torch_compile: true` each block kind runs compiled (engine/models/flux_compile.py).
 
     velocity = flux_forward(root, x, sigma, context, pooled, guidance)   # x: [B, 16, H, W] latents
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .flux_compile import compiled_pair
 from .flux_lean import lean_saves, recomputed, rms_norm
 from .flux_offload import offloaded_checkpoint, offloading
 from .flux_tiny import HEAD_DIM
@@ -206,13 +208,14 @@ def single_block(block, x, vec, pe, heads: int):
 
 # --- the whole model ----------------------------------------------------------------------------------
 
-def _run(fn, checkpoint: bool, *args, offload: int = 0):
-    """`offload`: how many leading args (the token tensors) cpu_offload_checkpointing keeps in host memory."""
+def _run(fn, checkpoint: bool, *args, offload: int = 0, lean: bool = True):
+    """`offload`: how many leading args (the token tensors) cpu_offload_checkpointing keeps in host memory;
+    `lean`: keep recipes of the cheap tensors without checkpointing (flux_lean.py; not for compiled blocks)."""
     if checkpoint and torch.is_grad_enabled():
         if offloading():
             return offloaded_checkpoint(fn, offload, *args)
         return _checkpoint(fn, *args, use_reentrant=False)
-    with lean_saves():  # without checkpointing: keep recipes of the cheap tensors (flux_lean.py)
+    with lean_saves(lean):
         return fn(*args)
 
 
@@ -235,12 +238,16 @@ def flux_forward(root, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tens
     ids = torch.cat((torch.zeros(b, txt.shape[1], 3, device=x.device), image_ids(b, h, w, x.device)), dim=1)
     pe = rope(ids)
     heads = img.shape[-1] // HEAD_DIM
+    compiled = compiled_pair()  # torch_compile: each block kind compiled once (flux_compile.py)
+    double, single = compiled or (double_block, single_block)
+    lean = compiled is None
     for block in root.double_blocks:
-        img, txt = _run(lambda i, t, v, p, blk=block: double_block(blk, i, t, v, p, heads), checkpoint, img, txt, vec, pe,
-                        offload=2)
+        img, txt = _run(lambda i, t, v, p, blk=block: double(blk, i, t, v, p, heads), checkpoint, img, txt, vec, pe,
+                        offload=2, lean=lean)
     seq = torch.cat((txt, img), dim=1)
     for block in root.single_blocks:
-        seq = _run(lambda s, v, p, blk=block: single_block(blk, s, v, p, heads), checkpoint, seq, vec, pe, offload=1)
+        seq = _run(lambda s, v, p, blk=block: single(blk, s, v, p, heads), checkpoint, seq, vec, pe, offload=1,
+                   lean=lean)
     img = seq[:, txt.shape[1]:]
     shift, scale = getattr(root.final_layer.adaLN_modulation, "1")(F.silu(vec)).chunk(2, dim=1)
     out = root.final_layer.linear((1 + scale[:, None]) * _layer_norm(img) + shift[:, None])
