@@ -166,13 +166,27 @@ def run(weight_dtype, folder, paths, clip, vae, data):
     return out
 
 
+def write_data(folder) -> str:
+    """Two 64 px striped images with captions; returns their folder."""
+    from PIL import Image
+
+    data = os.path.join(folder, "data")
+    os.makedirs(data, exist_ok=True)
+    for i in range(2):
+        img = Image.new("RGB", (64, 64), (40 + 80 * i, 90, 200 - 60 * i))
+        for x in range(0, 64, 8):
+            img.paste((250, 250, 250), (x, 0, x + 3 + i, 64))
+        img.save(os.path.join(data, f"img{i}.png"))
+        open(os.path.join(data, f"img{i}.txt"), "w").write(f"stripes {i}")
+    return data
+
+
 def main(folder):
     sys.path.insert(0, comfy_root())
     from comfy.cli_args import args as comfy_args
 
     comfy_args.cpu = True
     import torch  # noqa: F401
-    from PIL import Image
 
     import comfy.model_management  # noqa: F401
     import comfy.sd
@@ -183,14 +197,7 @@ def main(folder):
     os.makedirs(folder, exist_ok=True)
     paths = {"model": ft.write_flux(os.path.join(folder, "flux_tiny.safetensors"), ft.COMFY_TINY_T5_64),
              "vae": ft.write_flux_vae(os.path.join(folder, "ae.safetensors"))}
-    data = os.path.join(folder, "data")
-    os.makedirs(data, exist_ok=True)
-    for i in range(2):
-        img = Image.new("RGB", (64, 64), (40 + 80 * i, 90, 200 - 60 * i))
-        for x in range(0, 64, 8):
-            img.paste((250, 250, 250), (x, 0, x + 3 + i, 64))
-        img.save(os.path.join(data, f"img{i}.png"))
-        open(os.path.join(data, f"img{i}.txt"), "w").write(f"stripes {i}")
+    data = write_data(folder)
     clip = make_clip(folder)
     with torch.inference_mode():
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(paths["vae"]))

@@ -1,0 +1,99 @@
+"""Run with the ComfyUI venv's python: `torch_compile: true` on ComfyUI 0.3.75's own loaded Flux.
+
+The tiny Flux (COMFY_TINY_T5_64, one double and one single block at full width) loaded by
+`comfy.sd.load_diffusion_model` with weight_dtype default and fp8_e4m3fn, ComfyUI's Flux CLIP and VAE as
+in flux_train_probe.py, goes through the adapter the LoRA Trainer node picks (nodes/comfy_adapter) and
+trains 2 steps at 64 px with gradient checkpointing twice: the CUDA-graph step's body uncompiled, then
+with `torch_compile: true`, its blocks compiled by Dynamo with the aot_eager backend (the CPU cannot be
+trusted with inductor's kernels: engine/compiled_loss.py). Dynamo traces ComfyUI's own Linear modules
+(and, for fp8, the engine's casts that take them over), so this is what shows that the compiled blocks
+train the host's model as the plain ones do and leave it unchanged. Prints one JSON.
+
+    $COMFYUI_PYTHON tests/hosts/comfyui/flux_compile_probe.py WORK_DIR
+"""
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from flux_probe import flux_tiny  # noqa: E402
+from flux_train_probe import make_clip, model_hash, write_data  # noqa: E402
+from keys_probe import load_pack  # noqa: E402
+from make_checkpoint import comfy_root  # noqa: E402
+
+
+def train_twice(weight_dtype, folder, path, clip, vae, data):
+    import torch
+
+    import comfy.sd
+
+    from inplace_pack.engine.config import TrainConfig
+    from inplace_pack.engine.events import FunctionCallback
+    from inplace_pack.engine.options import EngineOptions
+    from inplace_pack.engine.train import train
+    from inplace_pack.nodes.comfy_adapter import comfy_model
+
+    options = {"dtype": torch.float8_e4m3fn} if weight_dtype == "fp8_e4m3fn" else {}
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model(path, model_options=options)
+    dm = model.model.diffusion_model
+    before = model_hash(dm)
+    results = {}
+    for compiled in (False, True):
+        adapter = comfy_model(model, clip, vae, name="flux_tiny.safetensors")
+        cfg = TrainConfig(train_data_dir=data, output_dir=os.path.join(folder, f"out_{weight_dtype}_{compiled}"),
+                          output_name="flux", resolution="64", batch_size=1, max_train_steps=2, lora_rank=4,
+                          learning_rate=1e-2, seed=7, save_every_n_epochs=0, lr_scheduler="constant", warmup_steps=0,
+                          gradient_checkpointing=True, cache_latents="memory", torch_compile=compiled)
+        engine = EngineOptions(fast_step_without_graph=True, compile_backend="aot_eager",
+                               compile_devices=("cuda", "cpu"))
+        said = []
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        with torch.inference_mode(False), torch.enable_grad():
+            result = train(cfg, adapter, options=engine, callbacks=[FunctionCallback(
+                lambda e: said.append(e.message) if e.kind == "info" and "torch_compile" in (e.message or "") else None)])
+        counters = torch._dynamo.utils.counters
+        results[compiled] = {"losses": [float(v) for v in result.losses], "fast_steps": result.fast_steps,
+                             "tensors": result.tensors, "said": said,
+                             "graphs": counters["stats"]["unique_graphs"],
+                             "graph_breaks": {k: v for k, v in counters["graph_break"].items()}}
+        del adapter
+    plain, comp = results[False], results[True]
+    diff = max(float((plain["tensors"][k].float() - comp["tensors"][k].float()).abs().max()
+                     / plain["tensors"][k].float().abs().max().clamp_min(1e-12)) for k in plain["tensors"])
+    return {"plain_losses": plain["losses"], "compiled_losses": comp["losses"], "max_weight_diff": diff,
+            "same_keys": sorted(plain["tensors"]) == sorted(comp["tensors"]), "n_keys": len(comp["tensors"]),
+            "up_moved": any(float(v.abs().sum()) > 0 for k, v in comp["tensors"].items() if k.endswith("lora_up.weight")),
+            "fast_steps": comp["fast_steps"], "said": comp["said"], "plain_said": plain["said"],
+            "graphs": comp["graphs"], "plain_graphs": plain["graphs"], "graph_breaks": comp["graph_breaks"],
+            "hash_unchanged": before == model_hash(dm),
+            "dtypes_after": sorted({str(p.dtype) for p in dm.parameters()})}
+
+
+def main(folder):
+    sys.path.insert(0, comfy_root())
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = True
+    import torch
+
+    import comfy.sd
+    import comfy.utils
+
+    load_pack()
+    ft = flux_tiny()
+    os.makedirs(folder, exist_ok=True)
+    path = ft.write_flux(os.path.join(folder, "flux_tiny.safetensors"), ft.COMFY_TINY_T5_64)
+    vae_path = ft.write_flux_vae(os.path.join(folder, "ae.safetensors"))
+    data = write_data(folder)
+    clip = make_clip(folder)
+    with torch.inference_mode():
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
+    print(json.dumps({w: train_twice(w, folder, path, clip, vae, data)
+                      for w in sys.argv[2:] or ("default", "fp8_e4m3fn")}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
