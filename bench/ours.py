@@ -113,7 +113,8 @@ def run_config(model, cfg, root: Path, extra: dict | None = None, on_start=None,
     except BaseException as exc:
         exc.bench_notes = recovery_notes(infos)  # run_rows puts them on the row that reports the error
         raise
-    notes = [m for m in infos if "CUDA-graphed" in m] + recovery_notes(infos)
+    # what the row ran: the graph, and with torch_compile what was compiled or why not
+    notes = [m for m in infos if "CUDA-graphed" in m or m.startswith("torch_compile")] + recovery_notes(infos)
     row = finish_row(cfg, clock.step_times(cfg.warmup), cfg.batch, notes=notes)
     if training_peak and row.peak_gib is not None:
         # the training peak (first step to last, as the peers are measured); the run's end, which puts

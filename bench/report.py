@@ -31,7 +31,8 @@ TOOL_NOTES = {  # our variant tools, in the table's column order, and what each 
     "ours-fp8c-compile": "- ours-fp8c-compile is ours-fp8c with `torch_compile: true` (inductor fuses the fp8 "
                          "quantisation into the ops before it).",
     "ours-compile": "- ours-compile is our engine with `torch_compile: true` (the step compiled by inductor, "
-                    "inside the CUDA graph; compiling happens in the warm-up steps, which are not timed).",
+                    "inside the CUDA graph; Flux.1: its double and single blocks, each kind once; compiling "
+                    "happens in the warm-up steps, which are not timed).",
     "ours-host-geglu": "- ours-host-geglu is our engine with each GEGLU running the model's own forward instead of "
                        "the lean one (engine/models/geglu.py): the difference to ours is what holding only the "
                        "projection buys.",

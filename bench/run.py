@@ -54,7 +54,8 @@ TOOLS = {  # tool -> module that runs its rows
 FLUX_TOOLS = {"ours": "bench.ours", "ours-fp8": "bench.ours", "ours-eager": "bench.ours",
               "ours-offload": "bench.ours", "ours-fp8-offload": "bench.ours",
               "ours-fp8c": "bench.ours", "ours-fp8c-fp8": "bench.ours",
-              "ours-comfyui": "bench.ours_comfy", "kohya": "bench.peer_kohya_flux", "kohya-fp8": "bench.peer_kohya_flux",
+              "ours-compile": "bench.ours",  # torch_compile: Flux's blocks compiled (engine/models/flux_compile.py)
+              "ours-comfyui": "bench.ours_comfy", "ours-comfyui-compile": "bench.ours_comfy", "kohya": "bench.peer_kohya_flux", "kohya-fp8": "bench.peer_kohya_flux",
               "diffusers-peft": "bench.peer_diffusers_flux", "diffusers-peft-bf16": "bench.peer_diffusers_flux",
               "comfyui-native": "bench.peer_comfy_flux"}
 DENSE_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1,

@@ -241,7 +241,8 @@ class TrainConfig:
     torch_compile: bool = _f(False, "Compile the training step with torch.compile (inductor), inside the CUDA "
                              "graph: fuses its elementwise kernels (bench/RESULTS.md has the speed-up). Each "
                              "bucket shape compiles at its first step, a few minutes (SDXL: about six on an H100, "
-                             "for 1.15x at batch 8), so it pays off on long runs. CUDA only (needs Triton); "
+                             "for 1.15x at batch 8), so it pays off on long runs. Flux.1 compiles its double and "
+                             "single blocks instead, each kind once per bucket shape. CUDA only (needs Triton); "
                              "elsewhere, or for a model it cannot compile, the run trains without it (logged).")
     seed: int = _f(42, "Random seed (data order, noise, timesteps).", minimum=0)
     ddp_timeout: int = _f(0, "Several GPUs: minutes a process waits for the others in a gradient exchange before "

@@ -7,7 +7,8 @@
 
 The plain step (`forward_backward`) runs these three eagerly; the CUDA-graph step (fast_step.py) draws
 on the host, copies `tensors` into static buffers of the same keys and replays `loss` with backward and
-the optimizer captured around it; `torch_compile: true` compiles `loss` (compiled_loss.py). A family
+the optimizer captured around it; `torch_compile: true` compiles `loss` (compiled_loss.py), or the
+family's blocks where its forward compiles them (FamilySpec.compile_blocks: Flux.1). A family
 with other inputs (another conditioning role, a guidance value, position ids) or an objective with
 other draws adds keys to the dict, and every path carries them without new code.
 """
