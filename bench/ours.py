@@ -11,7 +11,8 @@ forward under autocast (`autocast: always`), as the engine did before bf16 weigh
 the transformer Linears on fp8 tensor cores (`fp8_compute: true`, engine/models/fp8_compute.py),
 "ours-fp8c-fp8" does that on the fp8-stored weights of ours-fp8, "ours-fp8c-compile" with
 `torch_compile: true` too; "ours-compile"
-compiles the step with torch.compile (`torch_compile: true`; the compile runs in the warm-up steps);
+compiles the step with torch.compile (`torch_compile: true`; the compile runs in the warm-up steps;
+Flux.1 compiles its blocks instead), "ours-fp8-compile" does that on ours-fp8's weights;
 "ours-host-geglu" runs each GEGLU's own forward instead of the engine's lean one (engine/models/geglu.py),
 "ours-cast-each" casts each LoRA weight on its own instead of all together (`cast_together` in
 engine/lora/network.py), and "ours-copy-up" adds each Linear LoRA's up projection with the copying
@@ -36,14 +37,15 @@ from .workload import engine_model, image_folder
 
 VARIANTS = {"ours-eager": {"cuda_graph": False}, "ours-attn": {"target_modules": "attention"},
             "ours-autocast": {"autocast": "always"}, "ours-fp8": {},
-            "ours-compile": {"torch_compile": True}, "ours-fp8c": {"fp8_compute": True},
+            "ours-compile": {"torch_compile": True}, "ours-fp8-compile": {"torch_compile": True},
+            "ours-fp8c": {"fp8_compute": True},
             "ours-fp8c-fp8": {"fp8_compute": True}, "ours-fp8c-compile": {"fp8_compute": True, "torch_compile": True},
             # the LyCORIS variants (engine/lora/variants/) on the same layers, rank and alpha
             "ours-loha": {"network_type": "loha"}, "ours-lokr": {"network_type": "lokr"},
             "ours-dora": {"network_type": "dora"},
             # kohya's cpu_offload_checkpointing (Flux.1; rows with checkpointing on)
             "ours-offload": {"cpu_offload_checkpointing": True}, "ours-fp8-offload": {"cpu_offload_checkpointing": True}}
-FP8_STORED = ("ours-fp8", "ours-fp8c-fp8", "ours-fp8-offload")  # tools whose model keeps its weights in fp8 (fp8_base)
+FP8_STORED = ("ours-fp8", "ours-fp8c-fp8", "ours-fp8-offload", "ours-fp8-compile")  # tools whose model keeps its weights in fp8 (fp8_base)
 # tools that turn one engine optimisation off (EngineOptions fields), to measure what it buys
 SWITCHED_OFF = {"ours-host-geglu": {"lean_geglu": False}, "ours-copy-up": {"up_in_place": False},
                 "ours-cast-each": {"cast_together": False}, "ours-flux-keep-all": {"lean_flux": False}}

@@ -33,6 +33,8 @@ TOOL_NOTES = {  # our variant tools, in the table's column order, and what each 
     "ours-compile": "- ours-compile is our engine with `torch_compile: true` (the step compiled by inductor, "
                     "inside the CUDA graph; Flux.1: its double and single blocks, each kind once; compiling "
                     "happens in the warm-up steps, which are not timed).",
+    "ours-fp8-compile": "- ours-fp8-compile is ours-fp8 with `torch_compile: true` (the fp8 weight casts "
+                        "compiled with the rest).",
     "ours-host-geglu": "- ours-host-geglu is our engine with each GEGLU running the model's own forward instead of "
                        "the lean one (engine/models/geglu.py): the difference to ours is what holding only the "
                        "projection buys.",

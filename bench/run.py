@@ -30,6 +30,7 @@ TOOLS = {  # tool -> module that runs its rows
     "ours-attn": "bench.ours",
     "ours-autocast": "bench.ours",
     "ours-fp8": "bench.ours",
+    "ours-fp8-compile": "bench.ours",
     "ours-fp8c": "bench.ours",
     "ours-fp8c-fp8": "bench.ours",
     "ours-fp8c-compile": "bench.ours",
@@ -54,7 +55,8 @@ TOOLS = {  # tool -> module that runs its rows
 FLUX_TOOLS = {"ours": "bench.ours", "ours-fp8": "bench.ours", "ours-eager": "bench.ours",
               "ours-offload": "bench.ours", "ours-fp8-offload": "bench.ours",
               "ours-fp8c": "bench.ours", "ours-fp8c-fp8": "bench.ours",
-              "ours-compile": "bench.ours",  # torch_compile: Flux's blocks compiled (engine/models/flux_compile.py)
+              # torch_compile: Flux's blocks compiled (engine/models/flux_compile.py)
+              "ours-compile": "bench.ours", "ours-fp8-compile": "bench.ours",
               "ours-comfyui": "bench.ours_comfy", "ours-comfyui-compile": "bench.ours_comfy", "kohya": "bench.peer_kohya_flux", "kohya-fp8": "bench.peer_kohya_flux",
               "diffusers-peft": "bench.peer_diffusers_flux", "diffusers-peft-bf16": "bench.peer_diffusers_flux",
               "comfyui-native": "bench.peer_comfy_flux"}
