@@ -5,6 +5,7 @@ value to set instead. The fields themselves, with their ranges and choices, are 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .config_fields import TARGET_PRESETS, field_meta
@@ -52,6 +53,18 @@ def _validate_network(cfg, source: str) -> None:
                           f"of at least 1, got {cfg.lokr_factor}.")
 
 
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def missing_path(key: str, value: str) -> str:
+    """What to say for a path that does not exist; a Hugging Face id is told that nothing is downloaded."""
+    text = f"{key} points to '{value}', which does not exist. Fix the path in the config (or --set {key}=...)."
+    if _HUB_ID.fullmatch(str(value)):
+        text += (f" '{value}' looks like a Hugging Face id: nothing is downloaded, so download the model first "
+                 f"and give the path of its file or folder.")
+    return text
+
+
 def check_paths(cfg, *, need_base_model: bool) -> None:
     """Say which key of a TrainConfig points at a path that does not exist."""
     checks = [("train_data_dir", True), ("metadata_path", False), ("reg_data_dir", False),
@@ -66,8 +79,7 @@ def check_paths(cfg, *, need_base_model: bool) -> None:
         kind = field_meta(key)["path"]
         p = Path(value).expanduser()
         if not p.exists():
-            raise ConfigError(f"{key} points to '{value}', which does not exist. Fix the path in the "
-                              f"config (or --set {key}=...).")
+            raise ConfigError(missing_path(key, value))
         if kind == "dir" and not p.is_dir():
             raise ConfigError(f"{key} must be a folder, but '{value}' is a file.")
         if kind == "file" and not p.is_file():

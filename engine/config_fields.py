@@ -216,7 +216,7 @@ class TrainConfig:
                                          "At 1024 px that is 1.45 GiB less per image in the batch "
                                          "(bench.flux_step_memory), for a few percent of step time. kohya's "
                                          "--cpu_offload_checkpointing; no effect on other models or without "
-                                         "checkpointing, and the step runs without CUDA graphs.")
+                                         "checkpointing; where it acts, the step runs without CUDA graphs.")
     fp8_base: bool = _f(False, "Store the frozen UNet's Linear and Conv2d weights in float8 (e4m3fn): on an "
                         "H100 at batch 1 with gradient_checkpointing, SD1.5 1.12 instead of 1.93 GiB, SDXL "
                         "3.61 instead of 6.05 GiB, Flux.1-dev 14.3 instead of 25.4 GiB (10% slower there). "

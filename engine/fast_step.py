@@ -26,7 +26,7 @@ second time it comes; at most `MAX_GRAPHS` shapes get graphs, all sharing one me
 
 `FastStep(..., capture=False)` runs the same static-buffer step without graphs
 (`EngineOptions(fast_step_without_graph=True)`): that is how the CPU tests check that the fast path
-trains exactly like the plain one.
+trains exactly like the plain one, bit for bit (`_tensor_lr` says what that takes on the CPU).
 """
 
 from __future__ import annotations
@@ -41,15 +41,14 @@ MAX_GRAPHS = 16
 
 
 def unsupported_reason(cfg, device: torch.device, precision: str, optimizer, train_te: bool) -> str | None:
-    """Why the graphed step cannot run for this config, or None when it can."""
+    """Why the graphed step cannot run for this config, or None when it can (an image run asks
+    `graph_refusal`, which adds what the run has switched on since it started)."""
     if not cfg.cuda_graph:
         return "cuda_graph is off"
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {device.type}"
     if precision == "fp16":
         return "fp16 needs the grad scaler, which decides on the host (use bf16)"
-    if getattr(cfg, "cpu_offload_checkpointing", False) and cfg.gradient_checkpointing:
-        return "cpu_offload_checkpointing copies block inputs to host memory"
     if cfg.gradient_accumulation_steps != 1:
         return "gradient accumulation is on"
     if not isinstance(optimizer, torch.optim.AdamW) or not optimizer.defaults.get("fused"):
@@ -59,6 +58,28 @@ def unsupported_reason(cfg, device: torch.device, precision: str, optimizer, tra
     if getattr(cfg, "shuffle_caption", False) or getattr(cfg, "caption_tag_dropout_rate", 0):
         return "captions change every step (shuffle_caption, caption_tag_dropout_rate): they are encoded on the host"
     return None
+
+
+def graph_refusal(trainer, checkpointing: bool, *, capture: bool = True) -> str | None:
+    """Why an image run's step cannot take the fast step now, or None: the one decision, made when the
+    run starts and again each time the out-of-memory recovery changes the step (engine/memory/
+    recovery.py). `checkpointing`: gradient checkpointing is on now, from the config or turned on by
+    the recovery. Checkpointed blocks that copy their inputs to host memory cannot be graphed; they do
+    when checkpointing is on, `cpu_offload_checkpointing` is switched on (by the config or the recovery:
+    `flux_offload.offloading()`) and the family's forward honours it (Flux.1; elsewhere the option does
+    nothing and costs no graph). `capture=False` asks for the static-buffer step without graphs
+    (`EngineOptions.fast_step_without_graph`, the CPU tests'): the config's limits, which are the
+    graph's, are not asked; offloading and several GPUs still refuse it, as they refuse the graph."""
+    from .models.flux_offload import offloading
+
+    cfg = trainer.cfg
+    train_te = bool(trainer.network.text_encoder_parameters()) and not trainer.frozen_te
+    why = unsupported_reason(cfg, trainer.device, trainer.precision, trainer.optimizer, train_te) if capture else None
+    if why is None and checkpointing and offloading() and trainer.model.info.spec.offload_checkpointing:
+        why = "cpu_offload_checkpointing copies block inputs to host memory"
+    if why is None and trainer.dist.enabled:
+        why = "several GPUs (the gradient all-reduce runs in the plain step)"
+    return why
 
 
 def host_lrs(scheduler, optimizer) -> list[float]:
@@ -130,8 +151,16 @@ class FastStep:
 
     # --- learning rate in a device tensor -----------------------------------------------------------
     def _tensor_lr(self, optimizer, device) -> None:
+        """The learning rates in device tensors. On the CPU in float64: there AdamW computes its decay
+        factor (1 - lr * weight_decay) and step size (lr / bias correction) from a tensor lr in the
+        tensor's dtype, and from a float lr in Python's double, rounded to float32 once at the end; a
+        float32 lr tensor rounds the lr and each intermediate too (about 1e-7 relative in those two
+        scalars), which left the CPU tests' five-step fast runs' LoRA weights up to 3e-8 away from the
+        plain step's. In float64 the two do the same arithmetic and train bit for bit alike. CUDA keeps
+        the float32 tensor the graph has always captured its fused AdamW with."""
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
         for group in optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=dtype, device=device)
             if self.capture:
                 group["capturable"] = True
         sched = self.scheduler

@@ -23,7 +23,7 @@ from .distributed import Distributed
 from .encoder_parking import EncoderParking
 from .errors import UserError
 from .events import Callbacks
-from .fast_step import FastStep, unsupported_reason
+from .fast_step import FastStep, graph_refusal
 from .lora.blocks import unet_param_groups as block_param_groups
 from .lora.change_check import ChangeCheck
 from .lora.ema import LoRAEma, resume_ema
@@ -169,7 +169,7 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
                 self._setup_optimization(network)
                 self._maybe_resume(network)
                 self.change_check = ChangeCheck(network, self.position.step)  # warns at the end if nothing learned
-                self._setup_fast_step()
+                self._setup_fast_step(cfg.gradient_checkpointing)
                 self.recovery = OutOfMemoryRecovery(self)
                 self.nan_guard = NanGuard(self)
                 factor, seconds = self.options.stall_after
@@ -246,17 +246,12 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
             self.step.compile(self.options.compile_backend, self.options.compile_devices,
                               lambda text: self.events.emit("info", message=text))
 
-    def _setup_fast_step(self) -> None:
-        """The CUDA-graphed step where the config allows it (engine/fast_step.py says when)."""
+    def _setup_fast_step(self, checkpointing: bool) -> None:
+        """The CUDA-graphed step where the run allows it (`fast_step.graph_refusal` says when);
+        `checkpointing`: gradient checkpointing is on now (the config's, or the recovery's)."""
         cfg, options = self.cfg, self.options
         self.fast = None
-        if options.fast_step_without_graph:
-            why = None
-        else:
-            why = unsupported_reason(cfg, self.device, self.precision, self.optimizer,
-                                     bool(self.network.text_encoder_parameters()) and not self.frozen_te)
-        if why is None and self.dist.enabled:
-            why = "several GPUs (the gradient all-reduce runs in the plain step)"
+        why = graph_refusal(self, checkpointing, capture=not options.fast_step_without_graph)
         if why is None:
             self.fast = FastStep(self.step, optimizer=self.optimizer, scheduler=self.scheduler, params=self.params,
                                  max_grad_norm=cfg.max_grad_norm, capture=not options.fast_step_without_graph)

@@ -32,6 +32,7 @@ from .validation_split import held_out
 from .text import (fixed_caption, per_step_caption_change, process_caption, sample_rng, split_tags, tag_frequency,
                    with_trigger)
 
+TEXT_CALL = 16  # captions per text-encoder call when caching (whatever the VAE's batch is)
 CACHE_DIR_NAME = ".lora_cache"  # hidden, so dataset scans never mistake it for a subset
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow < 9.1 has no Resampling
 
@@ -224,9 +225,11 @@ class TrainData:
         """Encode what can be cached, batching encoder calls; disk entries already present are reused."""
         self.run_cache_jobs(model, self.cache_jobs(), progress=progress)
 
-    def cache_jobs(self, chunk: int | None = None) -> list[tuple[str, list]]:
-        """The encoder calls caching needs: ("latents", record ids of one bucket) and ("text", captions);
-        `chunk`: at most that many per call (the out-of-memory recovery's micro-batch)."""
+    def cache_jobs(self, vae_chunk: int | None = None) -> list[tuple[str, list]]:
+        """The encoder calls caching needs: ("latents", record ids of one bucket, at most vae_batch_size)
+        and ("text", TEXT_CALL captions); `vae_chunk`: at most that many images per VAE call (the
+        out-of-memory recovery's micro-batch). Captions are not chunked by it: a text-encoder call
+        needs little memory next to the VAE's, and fewer captions a call only costs time."""
         jobs: list[tuple[str, list]] = []
         if self.latent_cache_mode:
             store = self._open_store()
@@ -234,13 +237,12 @@ class TrainData:
             by_bucket: dict[tuple[int, int], list[int]] = {}
             for i in todo:
                 by_bucket.setdefault(self.placements[i].bucket, []).append(i)
-            size = min(self.cfg.vae_batch_size, chunk or self.cfg.vae_batch_size)
+            size = min(self.cfg.vae_batch_size, vae_chunk or self.cfg.vae_batch_size)
             for ids in by_bucket.values():
                 jobs += [("latents", ids[k:k + size]) for k in range(0, len(ids), size)]
         if self.text_cache_enabled:
             captions = [c for c in self.cached_captions() if c not in self._text]
-            size = min(16, chunk or 16)
-            jobs += [("text", captions[k:k + size]) for k in range(0, len(captions), size)]
+            jobs += [("text", captions[k:k + TEXT_CALL]) for k in range(0, len(captions), TEXT_CALL)]
         return jobs
 
     @torch.no_grad()

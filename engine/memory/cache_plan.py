@@ -7,9 +7,12 @@ plan encodes the training images' latents and the captions' conditioning once, k
 memory (as `cache_latents: memory` and the text cache do), parks the encoders the step no longer calls
 in CPU memory (engine/encoder_parking.py) and trains the failed step again with the same images and
 the same noise. The plan must not need more memory than the step it replaces: the failed step is freed
-first (recovery.py), the captions are encoded and their encoders parked before the VAE runs, no encoder
-call takes more images than the micro-batch the step trained, and a call that still runs out of memory
-is encoded again one image at a time (the SDXL VAE's attention needs about 0.5 GiB per 1024 px image).
+first (recovery.py), the captions are encoded and their encoders parked before the VAE runs, no VAE
+call takes more images than the micro-batch the step trained (the SDXL VAE's attention needs about
+0.5 GiB per 1024 px image), and a call that still runs out of memory is encoded again one item at a
+time. Captions go to the text encoders as many to a call as when a run caches them at its start, with
+the same models on the device (`TEXT_CALL`): an inference call over text is small next to the VAE's
+and to the training step that was freed, so cutting it to the micro-batch would cost calls, not memory.
 
 What cannot be cached is left as it is, and said: latents when `random_crop` or `color_jitter` change
 the pixels every step (their latents differ each time; caching one would change what the run trains
@@ -28,6 +31,7 @@ import torch
 
 from ..data.augment import per_step_pixel_changes
 from ..data.cache import LatentStore
+from ..data.train_data import TEXT_CALL
 from ..data.text import per_step_caption_change
 from .release import release
 
@@ -73,8 +77,8 @@ def train_text_encoder(trainer) -> bool:
 
 def apply(trainer, chunk: int) -> str:
     """Cache what `choose` says, park the encoders no longer called; returns what changed, for the
-    log and the metadata. `chunk`: the micro-batch the step trains now, the most images or captions
-    one encoder call takes (a plan that exists to save memory must not need more than the step did).
+    log and the metadata. `chunk`: the micro-batch the step trains now, the most images one VAE call
+    takes (a plan that exists to save memory must not need more than the step did).
     The captions go first, so their encoders are parked before the VAE runs."""
     choice = choose(trainer)
     model, cfg = trainer.model, trainer.cfg
@@ -108,7 +112,7 @@ def apply(trainer, chunk: int) -> str:
     if changed:  # what a run that caches from the start computes
         text += f"; numbers change slightly: {', '.join(changed)}"
     n, what_per, call = ((min(cfg.vae_batch_size, chunk), "image", "VAE") if choice.latents else
-                         (min(16, chunk), "caption", "text encoder"))
+                         (TEXT_CALL, "caption", "text encoder"))
     text += f"; encoded at most {n} {what_per}{'s' if n > 1 else ''} per {call} call"
     if retried:
         text += (f" (out of memory at {max(retried)} per call: {len(retried)} call{'s' if len(retried) > 1 else ''} "

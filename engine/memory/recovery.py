@@ -36,7 +36,7 @@ import logging
 import torch
 
 from ..errors import UserError
-from ..fast_step import unsupported_reason
+from ..fast_step import graph_refusal
 from ..models.flux_offload import offload_checkpointing, offloading
 from . import cache_plan
 from .cache_plan import CACHE
@@ -151,11 +151,11 @@ class OutOfMemoryRecovery:
             t.step.cast_dtype = None  # each layer casts its LoRA as it runs, as with checkpointing from the start
             what = "gradient checkpointing turned on"
             self._drop_graph()
-            self._graph_again()  # captured again, now with checkpointing
+            self._graph_again()  # captured again, now with checkpointing (unless that makes blocks offload)
         elif change == OFFLOAD:
+            graphed = graph_refusal(t, self.checkpointing) is None  # what the change costs besides copies
             self._stack.enter_context(offload_checkpointing(True))  # the forward reads it at each call
-            graphed = self._graph_possible()  # what the change costs besides copies
-            self._drop_graph()
+            self._drop_graph()  # and graph_refusal refuses it from now on
             what = ("checkpointed block inputs kept in CPU memory" +
                     ("; steps run without the CUDA graph" if graphed else ""))
         elif change == SPLIT:
@@ -184,12 +184,6 @@ class OutOfMemoryRecovery:
         t = self.trainer
         return self.checkpointing and t.model.info.spec.offload_checkpointing and not offloading()
 
-    def _graph_possible(self) -> bool:
-        """Whether the run's step would be CUDA-graphed but for the offload (recover() has dropped it)."""
-        t = self.trainer
-        return not t.dist.enabled and unsupported_reason(
-            t.cfg, t.device, t.precision, t.optimizer, cache_plan.train_text_encoder(t)) is None
-
     def _drop_graph(self) -> None:
         """The CUDA-graph step closed and forgotten: a graph that failed mid-capture or mid-replay, or one
         captured for a step the change alters, is not replayed again."""
@@ -199,13 +193,9 @@ class OutOfMemoryRecovery:
             t.fast = None
 
     def _graph_again(self) -> None:
-        """The CUDA-graph step set up again after a change, unless checkpointed blocks copy their inputs
-        to host memory (a graph cannot; the plain step runs them)."""
-        t = self.trainer
-        if self.checkpointing and t.model.info.spec.offload_checkpointing and offloading():
-            t.fast = None
-            return
-        t._setup_fast_step()
+        """The CUDA-graph step set up again after a change, where `fast_step.graph_refusal` allows it
+        with the run as it is now (not where checkpointed blocks copy their inputs to host memory)."""
+        self.trainer._setup_fast_step(self.checkpointing)
 
     # --- the step with the batch split ----------------------------------------------------------------
     def forward_backward(self, batch, accum: int, scaler=None) -> torch.Tensor:

@@ -3,8 +3,8 @@
 (`t5xxl`), each its own file, or the same parts' state dicts as flux_sources.py takes them from an
 all-in-one checkpoint or a diffusers folder. Sizes are read from the tensors' shapes, so tiny test files
 load as the full ones do. Nothing is downloaded: the T5 tokenizer comes from `t5xxl_tokenizer` (a folder or
-tokenizer.json), a `tokenizer.json` / `spiece.model` beside the T5 file, or the local Hugging Face cache
-of google/t5-v1_1-xxl (what kohya loads).
+tokenizer.json), a `tokenizer.json` / `spiece.model` beside the T5 file, or the files of google/t5-v1_1-xxl
+(what kohya loads) in the local Hugging Face cache; a missing one is an error that says where to put it.
 """
 
 from __future__ import annotations
@@ -125,20 +125,43 @@ def t5_from_state_dict(sd: dict, name: str = "t5xxl"):
     return model
 
 
+T5_REPO = "google/t5-v1_1-xxl"  # kohya's tokenizer; only ever read from the local Hugging Face cache
+
+
 def t5_tokenizer(t5_path: Path, given: str = ""):
-    """The T5 tokenizer from local files only (see the module docstring for where it is looked for)."""
+    """The T5 tokenizer from local files only (see the module docstring for where it is looked for).
+    No hub id reaches transformers: the Hugging Face cache is looked up as files, and what is missing
+    is named with the place to put it."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    candidates = [Path(given).expanduser()] if given else []
+    candidates = []
+    if given:
+        candidates.append(Path(given).expanduser())
+        if not candidates[0].exists():
+            raise ModelError(f"t5xxl_tokenizer points to '{given}', which does not exist: give a tokenizer.json file "
+                             f"or a folder holding tokenizer.json or spiece.model (nothing is downloaded).")
     candidates += [t5_path.parent, t5_path.parent / "tokenizer_2", t5_path.parent / "t5_tokenizer"]
+    candidates += _hf_cached(T5_REPO, ("tokenizer.json", "spiece.model"))
     for c in candidates:
         if c.is_file() and c.suffix == ".json":
             return PreTrainedTokenizerFast(tokenizer_file=str(c), pad_token="<pad>", eos_token="</s>")
         if c.is_dir() and ((c / "tokenizer.json").is_file() or (c / "spiece.model").is_file()):
             return AutoTokenizer.from_pretrained(str(c), local_files_only=True)
+    raise ModelError(f"no T5 tokenizer found: put tokenizer.json or spiece.model (from {T5_REPO}, or the tokenizer_2 "
+                     f"folder of a FLUX.1 diffusers download) in {t5_path.parent}, beside the t5xxl file, or set "
+                     f"t5xxl_tokenizer to that file or folder. Nothing is downloaded.")
+
+
+def _hf_cached(repo: str, names: tuple[str, ...]) -> list[Path]:
+    """Where the local Hugging Face cache holds one of `names` of `repo`: the file itself (a .json) or its
+    snapshot folder. Reads the cache's files only (huggingface_hub's `try_to_load_from_cache`)."""
     try:
-        return AutoTokenizer.from_pretrained("google/t5-v1_1-xxl", local_files_only=True)
-    except Exception:
-        raise ModelError("no T5 tokenizer found offline: set t5xxl_tokenizer to a folder holding tokenizer.json "
-                         "or spiece.model (e.g. the tokenizer_2 folder of a FLUX.1 diffusers download), or put one "
-                         "beside the t5xxl file.") from None
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return []
+    found = []
+    for name in names:
+        hit = try_to_load_from_cache(repo, name)
+        if isinstance(hit, str):
+            found.append(Path(hit) if hit.endswith(".json") else Path(hit).parent)
+    return found

@@ -183,6 +183,10 @@ def _from_single_file(sd: dict, det: Detection, cfgs: ModelConfigs, name: str):
 # --- diffusers folders ----------------------------------------------------------------------------
 
 def _from_pretrained(cls, folder: Path, what: str, **kwargs):
+    """One component of a diffusers folder, from its files only (a missing folder never becomes a hub id)."""
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"the diffusers folder '{folder.parent}' has no {folder.name}/config.json: its {what} is "
+                         f"missing. Copy the model's whole {folder.name}/ folder there (nothing is downloaded).")
     errors = []
     for variant in (None, "fp16"):
         try:
@@ -211,6 +215,8 @@ def _load_folder(folder: Path, det: Detection):
             toks.append(clip_tokenizer())
             continue
         try:
+            if not (folder / tok_dir).is_dir():
+                raise OSError(f"no folder {folder / tok_dir}")
             toks.append(CLIPTokenizerFast.from_pretrained(str(folder / tok_dir), local_files_only=True))
         except (OSError, ValueError) as exc:
             raise ModelError(f"{folder.name}/{te_dir} has {te.config.vocab_size} tokens (extended vocabulary) "

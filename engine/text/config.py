@@ -19,6 +19,7 @@ from ..config import (OPTIMIZERS, SCHEDULERS, TrainConfig, canonical_key, coerce
                       read_config_file)
 from ..config import config_field as _f
 from ..errors import ConfigError
+from ..config_checks import missing_path
 
 TASK_TYPE = "text-generation"
 TARGET_PRESETS = {"attention": "q_proj, v_proj (or the attention projection of layouts without them)",
@@ -206,8 +207,7 @@ class TextConfig:
                 continue
             p = Path(value).expanduser()
             if not p.exists():
-                raise ConfigError(f"{key} points to '{value}', which does not exist. Fix the path in the config "
-                                  f"(or --set {key}=...).")
+                raise ConfigError(missing_path(key, value))
             if _META[key]["path"] == "dir" and not p.is_dir():
                 raise ConfigError(f"{key} must be a folder, but '{value}' is a file.")
 

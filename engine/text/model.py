@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..config_checks import missing_path
 from ..errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -36,13 +37,20 @@ def require_peft():
 
 @contextlib.contextmanager
 def offline():
-    """The hub switched off while transformers loads (restored afterwards)."""
+    """The hub switched off while transformers and PEFT load (restored afterwards). huggingface_hub reads
+    HF_HUB_OFFLINE once, at import, into `constants.HF_HUB_OFFLINE`, which its and transformers'
+    `is_offline_mode()` return: that is switched too, or the variables would change nothing."""
+    import huggingface_hub.constants as hub
+
     keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     saved = {k: os.environ.get(k) for k in keys}
+    saved_flag = hub.HF_HUB_OFFLINE
     os.environ.update({k: "1" for k in keys})
+    hub.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
+        hub.HF_HUB_OFFLINE = saved_flag
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -50,9 +58,20 @@ def offline():
                 os.environ[k] = v
 
 
+def check_adapter_folder(path: str | Path) -> Path:
+    """A PEFT adapter folder to load; a ModelError before PEFT sees a path it would take for a hub id."""
+    p = Path(path).expanduser()
+    if not (p / "adapter_config.json").is_file():
+        raise ModelError(f"'{p}' is not a LoRA adapter folder: it needs adapter_config.json and "
+                         f"adapter_model.safetensors (the folder a text run saves). Nothing is downloaded.")
+    return p
+
+
 def check_model_folder(path: str | Path, trust_remote_code: bool) -> dict:
     """config.json of a usable causal-LM folder; a ModelError that says what to do otherwise."""
     p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelError(missing_path("base_model", str(path)))
     if p.is_file():
         raise ModelError(f"base_model '{p.name}' is a single file; text-generation needs a transformers model "
                          f"folder (config.json, tokenizer files, *.safetensors). GGUF and .ckpt files are not read: "
@@ -195,9 +214,9 @@ def attach_lora(model, cfg, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.network_weights:
+            adapter = check_adapter_folder(cfg.network_weights)
             with offline():
-                wrapped = peft.PeftModel.from_pretrained(model, str(Path(cfg.network_weights).expanduser()),
-                                                         is_trainable=True)
+                wrapped = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
             loaded = wrapped.peft_config["default"]
             if (loaded.r, float(loaded.lora_alpha)) != (cfg.lora_rank, float(cfg.lora_alpha)):
                 logger.info("continuing the adapter in %s at its own rank %s and alpha %s", cfg.network_weights,

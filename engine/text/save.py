@@ -58,10 +58,10 @@ def merge_adapter(adapter: Path, out: Path, *, base: str | None = None, device: 
     adapter's tokenizer when it has one, else the base model's). The base is loaded in its own dtype."""
     from transformers import AutoModelForCausalLM
 
-    from .model import check_model_folder, load_tokenizer, offline, require_peft
+    from .model import check_adapter_folder, check_model_folder, load_tokenizer, offline, require_peft
 
     peft = require_peft()
-    adapter = Path(adapter)
+    adapter = check_adapter_folder(adapter)
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     base = base or config.get("base_model_name_or_path") or ""
     check_model_folder(base, trust_remote_code)

@@ -9,8 +9,7 @@ import weakref
 import torch
 
 from bench import flux_saved_bytes as fsb
-from engine.config import TrainConfig, load_config
-from engine.fast_step import unsupported_reason
+from engine.config import load_config
 from engine.models import flux_forward
 from engine.models.flux_offload import offload_checkpointing, offloaded_checkpoint
 from engine.train import train
@@ -86,14 +85,6 @@ def test_a_flux_run_with_cpu_offload_checkpointing_trains_exactly_as_without(flu
     assert offloaded.losses == plain.losses
     assert offloaded.tensors.keys() == plain.tensors.keys()
     assert all(torch.equal(offloaded.tensors[k], plain.tensors[k]) for k in plain.tensors)
-
-
-def test_the_cuda_graph_step_leaves_offloading_to_the_plain_step():
-    fused = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=True)
-    cfg = TrainConfig(gradient_checkpointing=True, cpu_offload_checkpointing=True)
-    assert "cpu_offload_checkpointing" in unsupported_reason(cfg, torch.device("cuda"), "bf16", fused, False)
-    assert unsupported_reason(cfg.replace(cpu_offload_checkpointing=False), torch.device("cuda"), "bf16", fused,
-                              False) is None
 
 
 def test_kohyas_key_turns_it_on(tmp_path):

@@ -101,13 +101,14 @@ def test_parking_takes_the_encoders_caching_turned_on_made_idle():
     assert len(parking.modules) == 1 + len(model.text_encoders)
 
 
-def _cache_plan_encodes(monkeypatch, model, fail_above: int | None = None) -> list[int]:
+def _cache_plan_encodes(monkeypatch, model, fail_above: int | None = None, captions: list | None = None) -> list[int]:
     """The batch sizes of the VAE calls the cache plan makes on `model`; with `fail_above`, a call of
-    more images raises an out-of-memory error (what the SDXL VAE's attention did at 4 images, 1024 px)."""
+    more images raises an out-of-memory error (what the SDXL VAE's attention did at 4 images, 1024 px);
+    `captions` gets the sizes of its text-encoder calls."""
     import engine.memory.cache_plan as cache_plan
 
     sizes, inside = [], []
-    apply, encode = cache_plan.apply, model.encode_images
+    apply, encode, encode_text = cache_plan.apply, model.encode_images, model.encode_text
 
     def spied_apply(*args, **kwargs):
         inside.append(True)
@@ -123,8 +124,15 @@ def _cache_plan_encodes(monkeypatch, model, fail_above: int | None = None) -> li
                 raise torch.cuda.OutOfMemoryError(f"injected: {pixels.shape[0]} images in one VAE call")
         return encode(pixels)
 
+    def spied_encode_text(texts):
+        if inside:
+            captions.append(len(texts))
+        return encode_text(texts)
+
     monkeypatch.setattr(cache_plan, "apply", spied_apply)
     monkeypatch.setattr(model, "encode_images", spied_encode)
+    if captions is not None:
+        monkeypatch.setattr(model, "encode_text", spied_encode_text)
     return sizes
 
 
@@ -180,3 +188,16 @@ def test_a_cache_plan_out_of_memory_even_at_one_image_ends_with_the_clear_messag
     assert model_fingerprint(model) == before
     error = [e for e in events if e.kind == "error"][-1]
     assert error.path and error.path.endswith("step-00000002")  # the last finished step is kept
+
+
+def test_the_cache_plan_encodes_the_captions_together_whatever_the_micro_batch(data, tmp_path, monkeypatch):
+    """Only the VAE's calls are cut to the micro-batch: the four captions go to the text encoders in one
+    call, as a run that caches them from its start does, not in four calls of one."""
+    model, captions = tiny_sd1(seed=3), []
+    images = _cache_plan_encodes(monkeypatch, model, captions=captions)
+    # batch 4 out of memory four times: checkpointing, 2 parts of 2, 4 parts of 1, then caching
+    result, _ = _run(data, tmp_path, EngineOptions(inject_oom_at=(2, 2, 2, 2)), model=model, batch_size=4)
+    assert result.steps == 5
+    assert images == [1, 1, 1, 1] and captions == [4]
+    detail = json.loads(result.metadata["inplace_lora_recovery"])[-1]["detail"]
+    assert "encoded at most 1 image per VAE call" in detail

@@ -115,7 +115,7 @@ def test_the_memory_advice_names_it_for_flux_with_checkpointing_on():
     assert "cpu_offload_checkpointing" not in tight.text
 
 
-def _cuda_trainer(said, **cfg):
+def _cuda_trainer(said, family="flux1", **cfg):
     """What the plan reads of a trainer on a CUDA device whose step the graph could run."""
     from types import SimpleNamespace
 
@@ -128,7 +128,7 @@ def _cuda_trainer(said, **cfg):
         precision="bf16", optimizer=optimizer, dist=SimpleNamespace(enabled=False), frozen_te=False, fast=None,
         data=None,
         network=SimpleNamespace(text_encoder_parameters=lambda: []),
-        model=SimpleNamespace(info=SimpleNamespace(spec=FAMILIES["flux1"])),
+        model=SimpleNamespace(info=SimpleNamespace(spec=FAMILIES[family])),
         events=SimpleNamespace(emit=lambda kind, **k: said.append(k["message"])))
 
 
@@ -146,3 +146,53 @@ def test_the_log_line_says_the_steps_lose_their_cuda_graph_where_they_had_one(gr
     assert not offloading()  # off again when the run ends
     expected = OFFLOADED + ("; steps run without the CUDA graph" if graph else "")
     assert said == [f"out of memory at step 2: {expected}; training step 2 again"]
+
+
+def _fast_after(trace, text):
+    """Whether the fast step ran again after the info line that starts with `text`."""
+    said = next(i for i, t in enumerate(trace) if isinstance(t, tuple) and t[0] == "info" and t[1].startswith(text))
+    return "fast" in trace[said:]
+
+
+def test_a_flux_run_whose_recovery_offloads_takes_no_fast_step_again_even_after_caching(flux_files, data, tmp_path,
+                                                                                       monkeypatch):
+    """The offload drops the step's graph; the cache plan that follows sets the graphed step up again
+    where it can, and must not here (the fast step without a graph stands in for the graph on the CPU)."""
+    trace, callback = _traced(monkeypatch)
+    options = EngineOptions(inject_oom_at=(2, 2), fast_step_without_graph=True)
+    result = train(_config(flux_files, data, tmp_path, batch_size=1, cache_latents="off",
+                           cache_text_encoder_outputs="off"), callbacks=[callback], options=options)
+    assert _changes(result) == [(2, "cpu_offload_checkpointing"), (2, "cache_on_cpu")]
+    assert "fast" in trace[:trace.index(("step", 1))]
+    assert not _fast_after(trace, f"out of memory at step 2: {OFFLOADED}")
+    assert result.steps == 3
+
+
+@pytest.mark.parametrize("offload_in_config", [False, True])
+def test_a_run_whose_recovery_only_turns_on_checkpointing_takes_the_fast_step_again(tmp_path, monkeypatch,
+                                                                                   offload_in_config):
+    """Checkpointing turned on by the recovery keeps the graph (captured again with checkpointing). An SD
+    model's forward ignores cpu_offload_checkpointing, so the option in its config changes nothing.
+    (The Flux adapter cannot turn checkpointing on mid-run; for it the decision is the next test's.)"""
+    data = pattern_dataset(tmp_path / "data")
+    trace, callback = _traced(monkeypatch)
+    result = train(quick_config(data, tmp_path / "out", max_train_steps=3, cpu_offload_checkpointing=offload_in_config),
+                   tiny_sd1(seed=3), callbacks=[callback],
+                   options=EngineOptions(inject_oom_at=(2,), fast_step_without_graph=True))
+    assert _changes(result) == [(2, "gradient_checkpointing")]
+    assert _fast_after(trace, "out of memory at step 2: gradient checkpointing turned on")
+
+
+@pytest.mark.parametrize("family, graphed", [("sdxl", True), ("flux1", False)])
+def test_cpu_offload_checkpointing_costs_the_graph_only_where_the_forward_offloads(family, graphed):
+    """kohya's option does nothing outside Flux.1 (its forward alone honours it): there the step stays
+    graphed. The decision reads the run's switch and whether checkpointing is on now, so it is the same
+    whether the config or the recovery turned either on."""
+    from engine.models.flux_offload import offload_checkpointing
+
+    trainer = _cuda_trainer([], family=family, cpu_offload_checkpointing=True)
+    assert fast_step.graph_refusal(trainer, checkpointing=False) is None
+    with offload_checkpointing(True):  # what the run enters for the config's option, or the recovery's
+        why = fast_step.graph_refusal(trainer, checkpointing=True)
+    assert (why is None) is graphed
+    assert graphed or why == "cpu_offload_checkpointing copies block inputs to host memory"
