@@ -16,7 +16,6 @@ lycoris.kohya) for LoHa, LoKr and DoRA.
     # KOHYA_EXTRA_PATH: more folders on kohya's PYTHONPATH (stand-ins for packages its venv lacks);
     # --tools kohya,lycoris --types lora, then loha, ...: one type per call, each row on its own
     # --every 10 --samples 4: a finer concept check (saves every 10 steps; four pictures per prompt)
-    # --reuse --workdir DIR: score the files an earlier call in DIR wrote again (e.g. with other --samples)
 
 The pass marks (bench/README.md has the last table): our validation loss at most 2% above the best
 other tool's, and the concept reached in as many steps or fewer. tests/engine/test_quality.py runs
@@ -52,30 +51,13 @@ def tools_for(network_type: str, wanted: list[str]) -> list[str]:
     return ["ours"] + [t for t in peers if t in wanted]
 
 
-def run_tool(tool: str, root: Path, recipe: Recipe, network_type: str, reuse: bool = False) -> dict[int, Path]:
-    """Train `tool` and return its files by step. With `reuse`, the files an earlier call with the same
-    workdir and training recipe wrote (its `files.json`) are scored again instead."""
+def run_tool(tool: str, root: Path, recipe: Recipe, network_type: str) -> dict[int, Path]:
     out = root / "runs" / f"{tool}_{network_type}"
-    manifest = out / "files.json"
-    trained = training_recipe(recipe)
-    if reuse and manifest.exists():
-        written = json.loads(manifest.read_text(encoding="utf-8"))
-        files = {int(s): Path(f) for s, f in written["files"].items()}
-        if written["recipe"] == trained and all(f.exists() for f in files.values()):
-            return files
     if tool == "ours":
-        files = ours(root, recipe, network_type, out)
-    elif tool == "diffusers":
-        files = diffusers_loop(root, recipe, out)
-    else:
-        files = kohya(root, recipe, network_type, out)
-    manifest.write_text(json.dumps({"recipe": trained, "files": {s: str(f) for s, f in files.items()}}), encoding="utf-8")
-    return files
-
-
-def training_recipe(recipe: Recipe) -> dict:
-    """What a run's files depend on (how many pictures the concept check samples is not part of it)."""
-    return {k: getattr(recipe, k) for k in Recipe.__dataclass_fields__ if k != "samples"}
+        return ours(root, recipe, network_type, out)
+    if tool == "diffusers":
+        return diffusers_loop(root, recipe, out)
+    return kohya(root, recipe, network_type, out)
 
 
 def evaluate(files: dict[int, Path], network_type: str, root: Path, base_stripes: list[float],
@@ -111,7 +93,7 @@ def compare(results: dict, network_type: str) -> dict:
     return {"best_other": best, "val_ratio": ratio, "val_ok": ratio <= MARGIN, "steps_ok": steps_ok}
 
 
-def run(types: list[str], tools: list[str], recipe: Recipe, root: Path, log=print, reuse: bool = False) -> dict:
+def run(types: list[str], tools: list[str], recipe: Recipe, root: Path, log=print) -> dict:
     from engine.models.demo_model import demo_model
 
     prepare(root, recipe)
@@ -126,7 +108,7 @@ def run(types: list[str], tools: list[str], recipe: Recipe, root: Path, log=prin
                 results[network_type][tool] = {"skipped": why}
                 log(f"{network_type:5} {tool:9} skipped: {why}")
                 continue
-            files = run_tool(tool, root, recipe, network_type, reuse)
+            files = run_tool(tool, root, recipe, network_type)
             results[network_type][tool] = evaluate(files, network_type, root, base, recipe.samples)
             r = results[network_type][tool]
             log(f"{network_type:5} {tool:9} val loss {r['val_loss']:.5f}, concept at step {r['reached_at']}")
@@ -160,8 +142,6 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=Recipe.every)
     ap.add_argument("--samples", type=int, default=Recipe.samples,
                     help="pictures per prompt for the concept check, their stripiness averaged (seeds 1, 2, ...)")
-    ap.add_argument("--reuse", action="store_true",
-                    help="score the files an earlier call with this --workdir and training recipe wrote")
     ap.add_argument("--lr", type=float, default=Recipe.lr)
     ap.add_argument("--seed", type=int, default=Recipe.seed)
     ap.add_argument("--precision", default="no", choices=("no", "bf16"),
@@ -172,8 +152,7 @@ def main(argv=None) -> int:
     recipe = Recipe(steps=a.steps, every=a.every, lr=a.lr, seed=a.seed, precision=a.precision, samples=a.samples)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.workdir) if a.workdir else Path(tmp)
-        results = run(a.types.split(","), a.tools.split(","), recipe, root, log=lambda s: print(s, file=sys.stderr),
-                      reuse=a.reuse)
+        results = run(a.types.split(","), a.tools.split(","), recipe, root, log=lambda s: print(s, file=sys.stderr))
     results["recipe"] = {k: getattr(recipe, k) for k in Recipe.__dataclass_fields__}
     Path(a.out).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     print(table(results))
