@@ -4,9 +4,10 @@ Speed must not cost quality, and "bit-identical to our plain step" does not show
 well as the reference trainers. Each trainer here gets the same recipe on the built-in demo model
 (bench/quality_runs.py says what is held equal) and every file it writes is scored the same way
 (bench/quality_eval.py): held-out validation loss at fixed timesteps and noise after the last step,
-and the step at which the demo's "stripes" concept is first reached (every `every` steps). One row per
-network type: ours against the diffusers loop and kohya for LoRA, against LyCORIS (run by kohya's
-train_network.py with network_module lycoris.kohya) for LoHa, LoKr and DoRA.
+and the step at which the demo's "stripes" concept is first reached (checked every `every` steps,
+each prompt's stripiness the mean over `samples` pictures). One row per network type: ours against the
+diffusers loop and kohya for LoRA, against LyCORIS (run by kohya's train_network.py with network_module
+lycoris.kohya) for LoHa, LoKr and DoRA.
 
     python -m bench.quality                                  # ours and the diffusers loop, on the CPU
     python -m bench.quality --precision bf16 ...             # on a GPU: the fast step against the peers
@@ -14,6 +15,7 @@ train_network.py with network_module lycoris.kohya) for LoHa, LoKr and DoRA.
         --types lora,loha,lokr,dora
     # KOHYA_EXTRA_PATH: more folders on kohya's PYTHONPATH (stand-ins for packages its venv lacks);
     # --tools kohya,lycoris --types lora, then loha, ...: one type per call, each row on its own
+    # --every 10 --samples 4: a finer concept check (saves every 10 steps; four pictures per prompt)
 
 The pass marks (bench/README.md has the last table): our validation loss at most 2% above the best
 other tool's, and the concept reached in as many steps or fewer. tests/engine/test_quality.py runs
@@ -58,7 +60,8 @@ def run_tool(tool: str, root: Path, recipe: Recipe, network_type: str) -> dict[i
     return kohya(root, recipe, network_type, out)
 
 
-def evaluate(files: dict[int, Path], network_type: str, root: Path, base_stripes: list[float]) -> dict:
+def evaluate(files: dict[int, Path], network_type: str, root: Path, base_stripes: list[float],
+             samples: int = 1) -> dict:
     """Validation loss of the last file; stripes of every file until the concept is reached."""
     from engine.models.demo_model import demo_model
 
@@ -68,7 +71,7 @@ def evaluate(files: dict[int, Path], network_type: str, root: Path, base_stripes
     row = {"val_loss": score(model, files[last], network_type, holdout, with_stripes=False)["val_loss"],
            "reached_at": None, "stripes": {}}
     for step in sorted(files):
-        scores = score(model, files[step], network_type, holdout)["stripes"]
+        scores = score(model, files[step], network_type, holdout, samples=samples)["stripes"]
         row["stripes"][step] = [round(s, 2) for s in scores]
         if reached(scores, base_stripes):
             row["reached_at"] = step
@@ -95,7 +98,7 @@ def run(types: list[str], tools: list[str], recipe: Recipe, root: Path, log=prin
 
     prepare(root, recipe)
     model = demo_model()
-    base = stripes(model)
+    base = stripes(model, recipe.samples)
     results = {"base_stripes": base, "base_val_loss": val_loss(model, Holdout(model, root / "val"))}
     for network_type in types:
         results[network_type] = {}
@@ -106,7 +109,7 @@ def run(types: list[str], tools: list[str], recipe: Recipe, root: Path, log=prin
                 log(f"{network_type:5} {tool:9} skipped: {why}")
                 continue
             files = run_tool(tool, root, recipe, network_type)
-            results[network_type][tool] = evaluate(files, network_type, root, base)
+            results[network_type][tool] = evaluate(files, network_type, root, base, recipe.samples)
             r = results[network_type][tool]
             log(f"{network_type:5} {tool:9} val loss {r['val_loss']:.5f}, concept at step {r['reached_at']}")
         results[network_type]["compare"] = compare(results, network_type)
@@ -137,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tools", default="diffusers,kohya,lycoris", help="peers to run beside ours")
     ap.add_argument("--steps", type=int, default=Recipe.steps)
     ap.add_argument("--every", type=int, default=Recipe.every)
+    ap.add_argument("--samples", type=int, default=Recipe.samples,
+                    help="pictures per prompt for the concept check, their stripiness averaged (seeds 1, 2, ...)")
     ap.add_argument("--lr", type=float, default=Recipe.lr)
     ap.add_argument("--seed", type=int, default=Recipe.seed)
     ap.add_argument("--precision", default="no", choices=("no", "bf16"),
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="", help="keep runs here (default: a temporary folder)")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
-    recipe = Recipe(steps=a.steps, every=a.every, lr=a.lr, seed=a.seed, precision=a.precision)
+    recipe = Recipe(steps=a.steps, every=a.every, lr=a.lr, seed=a.seed, precision=a.precision, samples=a.samples)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.workdir) if a.workdir else Path(tmp)
         results = run(a.types.split(","), a.tools.split(","), recipe, root, log=lambda s: print(s, file=sys.stderr))

@@ -43,6 +43,7 @@ class Recipe:
     seed: int = 0
     images: int = 12
     precision: str = "no"  # or bf16 (on a GPU: ours' CUDA-graphed step, kohya's and the loop's autocast)
+    samples: int = 1  # pictures per prompt for the concept check (scoring only; the same for every tool)
 
 
 def ours_config(root: Path, recipe: Recipe, network_type: str, out: Path):

@@ -57,3 +57,10 @@ def grad_scaler(device: torch.device, precision: str):
     if precision != "fp16" or device.type not in ("cuda", "cpu"):
         return None
     return torch.amp.GradScaler(device.type)
+
+
+def noise_seed(seed: int) -> int:
+    """The seed of a run's noise/timestep stream, derived from its seed so that it is not the stream the
+    LoRA's initial weights are drawn from (`torch.manual_seed(seed)`): two generators seeded alike give
+    the same numbers, so the first steps' noise would be correlated with the initial weights."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63

@@ -44,7 +44,7 @@ from .optim import build_optimizer, build_scheduler, param_groups
 from .options import EngineOptions
 from .run_inputs import load_inputs
 from .run_output import RunOutput, TrainResult
-from .runtime import compute_dtype, grad_scaler
+from .runtime import compute_dtype, grad_scaler, noise_seed
 from .step import TrainingStep
 from .train_loop import TrainingLoop
 from .watchdog import StallWatchdog
@@ -226,8 +226,10 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.scaler = grad_scaler(self.device, self.precision)
         self.ema = LoRAEma(network, cfg.ema_decay, cfg.ema_start_step) if cfg.ema_decay > 0 else None
-        # the same on every process: each draws the global batch's noise and keeps its slice
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # the same on every process: each draws the global batch's noise and keeps its slice. Its own stream,
+        # not the one the LoRA's initial weights came from: seeded alike, the first steps' noise would repeat
+        # the init's numbers (kohya draws both from one stream in turn, so nothing repeats there)
+        self.generator = torch.Generator(device=self.device).manual_seed(noise_seed(cfg.seed))
         # LoRA weights cast once per step and held to its end, unless checkpointing: then each layer casts
         # as it runs, so only the recomputed block's casts are alive in backward (SDXL: 81 MiB less).
         # A compiled step casts inside its graph (the compiler decides what to keep for backward).

@@ -10,6 +10,14 @@ torch version and CPU capability it was recorded with. Elsewhere float kernels m
 so losses and tensor sums are compared with a 1e-5 relative tolerance instead, and the failure message
 says which comparison was made. Re-record (only on a commit whose results are known good) by running
 the test with INPLACE_LORA_RECORD_PARITY=1: each recorded run then fails on purpose, saying so.
+
+Each test module keeps two records:
+- fixtures/recorded_runs.json, the engine as it is (re-recorded, as above, when a change of the draws
+  or the step is intended; first recorded when the noise generator got its own seed, `noise_seed`);
+- fixtures/redesign_parity.json, recorded by the engine before the family/objective/step redesign and
+  never re-recorded: the same runs with the noise generator seeded as that engine seeded it (with the
+  run's seed itself, `seed_as_noise_seed`) must still give it bit for bit, so everything but the noise
+  seed is still tied to the old engine.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 import torch
 
 RECORD = os.environ.get("INPLACE_LORA_RECORD_PARITY") == "1"
+CURRENT, PRE_REDESIGN = "recorded_runs.json", "redesign_parity.json"  # file names in each test's fixtures/
 METADATA_KEYS = ("ss_base_model_version", "ss_v2", "ss_network_args", "ss_network_dim", "ss_network_alpha",
                  "ss_max_token_length", "ss_min_snr_gamma", "ss_noise_offset", "ss_resolution",
                  "ss_sd_model_name", "modelspec.architecture", "modelspec.implementation",
@@ -37,6 +46,11 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def seed_as_noise_seed(seed: int) -> int:
+    """`engine.runtime.noise_seed` as the engine before the redesign had it: the run's seed itself."""
+    return seed
 
 
 def environment() -> dict:

@@ -1,4 +1,5 @@
-"""The standalone training runs whose results are recorded in fixtures/redesign_parity.json.
+"""The standalone training runs whose results are recorded in fixtures/recorded_runs.json (the engine as
+it is) and fixtures/redesign_parity.json (the engine before the redesign; see tests/parity_fixture.py).
 
 Each run trains a tiny SD1, SD2 (v-prediction) or SDXL model built in code for three steps with a fixed
 seed. Together they cover the plain step and the fast step (the CUDA-graph step's body, run without a
@@ -14,11 +15,11 @@ from pathlib import Path
 from engine.lora.kohya_io import read_lora
 from engine.models import tiny_sd1, tiny_sd2, tiny_sdxl
 from engine.train import train
-from tests.parity_fixture import one_thread, result_record
+from tests.parity_fixture import CURRENT, PRE_REDESIGN, one_thread, result_record
 
 from train_fixtures import FAST_ON_CPU, quick_config
 
-FIXTURE = Path(__file__).parent / "fixtures" / "redesign_parity.json"
+FIXTURE, PRE_REDESIGN_FIXTURE = (Path(__file__).parent / "fixtures" / name for name in (CURRENT, PRE_REDESIGN))
 
 BUILD = {"sd1": lambda: tiny_sd1(), "sd1-ztsnr-v": lambda: tiny_sd1(prediction_type="v_prediction",
                                                                      zero_terminal_snr=True),

@@ -1,14 +1,17 @@
-"""Same seed, same data: the same loss curve and the same saved LoRA, bit for bit, as the engine before
-the family/objective/step redesign recorded them (parity_runs.py says what each run covers,
-tests/parity_fixture.py how runs are compared and re-recorded)."""
+"""Same seed, same data: the same loss curve and the same saved LoRA, bit for bit, as recorded
+(parity_runs.py says what each run covers, tests/parity_fixture.py how runs are compared and
+re-recorded): as the engine last recorded them, and, with the noise generator seeded as it was then,
+as the engine before the family/objective/step redesign recorded them."""
 
 import pytest
 
-from parity_runs import FIXTURE, RUNS, run
-from tests.parity_fixture import RECORD, Recorder, differences
+import engine.train as train_module
+from parity_runs import FIXTURE, PRE_REDESIGN_FIXTURE, RUNS, run
+from tests.parity_fixture import RECORD, Recorder, differences, seed_as_noise_seed
 from train_fixtures import pattern_dataset
 
 recorder = Recorder(FIXTURE, list(RUNS))
+pre_redesign = Recorder(PRE_REDESIGN_FIXTURE, list(RUNS))  # compared with, never re-recorded
 
 
 @pytest.fixture(scope="module")
@@ -23,3 +26,10 @@ def test_run_matches_the_recorded_one(name, data, tmp_path):
         recorder.record(name, got)
         pytest.fail(f"recorded {name}; unset INPLACE_LORA_RECORD_PARITY to compare")
     assert not differences(got, recorder.load(), name), differences(got, recorder.load(), name)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_run_with_the_old_noise_seed_matches_the_pre_redesign_engine(name, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "noise_seed", seed_as_noise_seed)
+    got = run(name, data, tmp_path)
+    assert not differences(got, pre_redesign.load(), name), differences(got, pre_redesign.load(), name)

@@ -1,6 +1,8 @@
 """Run with the ComfyUI venv's python: train through the ComfyUI adapter in process (no server) on the
 random SD1.5 checkpoint, loaded by ComfyUI's own Load Checkpoint code, and print each run's record
-(tests/parity_fixture.py) as JSON. test_comfy_parity.py compares it with the recorded one.
+(tests/parity_fixture.py) as JSON, once as the engine runs it ("current") and once with the noise
+generator seeded as the engine before the redesign seeded it ("old_noise_seed"). test_comfy_parity.py
+compares them with the recorded ones.
 
     $COMFYUI_PYTHON tests/hosts/comfyui/parity_probe.py CHECKPOINT DATA_DIR OUT_DIR
 """
@@ -37,21 +39,25 @@ def main(checkpoint, data, out):
     pack = load_pack()
     from inplace_pack.engine.config import TrainConfig
     from inplace_pack.engine.lora.kohya_io import read_lora
-    from inplace_pack.engine.train import train
+    import inplace_pack.engine.train as train_module
     from inplace_pack.nodes.comfy_adapter import ComfyModel
 
     with torch.inference_mode():  # as ComfyUI runs nodes: the loaded weights are inference tensors
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
-    records = {}
-    for name, changes in RUNS.items():
-        cfg = TrainConfig(train_data_dir=data, output_dir=os.path.join(out, name), output_name="t",
-                          resolution="64", batch_size=2, max_train_steps=2, lora_rank=4, learning_rate=1e-3, seed=7,
-                          save_every_n_epochs=0, save_precision="fp32", lr_scheduler="cosine", warmup_steps=1,
-                          **changes)
-        with parity.one_thread(), torch.inference_mode(False), torch.enable_grad():
-            result = train(cfg, ComfyModel(model, clip, vae, name="sd15_random.safetensors"))
-        tensors, metadata = read_lora(result.lora_path)
-        records[name] = parity.result_record(result.losses, tensors, metadata)
+    records = {"current": {}, "old_noise_seed": {}}
+    noise_seed = train_module.noise_seed
+    for kind, seeding in (("current", noise_seed), ("old_noise_seed", parity.seed_as_noise_seed)):
+        train_module.noise_seed = seeding
+        for name, changes in RUNS.items():
+            cfg = TrainConfig(train_data_dir=data, output_dir=os.path.join(out, kind, name), output_name="t",
+                              resolution="64", batch_size=2, max_train_steps=2, lora_rank=4, learning_rate=1e-3,
+                              seed=7, save_every_n_epochs=0, save_precision="fp32", lr_scheduler="cosine",
+                              warmup_steps=1, **changes)
+            with parity.one_thread(), torch.inference_mode(False), torch.enable_grad():
+                result = train_module.train(cfg, ComfyModel(model, clip, vae, name="sd15_random.safetensors"))
+            tensors, metadata = read_lora(result.lora_path)
+            records[kind][name] = parity.result_record(result.losses, tensors, metadata)
+    train_module.noise_seed = noise_seed
     print(json.dumps(records))
 
 
