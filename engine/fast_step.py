@@ -38,6 +38,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 MAX_GRAPHS = 16
+CPU_LR_DTYPE = torch.float64  # the learning-rate tensor's dtype on the CPU (`FastStep._tensor_lr` says why)
 
 
 def unsupported_reason(cfg, device: torch.device, precision: str, optimizer, train_te: bool) -> str | None:
@@ -158,7 +159,7 @@ class FastStep:
         scalars), which left the CPU tests' five-step fast runs' LoRA weights up to 3e-8 away from the
         plain step's. In float64 the two do the same arithmetic and train bit for bit alike. CUDA keeps
         the float32 tensor the graph has always captured its fused AdamW with."""
-        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        dtype = CPU_LR_DTYPE if device.type == "cpu" else torch.float32
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), dtype=dtype, device=device)
             if self.capture:
