@@ -61,22 +61,21 @@ def unsupported_reason(cfg, device: torch.device, precision: str, optimizer, tra
     return None
 
 
-def graph_refusal(trainer, checkpointing: bool, *, capture: bool = True) -> str | None:
+def graph_refusal(trainer, checkpointing: bool, *, offloading: bool, capture: bool = True) -> str | None:
     """Why an image run's step cannot take the fast step now, or None: the one decision, made when the
     run starts and again each time the out-of-memory recovery changes the step (engine/memory/
     recovery.py). `checkpointing`: gradient checkpointing is on now, from the config or turned on by
     the recovery. Checkpointed blocks that copy their inputs to host memory cannot be graphed; they do
-    when checkpointing is on, `cpu_offload_checkpointing` is switched on (by the config or the recovery:
-    `flux_offload.offloading()`) and the family's forward honours it (Flux.1; elsewhere the option does
-    nothing and costs no graph). `capture=False` asks for the static-buffer step without graphs
+    when checkpointing is on, `offloading` (the run's `cpu_offload_checkpointing` switch, from the config
+    or the recovery: the caller reads `flux_offload.offloading()`, a layer above this one) and the
+    family's forward honours it (Flux.1; elsewhere the option does nothing and costs no graph).
+    `capture=False` asks for the static-buffer step without graphs
     (`EngineOptions.fast_step_without_graph`, the CPU tests'): the config's limits, which are the
     graph's, are not asked; offloading and several GPUs still refuse it, as they refuse the graph."""
-    from .models.flux_offload import offloading
-
     cfg = trainer.cfg
     train_te = bool(trainer.network.text_encoder_parameters()) and not trainer.frozen_te
     why = unsupported_reason(cfg, trainer.device, trainer.precision, trainer.optimizer, train_te) if capture else None
-    if why is None and checkpointing and offloading() and trainer.model.info.spec.offload_checkpointing:
+    if why is None and checkpointing and offloading and trainer.model.info.spec.offload_checkpointing:
         why = "cpu_offload_checkpointing copies block inputs to host memory"
     if why is None and trainer.dist.enabled:
         why = "several GPUs (the gradient all-reduce runs in the plain step)"

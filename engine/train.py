@@ -38,7 +38,7 @@ from .nan_guard import NanGuard
 from .models.fp8_compute import fp8_compute
 from .models.flux_compile import compiled_blocks
 from .models.flux_lean import lean_flux
-from .models.flux_offload import offload_checkpointing
+from .models.flux_offload import offload_checkpointing, offloading
 from .models.geglu import lean_geglu
 from .optim import build_optimizer, build_scheduler, param_groups
 from .options import EngineOptions
@@ -253,7 +253,7 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
         `checkpointing`: gradient checkpointing is on now (the config's, or the recovery's)."""
         cfg, options = self.cfg, self.options
         self.fast = None
-        why = graph_refusal(self, checkpointing, capture=not options.fast_step_without_graph)
+        why = graph_refusal(self, checkpointing, offloading=offloading(), capture=not options.fast_step_without_graph)
         if why is None:
             self.fast = FastStep(self.step, optimizer=self.optimizer, scheduler=self.scheduler, params=self.params,
                                  max_grad_norm=cfg.max_grad_norm, capture=not options.fast_step_without_graph)

@@ -153,7 +153,8 @@ class OutOfMemoryRecovery:
             self._drop_graph()
             self._graph_again()  # captured again, now with checkpointing (unless that makes blocks offload)
         elif change == OFFLOAD:
-            graphed = graph_refusal(t, self.checkpointing) is None  # what the change costs besides copies
+            # what the change costs besides copies: the graph, where the step has one now
+            graphed = graph_refusal(t, self.checkpointing, offloading=offloading()) is None
             self._stack.enter_context(offload_checkpointing(True))  # the forward reads it at each call
             self._drop_graph()  # and graph_refusal refuses it from now on
             what = ("checkpointed block inputs kept in CPU memory" +

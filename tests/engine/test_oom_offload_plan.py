@@ -188,11 +188,11 @@ def test_cpu_offload_checkpointing_costs_the_graph_only_where_the_forward_offloa
     """kohya's option does nothing outside Flux.1 (its forward alone honours it): there the step stays
     graphed. The decision reads the run's switch and whether checkpointing is on now, so it is the same
     whether the config or the recovery turned either on."""
-    from engine.models.flux_offload import offload_checkpointing
+    from engine.models.flux_offload import offload_checkpointing, offloading
 
     trainer = _cuda_trainer([], family=family, cpu_offload_checkpointing=True)
-    assert fast_step.graph_refusal(trainer, checkpointing=False) is None
+    assert fast_step.graph_refusal(trainer, checkpointing=False, offloading=offloading()) is None
     with offload_checkpointing(True):  # what the run enters for the config's option, or the recovery's
-        why = fast_step.graph_refusal(trainer, checkpointing=True)
+        why = fast_step.graph_refusal(trainer, checkpointing=True, offloading=offloading())
     assert (why is None) is graphed
     assert graphed or why == "cpu_offload_checkpointing copies block inputs to host memory"
