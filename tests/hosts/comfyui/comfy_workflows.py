@@ -110,10 +110,11 @@ def ui_text(entry, node):
     return "\n".join(entry["outputs"][node]["text"])
 
 
-def run_probe(comfy_python, script):
-    """Run a probe script of this folder with the ComfyUI venv's python; its last stdout line as JSON."""
-    out = subprocess.run([comfy_python, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)],
-                         capture_output=True, text=True, timeout=600)
+def run_probe(comfy_python, script, *args, timeout=600):
+    """Run a probe script of this folder with the ComfyUI venv's python and these arguments; its last
+    stdout line as JSON."""
+    out = subprocess.run([comfy_python, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
+                          *map(str, args)], capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

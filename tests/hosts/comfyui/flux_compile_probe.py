@@ -17,10 +17,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from flux_probe import flux_tiny  # noqa: E402
-from flux_train_probe import make_clip, model_hash, write_data  # noqa: E402
-from keys_probe import load_pack  # noqa: E402
-from make_checkpoint import comfy_root  # noqa: E402
+from flux_train_probe import comfy_flux_inputs, model_hash  # noqa: E402
 
 
 def train_twice(weight_dtype, folder, path, clip, vae, data):
@@ -73,25 +70,8 @@ def train_twice(weight_dtype, folder, path, clip, vae, data):
 
 
 def main(folder):
-    sys.path.insert(0, comfy_root())
-    from comfy.cli_args import args as comfy_args
-
-    comfy_args.cpu = True
-    import torch
-
-    import comfy.sd
-    import comfy.utils
-
-    load_pack()
-    ft = flux_tiny()
-    os.makedirs(folder, exist_ok=True)
-    path = ft.write_flux(os.path.join(folder, "flux_tiny.safetensors"), ft.COMFY_TINY_T5_64)
-    vae_path = ft.write_flux_vae(os.path.join(folder, "ae.safetensors"))
-    data = write_data(folder)
-    clip = make_clip(folder)
-    with torch.inference_mode():
-        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
-    print(json.dumps({w: train_twice(w, folder, path, clip, vae, data)
+    paths, clip, vae, data = comfy_flux_inputs(folder)
+    print(json.dumps({w: train_twice(w, folder, paths["model"], clip, vae, data)
                       for w in sys.argv[2:] or ("default", "fp8_e4m3fn")}))
 
 

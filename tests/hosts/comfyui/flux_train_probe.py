@@ -181,12 +181,14 @@ def write_data(folder) -> str:
     return data
 
 
-def main(folder):
+def comfy_flux_inputs(folder):
+    """ComfyUI on the CPU with the pack loaded, the tiny Flux and its VAE written into `folder`, the
+    training images, ComfyUI's Flux CLIP and the loaded VAE: what each Flux probe trains from."""
     sys.path.insert(0, comfy_root())
     from comfy.cli_args import args as comfy_args
 
     comfy_args.cpu = True
-    import torch  # noqa: F401
+    import torch
 
     import comfy.model_management  # noqa: F401
     import comfy.sd
@@ -201,6 +203,11 @@ def main(folder):
     clip = make_clip(folder)
     with torch.inference_mode():
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(paths["vae"]))
+    return paths, clip, vae, data
+
+
+def main(folder):
+    paths, clip, vae, data = comfy_flux_inputs(folder)
     result = {w: run(w, folder, paths, clip, vae, data) for w in sys.argv[2:] or ("default", "fp8_e4m3fn")}
     print(json.dumps(result))
 

@@ -3,21 +3,14 @@ adapter the LoRA Trainer node picks: the blocks are compiled one kind at a time 
 modules (aot_eager on the CPU), the run trains as the uncompiled one, and the host model hashes the
 same afterwards, fp8 weights still fp8. Runs flux_compile_probe.py in the ComfyUI venv (~7 min on 2
 CPU cores: the tiny Flux is full width, and each weight dtype trains twice)."""
-import json
-import os
-import subprocess
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from comfy_workflows import run_probe
 
 
 @pytest.fixture(scope="module")
 def runs(comfy_python, tmp_path_factory):
-    out = subprocess.run([comfy_python, os.path.join(HERE, "flux_compile_probe.py"), str(tmp_path_factory.mktemp("fc"))],
-                         capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(comfy_python, "flux_compile_probe.py", tmp_path_factory.mktemp("fc"), timeout=1800)
 
 
 @pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])

@@ -5,21 +5,14 @@ adapter the LoRA Trainer node picks, and ComfyUI's LoRA loaders take the file wi
 loaded"; strength 0 gives the base output, the host model (and the CLIP) hash the same afterwards, and
 fp8 weights stay fp8 tensors, bit-identical. Runs flux_train_probe.py in the ComfyUI venv (~5-10 min
 on 2 CPU cores: the tiny Flux is full width, 0.5 B parameters)."""
-import json
-import os
-import subprocess
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from comfy_workflows import run_probe
 
 
 @pytest.fixture(scope="module")
 def runs(comfy_python, tmp_path_factory):
-    out = subprocess.run([comfy_python, os.path.join(HERE, "flux_train_probe.py"), str(tmp_path_factory.mktemp("flux"))],
-                         capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(comfy_python, "flux_train_probe.py", tmp_path_factory.mktemp("flux"), timeout=1800)
 
 
 @pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])
