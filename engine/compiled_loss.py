@@ -24,7 +24,9 @@ pile up there until torch's recompile limit, after which every later run trains 
 a Dynamo warning in the console, and each old graph's guards pin what they reference for the life of
 the process. So `CompiledLoss` compiles a copy of the function with a code object of its own
 (`own_code`), and `release` drops that copy's graphs when the run ends; `torch._dynamo.reset()` would
-drop the host's own compiled models too (ComfyUI's TorchCompileModel node, the WebUI's users).
+drop the host's own compiled models too (ComfyUI's TorchCompileModel node, the WebUI's users). A graph
+break would compile the frames below it on their own code objects, which no run owns; the tiny SD1.5
+and Flux traces have none (tests/engine/test_torch_compile.py, test_flux_compile.py check).
 """
 
 from __future__ import annotations

@@ -98,8 +98,11 @@ def test_each_run_in_one_process_compiles_its_own_step(data, tmp_path, monkeypat
     for rank in (4, 8):
         counter = GraphCounter()
         options = dataclasses.replace(COMPILES_ON_CPU, compile_backend=counter)
+        torch._dynamo.utils.counters.clear()
         result, said = _run(data, tmp_path / f"rank{rank}", options, torch_compile=True, lora_rank=rank)
         assert result.steps == 5 and said == []
+        # after a graph break Dynamo would compile the frames below as their own, on code objects all runs share
+        assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
         assert counter.compiled >= 1, f"the rank-{rank} run trained uncompiled"
         assert counter.alive() == 0, "the run's compiled graphs outlive it"
     assert torch._C._dynamo.eval_frame._debug_get_cache_entry_list(TrainingStep.plain_loss.__code__) == []
