@@ -15,12 +15,25 @@ the reason logged; the host's modules are traced, never changed.
 CUDA only (`EngineOptions.compile_devices`; the tests compile on the CPU with the aot_eager backend): torch 2.13's CPU inductor returns wrong LoRA gradients through diffusers' ResnetBlock2D +
 Upsample2D (`python -m bench.compile_check tiny` on a CPU: gradient cosines near 0), while the loss
 itself looks right, so a CPU run would silently train badly. `bench.compile_check` checks a GPU.
+
+Each run compiles its own graphs and drops them at its end. Dynamo keeps what it compiled on the code
+object of the compiled function, and that is one object for every run of a process (a module-level
+function, a method, a closure made per run: all share their code). In a host that trains many runs in
+one process (ComfyUI, the WebUI), earlier runs' graphs (other bucket shapes, ranks, fp8, models) would
+pile up there until torch's recompile limit, after which every later run trains uncompiled with only
+a Dynamo warning in the console, and each old graph's guards pin what they reference for the life of
+the process. So `CompiledLoss` compiles a copy of the function with a code object of its own
+(`own_code`), and `release` drops that copy's graphs when the run ends; `torch._dynamo.reset()` would
+drop the host's own compiled models too (ComfyUI's TorchCompileModel node, the WebUI's users). A graph
+break would compile the frames below it on their own code objects, which no run owns; the tiny SD1.5
+and Flux traces have none (tests/engine/test_torch_compile.py, test_flux_compile.py check).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from typing import Callable
 
 import torch
@@ -40,8 +53,7 @@ def loss_for_run(loss: Callable[..., torch.Tensor], device: torch.device, say: C
     """The loss a `torch_compile: true` run trains with: compiled on CUDA, the plain one elsewhere."""
     if not compiles_on(device, say, devices):
         return loss
-    return CompiledLoss(loss, lambda why: say(f"torch_compile: could not compile the step ({why}); "
-                                              f"training without it"), backend=backend)
+    return CompiledLoss(loss, say, "the step", backend=backend)
 
 
 def compiles_on(device: torch.device, say: Callable[[str], None], devices: tuple[str, ...] | None = None) -> bool:
@@ -54,30 +66,73 @@ def compiles_on(device: torch.device, say: Callable[[str], None], devices: tuple
 
 
 class CompiledLoss:
-    """Call the compiled function (a loss, a layer, a block); on a compile failure, say why once and call
-    the plain one from then on. `graphs_per_shape`: how many graphs one input shape may need (a block
-    called with and without inputs that need gradients compiles twice)."""
+    """Call the compiled function (a loss, a layer, a block) for one run; `what` names it to the user.
 
-    def __init__(self, loss: Callable[..., torch.Tensor], on_fallback: Callable[[str], None] | None = None,
-                 backend: str | None = None, graphs_per_shape: int = 1):
+    A compile failure is said once and the plain function runs from then on. Each input shape (bucket
+    and batch size) gets its graphs at its first call, for at most `MAX_GRAPHS` shapes, as the CUDA-graph
+    step captures at most that many: later shapes run the plain function, and the user hears it once.
+    `graphs_per_shape`: how many graphs one input shape may need (a block called with and without inputs
+    that need gradients compiles twice). `release` drops the run's graphs (the module docstring says why)."""
+
+    def __init__(self, loss: Callable[..., torch.Tensor], say: Callable[[str], None] | None = None,
+                 what: str = "the step", *, backend: str | None = None, graphs_per_shape: int = 1):
         self.plain = loss
-        self.compiled = torch.compile(loss, dynamic=False, backend=backend or BACKEND)
-        self.on_fallback = on_fallback
+        self.own = own_code(loss)
+        self.compiled = torch.compile(self.own, dynamic=False, backend=backend or BACKEND)
+        self.say = say or (lambda message: None)
+        self.what = what
         self.graphs_per_shape = graphs_per_shape
+        self.shapes: set[tuple] = set()
+        self.told_limit = False
         self.failed: str | None = None
 
     def __call__(self, *args) -> torch.Tensor:
-        if self.failed is None:
+        if self.failed is None and self._compiles(args):
             try:
                 with _compile_settings(MAX_GRAPHS * self.graphs_per_shape):
                     return self.compiled(*args)
             except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or code generation, not the run
                 self.failed = _reason(exc)
-                logger.warning("torch.compile could not compile %s (%s); training without it",
-                               getattr(self.plain, "__name__", "the training step"), self.failed)
-                if self.on_fallback is not None:
-                    self.on_fallback(self.failed)
+                logger.warning("torch.compile could not compile %s (%s); training without it", self.what, self.failed)
+                self.say(f"torch_compile: could not compile {self.what} ({self.failed}); training without it")
         return self.plain(*args)
+
+    def _compiles(self, args) -> bool:
+        """Whether this call's input shape is one of the run's first `MAX_GRAPHS`."""
+        key = tuple(tuple(x.shape) for x in torch.utils._pytree.tree_leaves(args) if isinstance(x, torch.Tensor))
+        if key in self.shapes or len(self.shapes) < MAX_GRAPHS:
+            self.shapes.add(key)
+            return True
+        if not self.told_limit:
+            self.told_limit = True
+            self.say(f"torch_compile: more than {MAX_GRAPHS} input shapes (bucket and batch sizes) in this run, "
+                     f"the most one run compiles; shapes beyond the first {MAX_GRAPHS} run {self.what} uncompiled")
+        return False
+
+    def release(self) -> None:
+        """Drop the graphs compiled so far (the run's end): they live on `own`'s code object, no other."""
+        reset = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
+        code = getattr(getattr(self.own, "__func__", self.own), "__code__", None)
+        if reset is not None and self.own is not self.plain and code is not None:
+            reset(code)
+
+
+def own_code(fn: Callable) -> Callable:
+    """`fn` (a function, or a method bound to its object) as a function with a code object of its own, so
+    that what Dynamo compiles for it is kept on that code object, not on the one every run shares; any
+    other callable as it is. The copy reads the same globals and closure cells; it is not marked as
+    wrapping `fn` (`__wrapped__`), so nothing unwraps it back to the shared code."""
+    if isinstance(fn, types.MethodType):
+        func = own_code(fn.__func__)
+        return fn if func is fn.__func__ else types.MethodType(func, fn.__self__)
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__, copy.__module__, copy.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    copy.__annotations__ = fn.__annotations__
+    copy.__dict__.update(fn.__dict__)  # a decorated function's own `__wrapped__` among them
+    return copy
 
 
 def _compile_settings(graphs: int = MAX_GRAPHS):

@@ -42,6 +42,12 @@ class TrainingStep:
 
         self._loss = loss_for_run(self.plain_loss, self.device, say, backend=backend, devices=devices)
 
+    def close(self) -> None:
+        """The run's end: the compiled loss's graphs go with it (compiled_loss.py says why)."""
+        release = getattr(self._loss, "release", None)
+        if release is not None:
+            release()
+
     # --- the three parts ----------------------------------------------------------------------------
     def draw(self, batch) -> dict[str, torch.Tensor]:
         """The step's random draws (the same ones, in the same order, on every path); with several

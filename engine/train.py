@@ -285,6 +285,8 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
             self.recovery.close()  # checkpointing the recovery turned on
         if getattr(self, "fast", None) is not None:
             self.fast.close()
+        if getattr(self, "step", None) is not None:
+            self.step.close()
         for name in ("fast", "step", "optimizer", "scheduler", "scaler", "params"):
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":

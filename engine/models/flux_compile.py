@@ -39,24 +39,22 @@ def compiled_blocks(on: bool, device: torch.device, say: Callable[[str], None], 
                     devices: tuple[str, ...]):
     """For the duration of a run: whether Flux's forward calls its blocks compiled (`on`, and `device` one
     of `devices`); says which."""
-    from ..compiled_loss import CompiledLoss, compiles_on
+    from ..compiled_loss import MAX_GRAPHS, CompiledLoss, compiles_on
     from . import flux_forward
 
     blocks = None
     if on and compiles_on(device, say, devices):
-        say("torch_compile: Flux.1's double and single blocks are compiled, each kind once per bucket shape at "
-            "its first step (not the whole step)")
-        blocks = tuple(CompiledLoss(fn, _fallback(say, kind), backend=backend, graphs_per_shape=GRAPHS_PER_SHAPE)
+        say(f"torch_compile: Flux.1's double and single blocks are compiled, each kind once per bucket shape at "
+            f"its first step, for up to {MAX_GRAPHS} shapes (not the whole step)")
+        blocks = tuple(CompiledLoss(fn, say, f"Flux's {kind} blocks", backend=backend, graphs_per_shape=GRAPHS_PER_SHAPE)
                        for fn, kind in ((flux_forward.double_block, "double"), (flux_forward.single_block, "single")))
     _active.append(blocks)
     try:
         yield
     finally:
         _active.pop()
-
-
-def _fallback(say, kind: str):
-    return lambda why: say(f"torch_compile: could not compile Flux's {kind} blocks ({why}); training them without it")
+        for block in blocks or ():
+            block.release()  # the run's graphs go with it (compiled_loss.py says why)
 
 
 def compiled_pair() -> tuple | None:

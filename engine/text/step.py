@@ -55,8 +55,13 @@ class TextForward:
         elif device.type not in compiled_loss.DEVICES:
             say(f"torch_compile: runs on CUDA only (not checked on {device.type}); training without it")
         else:
-            self.lean.run_layer = compiled_loss.CompiledLoss(self.lean._layer, lambda why: say(
-                f"torch_compile: could not compile a decoder layer ({why}); training without it"))
+            self.lean.run_layer = compiled_loss.CompiledLoss(self.lean._layer, say, "a decoder layer")
+
+    def close(self) -> None:
+        """The run's end: the compiled decoder layer's graphs go with it (compiled_loss.py says why)."""
+        release = getattr(self.lean.run_layer, "release", None) if self.lean is not None else None
+        if release is not None:
+            release()
 
     @property
     def path(self) -> str:

@@ -345,6 +345,8 @@ class TextTrainer:
             self.events.emit("error", step=self.position.step, message=str(exc), path=str(folder) if folder else None)
 
     def _release(self) -> None:
+        if getattr(self, "forward", None) is not None:
+            self.forward.close()
         if self.fast is not None:
             self.fast.close()
             self.fast = None

@@ -8,6 +8,7 @@ checkpointing and with fp8 weights: the same losses and LoRA weights (1e-5 relat
 transformer bit-identical, and one graph serving every block of a kind.
 """
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -21,6 +22,7 @@ from engine.models.fp8 import store_in_fp8
 from engine.options import EngineOptions
 from engine.train import train
 
+from compile_probe import GraphCounter
 from test_flux_cli import DIMS, _config, data, flux_files  # noqa: F401  (fixtures)
 
 RTOL = 1e-5
@@ -80,6 +82,27 @@ def test_compiled_blocks_train_as_the_plain_blocks(flux_files, data, tmp_path, c
     for key, value in plain.tensors.items():
         torch.testing.assert_close(compiled.tensors[key].float(), value.float(), rtol=RTOL, atol=1e-7, msg=key)
     assert any(v.abs().sum() > 0 for k, v in compiled.tensors.items() if k.endswith("lora_up.weight"))
+
+
+def test_each_run_in_one_process_compiles_its_own_blocks(flux_files, data, tmp_path, monkeypatch):
+    """The blocks are module-level functions, one code object for every run of a host's process, where
+    Dynamo keeps its graphs. With the limit at one shape's graphs (as if a run had filled all MAX_GRAPHS),
+    a second run with another rank, then a third in fp8, still compile all three graphs; each run's graphs
+    are freed when it ends."""
+    from engine.models import flux_forward
+
+    monkeypatch.setattr(compiled_loss, "MAX_GRAPHS", 1)
+    for rank, fp8 in ((4, False), (8, False), (8, True)):
+        counter = GraphCounter()
+        options = dataclasses.replace(COMPILES_ON_CPU, compile_backend=counter)
+        result, said, _ = _run(flux_files, data, tmp_path / f"rank{rank}-{fp8}", fp8=fp8, options=options,
+                               torch_compile=True, lora_rank=rank)
+        assert result.fast_steps == 3 and len(said) == 1, said
+        # the first double block's graph, the other double blocks', the single blocks'
+        assert counter.compiled == 3, f"rank {rank}, fp8 {fp8}: {counter.compiled} of the 3 block graphs compiled"
+        assert counter.alive() == 0, "the run's compiled graphs outlive it"
+    for fn in (flux_forward.double_block, flux_forward.single_block):
+        assert torch._C._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__) == []
 
 
 def test_blocks_that_cannot_compile_train_without_it(flux_files, data, tmp_path, monkeypatch):

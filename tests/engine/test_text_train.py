@@ -18,6 +18,7 @@ from engine.text.config import TextConfig
 from engine.text.tokenize import CHATML
 from engine.text.train import TextTrainer, train_text
 
+from compile_probe import GraphCounter
 from text_fixtures import one_thread, save_tiny_model, toy_lines, write_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,7 +192,8 @@ def test_torch_compile_trains_like_the_plain_step(tmp_path, llama, corpus, monke
                        callbacks=[FunctionCallback(lambda e: notes.append(e.message) if e.kind == "info" else None)])
     assert any("runs on CUDA only" in n for n in notes)
     monkeypatch.setattr(compiled_loss, "DEVICES", ("cpu",))
-    monkeypatch.setattr(compiled_loss, "BACKEND", "aot_eager")
+    counter = GraphCounter()  # aot_eager, counted
+    monkeypatch.setattr(compiled_loss, "BACKEND", counter)
     made, original = [], compiled_loss.CompiledLoss
 
     class Recorded(original):
@@ -204,6 +206,7 @@ def test_torch_compile_trains_like_the_plain_step(tmp_path, llama, corpus, monke
     torch._dynamo.utils.counters.clear()
     compiled = train_text(_cfg(llama, corpus, tmp_path / "compiled", torch_compile=True, **changes))
     assert made and made[0].failed is None and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert counter.compiled >= 1 and counter.alive() == 0, "the run's compiled layers outlive it"
     assert compiled.losses == plain.losses
 
 

@@ -18,8 +18,10 @@ import engine.compiled_loss as compiled_loss
 from engine.events import FunctionCallback
 from engine.models import tiny_sd1
 from engine.options import EngineOptions
+from engine.step import TrainingStep
 from engine.train import train
 
+from compile_probe import GraphCounter
 from train_fixtures import pattern_dataset, quick_config
 
 OPTS = dict(max_train_steps=5, batch_size=2, lr_scheduler="cosine", warmup_steps=2, max_grad_norm=0.05)
@@ -38,7 +40,7 @@ COMPILES_ON_CPU = EngineOptions(fast_step_without_graph=True, compile_backend="a
 
 def _run(data, out, options=None, **opts):
     events = []
-    result = train(quick_config(data, out, **OPTS, **opts), tiny_sd1(), callbacks=[FunctionCallback(events.append)],
+    result = train(quick_config(data, out, **{**OPTS, **opts}), tiny_sd1(), callbacks=[FunctionCallback(events.append)],
                    options=options)
     said = [e.message for e in events if e.kind == "info" and e.message and "torch_compile" in e.message]
     return result, said
@@ -80,6 +82,59 @@ def test_on_the_cpu_it_says_cuda_only_and_trains_plain(data, tmp_path):
     cpu, said = _run(data, tmp_path / "cpu", torch_compile=True)
     assert len(said) == 1 and "CUDA only" in said[0]
     assert plain.losses == cpu.losses
+
+
+def test_each_run_in_one_process_compiles_its_own_step(data, tmp_path, monkeypatch):
+    """A host (ComfyUI, the WebUI) trains many runs in one process. Dynamo keeps compiled graphs on the
+    code object of the function it compiles, one object for every run; were runs to share it, graphs of
+    earlier runs would count against the limit of the later ones, which would then train uncompiled with a
+    warning in the console only. With the limit at one graph per shape (as if a run had filled all
+    MAX_GRAPHS), a second run with another rank (so another graph) still compiles its step; each run's
+    graphs are freed when it ends; the host's own compiled function keeps its graph."""
+    monkeypatch.setattr(compiled_loss, "MAX_GRAPHS", 1)
+    host = GraphCounter()
+    host_fn = torch.compile(lambda x: x.sin() * 2, backend=host)
+    host_fn(torch.ones(3))
+    for rank in (4, 8):
+        counter = GraphCounter()
+        options = dataclasses.replace(COMPILES_ON_CPU, compile_backend=counter)
+        torch._dynamo.utils.counters.clear()
+        result, said = _run(data, tmp_path / f"rank{rank}", options, torch_compile=True, lora_rank=rank)
+        assert result.steps == 5 and said == []
+        # after a graph break Dynamo would compile the frames below as their own, on code objects all runs share
+        assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+        assert counter.compiled >= 1, f"the rank-{rank} run trained uncompiled"
+        assert counter.alive() == 0, "the run's compiled graphs outlive it"
+    assert torch._C._dynamo.eval_frame._debug_get_cache_entry_list(TrainingStep.plain_loss.__code__) == []
+    host_fn(torch.ones(3))
+    assert host.compiled == 1 and host.alive() == 1, "the host's compiled function lost its graph"
+
+
+def test_shapes_beyond_the_limit_train_uncompiled_and_the_user_hears_it():
+    """A run with more input shapes (bucket and batch sizes) than MAX_GRAPHS compiles the first MAX_GRAPHS
+    and says, once, that the others train uncompiled; their results are the plain function's."""
+    said, counter = [], GraphCounter()
+    loss = compiled_loss.CompiledLoss(lambda x: (x * 2).square().mean(), said.append, "the step", backend=counter)
+    shapes = compiled_loss.MAX_GRAPHS + 3
+    for side in range(1, shapes + 1):
+        assert float(loss(torch.ones(side, side + 1))) == 4.0
+    assert float(loss(torch.ones(1, 2))) == 4.0  # a compiled shape again
+    assert counter.compiled == compiled_loss.MAX_GRAPHS
+    assert len(said) == 1 and f"more than {compiled_loss.MAX_GRAPHS} input shapes" in said[0], said
+    assert f"beyond the first {compiled_loss.MAX_GRAPHS} run the step uncompiled" in said[0]
+    loss.release()
+    assert counter.alive() == 0
+
+
+def test_a_run_with_more_shapes_than_the_limit_says_so(data, tmp_path, monkeypatch):
+    """Four images in batches of three: two input shapes (3 and 1 images). With the limit at one shape, the
+    first is compiled and the user reads that the other trains uncompiled."""
+    monkeypatch.setattr(compiled_loss, "MAX_GRAPHS", 1)
+    counter = GraphCounter()
+    result, said = _run(data, tmp_path / "shapes", dataclasses.replace(COMPILES_ON_CPU, compile_backend=counter),
+                        torch_compile=True, batch_size=3)
+    assert result.steps == 5 and counter.compiled == 1
+    assert len(said) == 1 and "more than 1 input shapes" in said[0] and "run the step uncompiled" in said[0], said
 
 
 def test_every_bucket_shape_is_compiled_past_torchs_default_limit(monkeypatch):

@@ -7,7 +7,9 @@ trains 2 steps at 64 px with gradient checkpointing twice: the CUDA-graph step's
 with `torch_compile: true`, its blocks compiled by Dynamo with the aot_eager backend (the CPU cannot be
 trusted with inductor's kernels: engine/compiled_loss.py). Dynamo traces ComfyUI's own Linear modules
 (and, for fp8, the engine's casts that take them over), so this is what shows that the compiled blocks
-train the host's model as the plain ones do and leave it unchanged. Prints one JSON.
+train the host's model as the plain ones do and leave it unchanged. Both weight dtypes train in this one
+process, with no `torch._dynamo.reset()` between the runs, as runs follow each other in a ComfyUI session:
+each run compiles its own graphs and drops them at its end (engine/compiled_loss.py). Prints one JSON.
 
     $COMFYUI_PYTHON tests/hosts/comfyui/flux_compile_probe.py WORK_DIR
 """
@@ -27,6 +29,7 @@ def train_twice(weight_dtype, folder, path, clip, vae, data):
 
     from inplace_pack.engine.config import TrainConfig
     from inplace_pack.engine.events import FunctionCallback
+    from inplace_pack.engine.models import flux_forward
     from inplace_pack.engine.options import EngineOptions
     from inplace_pack.engine.train import train
     from inplace_pack.nodes.comfy_adapter import comfy_model
@@ -46,13 +49,15 @@ def train_twice(weight_dtype, folder, path, clip, vae, data):
         engine = EngineOptions(fast_step_without_graph=True, compile_backend="aot_eager",
                                compile_devices=("cuda", "cpu"))
         said = []
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
+        torch._dynamo.utils.counters.clear()  # counts this run's graphs; what earlier runs compiled stays
         with torch.inference_mode(False), torch.enable_grad():
             result = train(cfg, adapter, options=engine, callbacks=[FunctionCallback(
                 lambda e: said.append(e.message) if e.kind == "info" and "torch_compile" in (e.message or "") else None)])
         counters = torch._dynamo.utils.counters
-        results[compiled] = {"losses": [float(v) for v in result.losses], "fast_steps": result.fast_steps,
+        entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list
+        results[compiled] = {"shared_code_graphs": sum(len(entries(fn.__code__)) for fn in (
+                                 flux_forward.double_block, flux_forward.single_block)),
+                             "losses": [float(v) for v in result.losses], "fast_steps": result.fast_steps,
                              "tensors": result.tensors, "said": said,
                              "graphs": counters["stats"]["unique_graphs"],
                              "graph_breaks": {k: v for k, v in counters["graph_break"].items()}}
@@ -65,6 +70,7 @@ def train_twice(weight_dtype, folder, path, clip, vae, data):
             "up_moved": any(float(v.abs().sum()) > 0 for k, v in comp["tensors"].items() if k.endswith("lora_up.weight")),
             "fast_steps": comp["fast_steps"], "said": comp["said"], "plain_said": plain["said"],
             "graphs": comp["graphs"], "plain_graphs": plain["graphs"], "graph_breaks": comp["graph_breaks"],
+            "shared_code_graphs": comp["shared_code_graphs"],
             "hash_unchanged": before == model_hash(dm),
             "dtypes_after": sorted({str(p.dtype) for p in dm.parameters()})}
 
