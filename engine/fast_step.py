@@ -127,18 +127,25 @@ class _Graph:
 class FastStep:
     """One optimizer step per call: copy in, replay (or warm up / capture), return the loss."""
 
-    def __init__(self, step, *, optimizer, scheduler, params, max_grad_norm: float, capture: bool = True):
+    LIMIT_HINT = ("fewer buckets (a coarser bucket_reso_steps, a narrower min/max_bucket_reso) keep every "
+                  "step graphed")  # what makes the shapes fewer (`_past_limit`)
+
+    def __init__(self, step, *, optimizer, scheduler, params, max_grad_norm: float, capture: bool = True,
+                 say=None):
         self.step_fn = step  # engine.step.TrainingStep
         self._setup(optimizer=optimizer, scheduler=scheduler, params=params, max_grad_norm=max_grad_norm,
                     device=step.device, capture=capture,
-                    dropout=any(getattr(m, "dropout", 0) for m in step.network.loras.values()))
+                    dropout=any(getattr(m, "dropout", 0) for m in step.network.loras.values()), say=say)
 
     def _setup(self, *, optimizer, scheduler, params, max_grad_norm: float, device, capture: bool,
-               dropout: bool) -> None:
-        """The graph state every graphed step keeps (the image step above, the text mode's TextGraphStep)."""
+               dropout: bool, say=None) -> None:
+        """The graph state every graphed step keeps (the image step above, the text mode's TextGraphStep).
+        `say`: tells the user (the run's status line) what changes the step's speed; the log otherwise."""
         self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
         self.device = device
         self.capture = capture
+        self.say = say or logger.warning
+        self.told_limit = False
         self.params = [p for p in params if p.requires_grad]
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: set[tuple] = set()
@@ -236,7 +243,7 @@ class FastStep:
                 graph.inputs[k].copy_(v, non_blocking=True)
             graph.graph.replay()
             return graph.loss
-        if key in self.eager_only or (key in self.seen and len(self.graphs) >= MAX_GRAPHS):
+        if key in self.eager_only or self._past_limit(key):
             return self._eager(inp)
         if key not in self.seen:  # warm-up: a real step, eagerly, on a side stream
             if not self.seen:
@@ -254,6 +261,17 @@ class FastStep:
         self.graphs[key] = graph
         graph.graph.replay()
         return graph.loss
+
+    def _past_limit(self, key) -> bool:
+        """Whether this shape comes back after `MAX_GRAPHS` shapes already have graphs: it then runs
+        eagerly, slower, and the user hears it once (many aspect-ratio buckets at 1024 can pass 16)."""
+        if key not in self.seen or len(self.graphs) < MAX_GRAPHS:
+            return False
+        if not self.told_limit:
+            self.told_limit = True
+            self.say(f"more than {MAX_GRAPHS} input shapes in this run: the first {MAX_GRAPHS} are CUDA-graphed, "
+                     f"the others train without the graph (slower); {self.LIMIT_HINT}")
+        return True
 
     def _side_stream(self):
         if self._side is None:

@@ -256,7 +256,8 @@ class Trainer(TrainingLoop, RunOutput, ValidationRun):
         why = graph_refusal(self, checkpointing, offloading=offloading(), capture=not options.fast_step_without_graph)
         if why is None:
             self.fast = FastStep(self.step, optimizer=self.optimizer, scheduler=self.scheduler, params=self.params,
-                                 max_grad_norm=cfg.max_grad_norm, capture=not options.fast_step_without_graph)
+                                 max_grad_norm=cfg.max_grad_norm, capture=not options.fast_step_without_graph,
+                                 say=lambda text: self.events.emit("info", message=text))
         elif cfg.cuda_graph and self.device.type == "cuda":
             self.events.emit("info", message=f"training step not CUDA-graphed: {why}")
 

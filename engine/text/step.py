@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fast_step import MAX_GRAPHS, FastStep
+from ..fast_step import FastStep
 from .lean import LeanDecoder, lean_reason
 from .loss import lm_loss, logits_loss
 
@@ -95,12 +95,15 @@ def device_inputs(batch: dict, device: torch.device, denominator: float) -> dict
 class TextGraphStep(FastStep):
     """One optimizer step per call (accumulation off): copy in, replay (or warm up / capture)."""
 
+    LIMIT_HINT = "packing: true (rows of max_length) keeps every step graphed"
+
     def __init__(self, trainer, *, capture: bool = True):
         self.t = trainer
         # dropout masks are drawn in the step; nothing is recomputed with RNG
         self._setup(optimizer=trainer.optimizer, scheduler=trainer.scheduler, params=trainer.params,
                     max_grad_norm=trainer.cfg.max_grad_norm, device=trainer.device, capture=capture,
-                    dropout=trainer.cfg.lora_dropout > 0)
+                    dropout=trainer.cfg.lora_dropout > 0,
+                    say=lambda text: trainer.events.emit("info", message=text))
 
     def _body(self, inp: dict) -> torch.Tensor:
         t = self.t
@@ -125,7 +128,7 @@ class TextGraphStep(FastStep):
                     static.copy_(inp[name], non_blocking=True)
             graph.graph.replay()
             return graph.loss
-        if key in self.eager_only or (key in self.seen and len(self.graphs) >= MAX_GRAPHS):
+        if key in self.eager_only or self._past_limit(key):
             return self._eager(inp)
         if key not in self.seen:  # warm-up: a real step, eagerly, on the side stream
             self.seen.add(key)

@@ -110,3 +110,36 @@ def test_no_gradients_are_held_between_steps(data, tmp_path, monkeypatch):
     result = train(quick_config(data, tmp_path, max_train_steps=3), tiny_sd1(), options=FAST_ON_CPU)
     assert result.fast_steps == 3 and len(held) == 3
     assert not any(any(flags) for flags in held)
+
+
+def test_shapes_past_the_graph_limit_train_eagerly_and_the_user_hears_it_once(monkeypatch):
+    """A run with more bucket shapes than `MAX_GRAPHS` graphs the first ones and trains the others without
+    a graph; that is slower, so the run's status line says so, once (here with the limit at 1 and a stand-in
+    capture: the CPU has no CUDA graphs)."""
+    import engine.fast_step as fast_step
+
+    monkeypatch.setattr(fast_step, "MAX_GRAPHS", 1)
+    said, captured, eager = [], [], []
+    step = type("Step", (), {"device": torch.device("cpu"), "network": type("N", (), {"loras": {}})()})()
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    fast = FastStep(step, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), params=[p],
+                    max_grad_norm=0, capture=True, say=said.append)
+
+    def capture(inp):
+        captured.append(fast._key(inp))
+        graph = type("G", (), {"replay": lambda self: None})()
+        return fast_step._Graph(graph, inp, torch.zeros(()))
+
+    monkeypatch.setattr(fast, "_capture", capture)
+    monkeypatch.setattr(fast, "_eager", lambda inp: eager.append(fast._key(inp)) or torch.zeros(()))
+    monkeypatch.setattr(fast, "step_fn", type("S", (), {
+        "draw": lambda self, batch: None,
+        "tensors": lambda self, batch, draws: {"x": torch.zeros(batch.side)}})())
+    batch = lambda side: type("B", (), {"cond": object(), "side": side})()  # noqa: E731
+    for side in (4, 4, 4, 6, 6, 6, 8, 8):
+        fast.step(batch(side))
+    assert len(captured) == 1 and len(fast.graphs) == 1  # the first shape only
+    assert len(eager) == 1 + 3 + 2  # its warm-up, then every step of the shapes past the limit
+    assert len(said) == 1 and "more than 1 input shapes" in said[0] and "bucket_reso_steps" in said[0]
+    fast.close()
