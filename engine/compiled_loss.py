@@ -84,6 +84,7 @@ class CompiledLoss:
         self.graphs_per_shape = graphs_per_shape
         self.shapes: set[tuple] = set()
         self.told_limit = False
+        self.told_recompiles = False
         self.failed: str | None = None
 
     def __call__(self, *args) -> torch.Tensor:
@@ -91,6 +92,8 @@ class CompiledLoss:
             try:
                 with _compile_settings(MAX_GRAPHS * self.graphs_per_shape):
                     return self.compiled(*args)
+            except _RECOMPILE_LIMIT as exc:  # raised before the frame runs: nothing of this call has happened yet
+                self._say_recompiles(exc)
             except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or code generation, not the run
                 self.failed = _reason(exc)
                 logger.warning("torch.compile could not compile %s (%s); training without it", self.what, self.failed)
@@ -108,6 +111,20 @@ class CompiledLoss:
             self.say(f"torch_compile: more than {MAX_GRAPHS} input shapes (bucket and batch sizes) in this run, "
                      f"the most one run compiles; shapes beyond the first {MAX_GRAPHS} run {self.what} uncompiled")
         return False
+
+    def _say_recompiles(self, exc: Exception) -> None:
+        """Once: a shape this run already compiled needed yet another graph (something else the graphs are
+        guarded on changed: a module attribute, a dtype, checkpointing turned on by the out-of-memory
+        recovery), and the graphs are at their limit. Dynamo would otherwise run such calls uncompiled with
+        only a warning in the console; the calls that match a compiled graph stay compiled."""
+        if self.told_recompiles:
+            return
+        self.told_recompiles = True
+        logger.warning("torch.compile: %s hit the recompile limit (%s)", self.what, exc)
+        self.say(f"torch_compile: {self.what} needed more than the {MAX_GRAPHS * self.graphs_per_shape} graphs one "
+                 f"run compiles (something it is compiled for changed during the run, such as checkpointing "
+                 f"turned on by the out-of-memory recovery); calls that need a new graph run {self.what} "
+                 f"uncompiled")
 
     def release(self) -> None:
         """Drop the graphs compiled so far (the run's end): they live on `own`'s code object, no other."""
@@ -142,10 +159,16 @@ def _compile_settings(graphs: int = MAX_GRAPHS):
     run instead of falling back here)."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch._dynamo.config.patch(recompile_limit=graphs))
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise, so that CompiledLoss can say it
+        stack.enter_context(torch._dynamo.config.patch(fail_on_recompile_limit_hit=True))
     functorch_config = torch._functorch.config
     if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
         stack.enter_context(functorch_config.patch(force_non_lazy_backward_lowering=True))
     return stack
+
+
+# what Dynamo raises at its recompile limit where `fail_on_recompile_limit_hit` is set (not a TorchDynamoException)
+_RECOMPILE_LIMIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
 
 
 def _reason(exc: Exception) -> str:

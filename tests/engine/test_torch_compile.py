@@ -126,6 +126,35 @@ def test_shapes_beyond_the_limit_train_uncompiled_and_the_user_hears_it():
     assert counter.alive() == 0
 
 
+def test_a_setting_that_changes_mid_run_past_the_limit_is_said_and_the_compiled_calls_stay(monkeypatch):
+    """One input shape, but something the graphs are guarded on changes during the run (here a module
+    attribute, as checkpointing turned on by the out-of-memory recovery is): each change compiles another
+    graph. Past the run's limit, torch would run the new calls uncompiled with only a console warning; the
+    user hears it once, every call still gives the plain function's result, and the calls that match a
+    graph already compiled stay compiled."""
+    monkeypatch.setattr(compiled_loss, "MAX_GRAPHS", 2)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.factor = 1
+
+        def forward(self, x):
+            return (x * self.factor).sum()
+
+    module, said, counter = Scaled(), [], GraphCounter()
+    loss = compiled_loss.CompiledLoss(module.forward, said.append, "the step", backend=counter)
+    x = torch.ones(2, 3)
+    for factor in (1, 2, 3, 4, 1, 2):
+        module.factor = factor
+        assert float(loss(x)) == 6.0 * factor
+    assert counter.compiled == 2 and loss.failed is None
+    assert len(said) == 1 and "needed more than the 2 graphs one run compiles" in said[0], said
+    assert "calls that need a new graph run the step uncompiled" in said[0]
+    loss.release()
+    assert counter.alive() == 0
+
+
 def test_a_run_with_more_shapes_than_the_limit_says_so(data, tmp_path, monkeypatch):
     """Four images in batches of three: two input shapes (3 and 1 images). With the limit at one shape, the
     first is compiled and the user reads that the other trains uncompiled."""
