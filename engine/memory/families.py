@@ -34,8 +34,9 @@ class FamilyMemory:
 
 # cpu_offload_checkpointing moves the 57 blocks' token inputs to CPU memory: per image token 57 x 3072 bf16,
 # a token per 2x2 latent pixels (the text tokens not counted): 1.3 GiB an image at 1024 px, where
-# bench/flux_step_memory.py --offload predicts 1.2 GiB less at batch 1 and 5.3 GiB less at batch 4
-OFFLOADED_FLUX = 57 * 3072 * 2 // 4
+# bench/flux_step_memory.py --offload predicts 1.2 GiB less at batch 1 and 5.3 GiB less at batch 4. One
+# block's inputs come back ahead of its recomputation (engine/models/flux_offload.py's prefetch): 56 of 57 leave.
+OFFLOADED_FLUX = 56 * 3072 * 2 // 4
 
 MEMORY: dict[str, FamilyMemory] = {
     # SD2 shares SD1's UNet shapes (linear projections, 64-wide heads): SD1's activations, unmeasured
