@@ -54,12 +54,23 @@ def _validate_network(cfg, source: str) -> None:
 
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".gguf", ".json", ".toml", ".yaml",
+                  ".txt", ".jsonl", ".csv")
+_DATA_KEYS = ("train_data_dir", "reg_data_dir", "metadata_path", "validation_data_dir")
+
+
+def looks_like_hub_id(key: str, value: str) -> bool:
+    """`owner/name` where a model belongs, as people paste from Hugging Face; not a relative path to a
+    file (`models/sd15.safetensors`) nor a data folder (`data/cats`), which are only missing."""
+    value = str(value)
+    return (key not in _DATA_KEYS and _HUB_ID.fullmatch(value) is not None
+            and not value.startswith(".") and not value.lower().endswith(_FILE_SUFFIXES))
 
 
 def missing_path(key: str, value: str) -> str:
     """What to say for a path that does not exist; a Hugging Face id is told that nothing is downloaded."""
     text = f"{key} points to '{value}', which does not exist. Fix the path in the config (or --set {key}=...)."
-    if _HUB_ID.fullmatch(str(value)):
+    if looks_like_hub_id(key, value):
         text += (f" '{value}' looks like a Hugging Face id: nothing is downloaded, so download the model first "
                  f"and give the path of its file or folder.")
     return text

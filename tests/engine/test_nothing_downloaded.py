@@ -29,12 +29,21 @@ def no_network(monkeypatch, tmp_path):
     return tmp_path / "hf_cache"
 
 
-@pytest.mark.parametrize("value", [HUB_ID, "/no/such/folder/flux1-dev.safetensors"])
-def test_a_base_model_that_is_not_there_is_named_before_anything_loads(tmp_path, value):
+@pytest.mark.parametrize("value", [HUB_ID, "/no/such/folder/flux1-dev.safetensors", "models/sd15.safetensors"])
+def test_a_base_model_that_is_not_there_is_named_before_anything_loads(tmp_path, value, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(base_model=value, train_data_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"base_model points to '.*', which does not exist") as caught:
         cfg.check_paths(need_base_model=True)
     assert ("looks like a Hugging Face id: nothing is downloaded" in str(caught.value)) is (value == HUB_ID)
+
+
+def test_a_missing_relative_data_folder_is_only_missing(tmp_path, monkeypatch):
+    """`data/cats` given for the images is a folder that is not there, not a model id to download."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"train_data_dir points to 'data/cats', which does not exist") as caught:
+        TrainConfig(train_data_dir="data/cats").check_paths(need_base_model=False)
+    assert "Hugging Face" not in str(caught.value)
 
 
 @pytest.mark.parametrize("t5", [Path("/no/such/folder/t5xxl.safetensors"), Path(HUB_ID) / "t5xxl.safetensors"])
