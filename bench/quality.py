@@ -16,6 +16,7 @@ lycoris.kohya) for LoHa, LoKr and DoRA.
     # KOHYA_EXTRA_PATH: more folders on kohya's PYTHONPATH (stand-ins for packages its venv lacks);
     # --tools kohya,lycoris --types lora, then loha, ...: one type per call, each row on its own
     # --every 10 --samples 4: a finer concept check (saves every 10 steps; four pictures per prompt)
+    # --batch-order kohya: ours trains on kohya's batch order (bench/quality_order.py; the engine keeps its own)
 
 The pass marks (bench/README.md has the last table): our validation loss at most 2% above the best
 other tool's, and the concept reached in as many steps or fewer. tests/engine/test_quality.py runs
@@ -31,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from .quality_eval import Holdout, reached, score, stripes, val_loss
+from .quality_order import ORDERS, batch_order
 from .quality_runs import Recipe, diffusers_loop, kohya, kohya_available, lycoris_available, ours
 
 RESULTS = Path(__file__).with_name("quality.json")
@@ -146,14 +148,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=Recipe.seed)
     ap.add_argument("--precision", default="no", choices=("no", "bf16"),
                     help="bf16 on a GPU: ours' CUDA-graphed step, kohya's and the loop's bf16 autocast")
+    ap.add_argument("--batch-order", default="ours", choices=ORDERS,
+                    help="kohya: our trainer batches as kohya's train_network does (bench/quality_order.py)")
     ap.add_argument("--workdir", default="", help="keep runs here (default: a temporary folder)")
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
     recipe = Recipe(steps=a.steps, every=a.every, lr=a.lr, seed=a.seed, precision=a.precision, samples=a.samples)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.workdir) if a.workdir else Path(tmp)
-        results = run(a.types.split(","), a.tools.split(","), recipe, root, log=lambda s: print(s, file=sys.stderr))
+        with batch_order(a.batch_order):  # only our trainer forms its batches with engine's TrainData
+            results = run(a.types.split(","), a.tools.split(","), recipe, root, log=lambda s: print(s, file=sys.stderr))
     results["recipe"] = {k: getattr(recipe, k) for k in Recipe.__dataclass_fields__}
+    results["batch_order"] = a.batch_order
     Path(a.out).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     print(table(results))
     for network_type in a.types.split(","):
