@@ -6,9 +6,10 @@ every tensor of the saved LoRA file (sha256 of its bytes, and its sum of absolut
 metadata fields that name the model.
 
 Bit-identity holds on one machine and torch build: runs use one CPU thread, and the fixture keeps the
-torch version and CPU capability it was recorded with. Elsewhere float kernels may round differently,
-so losses and tensor sums are compared with a 1e-5 relative tolerance instead, and the failure message
-says which comparison was made. Re-record (only on a commit whose results are known good) by running
+torch version, CPU capability and kernel fingerprint (`environment`) it was recorded with. Elsewhere
+float kernels may round differently, so losses and tensor sums are compared with a 1e-5 relative
+tolerance instead, and the failure message says which comparison was made. (Records made before the
+fingerprint was kept are compared that way on every machine until re-recorded.) Re-record (only on a commit whose results are known good) by running
 the test with INPLACE_LORA_RECORD_PARITY=1: each recorded run then fails on purpose, saying so.
 
 Each test module keeps two records:
@@ -23,6 +24,7 @@ Each test module keeps two records:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -54,7 +56,31 @@ def seed_as_noise_seed(seed: int) -> int:
 
 
 def environment() -> dict:
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    """What bit-identity depends on besides the code: the torch build, the CPU capability torch dispatches
+    to, and how this machine's float kernels round (`kernel_fingerprint`): two machines that report the
+    same AVX512 capability can still sum a matrix product in another order (BLAS blocks it by the CPU's
+    cache sizes), so the capability alone let a recording made on one kind of CPU fail exactly on another."""
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "kernels": kernel_fingerprint()}
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_fingerprint() -> str:
+    """A digest of a few float32 and bfloat16 products and convolutions on fixed inputs, one thread, at
+    shapes like the recorded runs' (small widths, long reductions): equal digests, same rounding."""
+    g = torch.Generator().manual_seed(0)
+    outs = []
+    with one_thread():
+        for m, k, n in ((64, 320, 1280), (1024, 40, 320), (4, 1024, 768), (257, 2049, 33)):
+            a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+            outs += [a @ b, (a.bfloat16() @ b.bfloat16()).float(), torch.addmm(b[0], a, b)]
+        x, w = torch.randn(2, 32, 24, 24, generator=g), torch.randn(64, 32, 3, 3, generator=g)
+        outs += [torch.nn.functional.conv2d(x, w, padding=1), torch.nn.functional.group_norm(x, 8),
+                 torch.nn.functional.scaled_dot_product_attention(*torch.randn(3, 2, 4, 77, 40, generator=g))]
+    h = hashlib.sha256()
+    for t in outs:
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def digest(t: torch.Tensor) -> list:
