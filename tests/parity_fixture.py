@@ -9,8 +9,9 @@ Bit-identity holds on one machine and torch build: runs use one CPU thread, and 
 torch version, CPU capability and kernel fingerprint (`environment`) it was recorded with. Elsewhere
 float kernels may round differently, so losses and tensor sums are compared with a 1e-5 relative
 tolerance instead, and the failure message says which comparison was made. (Records made before the
-fingerprint was kept are compared that way on every machine until re-recorded.) Re-record (only on a commit whose results are known good) by running
-the test with INPLACE_LORA_RECORD_PARITY=1: each recorded run then fails on purpose, saying so.
+fingerprint was kept are compared that way on every machine until re-recorded.) Re-record (only on a
+commit whose results are known good) by running the test with INPLACE_LORA_RECORD_PARITY=1: each
+recorded run then fails on purpose, saying so.
 
 Each test module keeps two records:
 - fixtures/recorded_runs.json, the engine as it is (re-recorded, as above, when a change of the draws
@@ -58,8 +59,9 @@ def seed_as_noise_seed(seed: int) -> int:
 def environment() -> dict:
     """What bit-identity depends on besides the code: the torch build, the CPU capability torch dispatches
     to, and how this machine's float kernels round (`kernel_fingerprint`): two machines that report the
-    same AVX512 capability can still sum a matrix product in another order (BLAS blocks it by the CPU's
-    cache sizes), so the capability alone let a recording made on one kind of CPU fail exactly on another."""
+    same AVX512 capability can still round a matrix product differently (seen on two Xeons; BLAS blocking
+    by cache size is the likely reason), so the capability alone let a recording made on one kind of CPU
+    fail exactly on another."""
     return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
             "kernels": kernel_fingerprint()}
 
@@ -77,10 +79,7 @@ def kernel_fingerprint() -> str:
         x, w = torch.randn(2, 32, 24, 24, generator=g), torch.randn(64, 32, 3, 3, generator=g)
         outs += [torch.nn.functional.conv2d(x, w, padding=1), torch.nn.functional.group_norm(x, 8),
                  torch.nn.functional.scaled_dot_product_attention(*torch.randn(3, 2, 4, 77, 40, generator=g))]
-    h = hashlib.sha256()
-    for t in outs:
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return hashlib.sha256(" ".join(digest(t)[0] for t in outs).encode()).hexdigest()[:16]
 
 
 def digest(t: torch.Tensor) -> list:
